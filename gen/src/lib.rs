@@ -699,7 +699,12 @@ impl Provenance {
              // headers-sha256: {}\n\
              // body-sha256: {}\n\
              \n{body}",
-            self.bindgen, self.clang, self.target, self.module, self.headers_sha256, self.body_sha256
+            self.bindgen,
+            self.clang,
+            self.target,
+            self.module,
+            self.headers_sha256,
+            self.body_sha256
         )
     }
 
@@ -757,7 +762,9 @@ mod tests {
         assert!(s.packed);
         assert_eq!(
             s.fields,
-            ["a", "pad", "inner", "inner.x", "p", "named", "named.t", "r1", "r2", "ptr"]
+            [
+                "a", "pad", "inner", "inner.x", "p", "named", "named.t", "r1", "r2", "ptr"
+            ]
         );
     }
 
@@ -770,7 +777,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             h.defines,
-            [("A".into(), "(1ULL << 2)".into()), ("L".into(), "(1 | 2)".into())]
+            [
+                ("A".into(), "(1ULL << 2)".into()),
+                ("L".into(), "(1 | 2)".into())
+            ]
         );
     }
 
@@ -786,13 +796,27 @@ mod tests {
             defines: h
                 .defines
                 .into_iter()
-                .map(|(name, value)| Define { name, value, file: String::new() })
+                .map(|(name, value)| Define {
+                    name,
+                    value,
+                    file: String::new(),
+                })
                 .collect(),
             ..Unit::default()
         };
         let k = |n: &str| unit.int_kind(n);
         assert_eq!(
-            [k("A"), k("B"), k("C"), k("D"), k("E_UNPOPULATED"), k("F"), k("G"), k("H"), k("I")],
+            [
+                k("A"),
+                k("B"),
+                k("C"),
+                k("D"),
+                k("E_UNPOPULATED"),
+                k("F"),
+                k("G"),
+                k("H"),
+                k("I")
+            ],
             [
                 IntKind::U64,
                 IntKind::U64,
@@ -805,7 +829,11 @@ mod tests {
                 IntKind::U32
             ]
         );
-        let d = |v: &str| Define { name: "X".into(), value: v.into(), file: String::new() };
+        let d = |v: &str| Define {
+            name: "X".into(),
+            value: v.into(),
+            file: String::new(),
+        };
         assert!(d("_IOWR(KVMIO, 0xd4, struct kvm_create_guest_memfd)").is_ioctl());
         assert!(!d("0xAE").is_ioctl());
     }
@@ -843,9 +871,17 @@ mod tests {
                 assert!(!owned.defines.is_empty(), "{} {}", arch.name, m.name);
             }
             let uapi = read_unit(&headers, arch, MODULES[0].entries).unwrap();
-            let run = uapi.aggregates.iter().find(|a| a.name == "kvm_run").unwrap();
+            let run = uapi
+                .aggregates
+                .iter()
+                .find(|a| a.name == "kvm_run")
+                .unwrap();
             assert!(run.fields.contains(&"memory_fault.gpa".to_string()));
-            let msg = uapi.aggregates.iter().find(|a| a.name == "uffd_msg").unwrap();
+            let msg = uapi
+                .aggregates
+                .iter()
+                .find(|a| a.name == "uffd_msg")
+                .unwrap();
             assert!(msg.packed && msg.fields.contains(&"arg.pagefault.feat.ptid".to_string()));
         }
     }

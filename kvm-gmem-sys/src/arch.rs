@@ -7,31 +7,62 @@
 
 #[cfg_attr(target_arch = "x86_64", path = "bindings/x86_64/uapi.rs")]
 #[cfg_attr(target_arch = "aarch64", path = "bindings/aarch64/uapi.rs")]
-#[allow(non_camel_case_types, non_upper_case_globals, missing_debug_implementations, missing_docs)]
+#[allow(
+    non_camel_case_types,
+    non_upper_case_globals,
+    missing_debug_implementations,
+    missing_docs
+)]
 #[allow(clippy::all, clippy::undocumented_unsafe_blocks)]
 pub mod uapi;
 
 #[cfg_attr(target_arch = "x86_64", path = "bindings/x86_64/rfc_populate.rs")]
 #[cfg_attr(target_arch = "aarch64", path = "bindings/aarch64/rfc_populate.rs")]
-#[allow(non_camel_case_types, non_upper_case_globals, missing_debug_implementations, missing_docs)]
+#[allow(
+    non_camel_case_types,
+    non_upper_case_globals,
+    missing_debug_implementations,
+    missing_docs
+)]
 #[allow(clippy::all, clippy::undocumented_unsafe_blocks, dead_code)]
 pub mod rfc_populate;
 
 #[cfg_attr(target_arch = "x86_64", path = "bindings/x86_64/rfc_gmem_write.rs")]
 #[cfg_attr(target_arch = "aarch64", path = "bindings/aarch64/rfc_gmem_write.rs")]
-#[allow(non_camel_case_types, non_upper_case_globals, missing_debug_implementations, missing_docs)]
+#[allow(
+    non_camel_case_types,
+    non_upper_case_globals,
+    missing_debug_implementations,
+    missing_docs
+)]
 #[allow(clippy::all, clippy::undocumented_unsafe_blocks, dead_code)]
 pub mod rfc_gmem_write;
 
 #[cfg_attr(target_arch = "x86_64", path = "bindings/x86_64/rfc_no_direct_map.rs")]
-#[cfg_attr(target_arch = "aarch64", path = "bindings/aarch64/rfc_no_direct_map.rs")]
-#[allow(non_camel_case_types, non_upper_case_globals, missing_debug_implementations, missing_docs)]
+#[cfg_attr(
+    target_arch = "aarch64",
+    path = "bindings/aarch64/rfc_no_direct_map.rs"
+)]
+#[allow(
+    non_camel_case_types,
+    non_upper_case_globals,
+    missing_debug_implementations,
+    missing_docs
+)]
 #[allow(clippy::all, clippy::undocumented_unsafe_blocks, dead_code)]
 pub mod rfc_no_direct_map;
 
 #[cfg_attr(target_arch = "x86_64", path = "bindings/x86_64/rfc_kvm_userfault.rs")]
-#[cfg_attr(target_arch = "aarch64", path = "bindings/aarch64/rfc_kvm_userfault.rs")]
-#[allow(non_camel_case_types, non_upper_case_globals, missing_debug_implementations, missing_docs)]
+#[cfg_attr(
+    target_arch = "aarch64",
+    path = "bindings/aarch64/rfc_kvm_userfault.rs"
+)]
+#[allow(
+    non_camel_case_types,
+    non_upper_case_globals,
+    missing_debug_implementations,
+    missing_docs
+)]
 #[allow(clippy::all, clippy::undocumented_unsafe_blocks, dead_code)]
 pub mod rfc_kvm_userfault;
 

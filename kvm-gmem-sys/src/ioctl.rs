@@ -10,8 +10,8 @@
 #![allow(non_snake_case)]
 
 use super::uapi::{
-    _IOC_DIRSHIFT, _IOC_NONE, _IOC_NRMASK, _IOC_NRSHIFT, _IOC_READ, _IOC_SIZEMASK,
-    _IOC_SIZESHIFT, _IOC_TYPEMASK, _IOC_TYPESHIFT, _IOC_WRITE,
+    _IOC_DIRSHIFT, _IOC_NONE, _IOC_NRMASK, _IOC_NRSHIFT, _IOC_READ, _IOC_SIZEMASK, _IOC_SIZESHIFT,
+    _IOC_TYPEMASK, _IOC_TYPESHIFT, _IOC_WRITE,
 };
 
 /// Packs an ioctl request number from its four fields, as C's `_IOC`.
@@ -25,7 +25,10 @@ pub const fn _IOC(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
         size <= _IOC_SIZEMASK as usize,
         "ioctl argument does not fit _IOC_SIZEBITS"
     );
-    (dir << _IOC_DIRSHIFT) | (ty << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | ((size as u32) << _IOC_SIZESHIFT)
+    (dir << _IOC_DIRSHIFT)
+        | (ty << _IOC_TYPESHIFT)
+        | (nr << _IOC_NRSHIFT)
+        | ((size as u32) << _IOC_SIZESHIFT)
 }
 
 /// A request without an argument struct, as C's `_IO(type, nr)`.
