@@ -417,7 +417,12 @@ fn c_name(rust: &str) -> &str {
 fn rows_fn(arch: &Arch, m: &Module, items: &RustItems, ioctls: &[(String, String)]) -> String {
     let a = arch.name;
     let mut s = String::new();
-    writeln!(s, "#[allow(clippy::vec_init_then_push)]\npub mod {a}_{} {{", m.name).unwrap();
+    writeln!(
+        s,
+        "#[allow(clippy::vec_init_then_push)]\npub mod {a}_{} {{",
+        m.name
+    )
+    .unwrap();
     writeln!(s, "    #[allow(unused_imports)]\n    use super::*;").unwrap();
     writeln!(
         s,

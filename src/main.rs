@@ -1,1 +1,134 @@
-fn main() {}
+//! `gmem`: the kvm-gmem workspace's command.
+//!
+//! `gmem probe` prints the host's raw KVM guest_memfd / userfaultfd support
+//! table (see `probe.rs`); `gmem` alone runs it.
+
+mod probe;
+
+use std::ffi::OsString;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+Usage: gmem [COMMAND] [OPTIONS]
+
+Commands:
+  probe    Print the host's raw KVM guest_memfd / userfaultfd support table
+           (the default command)
+  help     Print this help
+
+Options of probe:
+      --json               Print the report as JSON instead of a table
+      --strict             Exit 1 when /dev/kvm or /dev/userfaultfd is unusable
+                           (without it, probe always exits 0: it is a report)
+      --kvm PATH           The KVM device node [default: /dev/kvm]
+      --userfaultfd PATH   The userfaultfd device node [default: /dev/userfaultfd]
+  -h, --help               Print this help
+
+Exit status: 0 report printed; 1 --strict and a device is unusable, or output
+failed; 2 usage error.
+";
+
+#[derive(Debug)]
+struct ProbeArgs {
+    json: bool,
+    strict: bool,
+    kvm: PathBuf,
+    uffd: PathBuf,
+}
+
+#[derive(Debug)]
+enum Command {
+    Help,
+    Probe(ProbeArgs),
+}
+
+fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
+    let mut args = args.into_iter().peekable();
+    if let Some(first) = args.peek() {
+        match first.to_str() {
+            Some("probe") => {
+                args.next();
+            }
+            Some("help") => return Ok(Command::Help),
+            Some(a) if a.starts_with('-') => {}
+            _ => return Err(format!("unknown command {first:?}")),
+        }
+    }
+    let mut probe = ProbeArgs {
+        json: false,
+        strict: false,
+        kvm: PathBuf::from(probe::DEFAULT_KVM_PATH),
+        uffd: PathBuf::from(probe::DEFAULT_UFFD_PATH),
+    };
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("-h" | "--help") => return Ok(Command::Help),
+            Some("--json") => probe.json = true,
+            Some("--strict") => probe.strict = true,
+            Some(opt @ ("--kvm" | "--userfaultfd")) => {
+                let path = args.next().ok_or_else(|| format!("{opt} needs a PATH"))?;
+                if opt == "--kvm" {
+                    probe.kvm = path.into();
+                } else {
+                    probe.uffd = path.into();
+                }
+            }
+            _ => return Err(format!("unexpected argument {arg:?}")),
+        }
+    }
+    Ok(Command::Probe(probe))
+}
+
+/// Writes `text` to stdout; false (after saying so on stderr, if it can) when
+/// stdout is gone.
+fn print(text: &str) -> bool {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => true,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "gmem: cannot write to stdout: {e}");
+            false
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match parse(std::env::args_os().skip(1)) {
+        Err(msg) => {
+            let _ = write!(std::io::stderr(), "gmem: {msg}\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+        Ok(Command::Help) => {
+            if print(USAGE) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Ok(Command::Probe(args)) => {
+            let report = probe::collect(&args.kvm, &args.uffd);
+            let text = if args.json {
+                probe::render_json(&report)
+            } else {
+                probe::render_table(&report)
+            };
+            if !print(&text) {
+                return ExitCode::FAILURE;
+            }
+            let problems = report.problems();
+            if args.strict && !problems.is_empty() {
+                let mut stderr = std::io::stderr().lock();
+                for p in &problems {
+                    let _ = writeln!(stderr, "gmem probe --strict: {p}");
+                }
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
