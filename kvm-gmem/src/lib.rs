@@ -1,16 +1,77 @@
 //! Typed, safe KVM **guest_memfd** API for VMM authors.
 //!
-//! This crate is at its start: its API (capability probing, the
-//! `KVM_CREATE_GUEST_MEMFD` builder, mapping, memslots v2, memory attributes,
-//! population) lands next. Today it re-exports the raw layer it is built on.
+//! - [`Kvm`] and [`Vm`] handles, and a typed [`Capabilities`] report queried
+//!   once, with every RFC feature confirmed by behaviour;
+//! - [`GuestMemfd::builder`] for `KVM_CREATE_GUEST_MEMFD`, with the size and
+//!   flag rules checked before the ioctl; [`GuestMemfd::punch_hole`] and
+//!   [`GuestMemfd::allocate`];
+//! - [`Mapping`]: the host's view, which refuses to exist where any access
+//!   would raise SIGBUS, with volatile, bounds-checked copies;
+//! - [`MemoryRegion2`] for `KVM_SET_USER_MEMORY_REGION2` (`unsafe` exactly
+//!   where the kernel starts trusting a user address);
+//! - [`set_memory_attributes`], [`MemoryFault`] decoding and
+//!   [`pre_fault_memory`] with its partial progress.
 //!
-//! ```
-//! assert_eq!(kvm_gmem::sys::KVM_CAP_GUEST_MEMFD_FLAGS, 244);
+//! Every API that needs a VM takes any [`AsFd`](std::os::fd::AsFd), so a
+//! `kvm_ioctls::VmFd` works (see [`interop`], feature `kvm-ioctls`). Errors
+//! name the operation and the rule, the missing capability, or the errno.
+//!
+//! ```no_run
+//! use kvm_gmem::{GuestMemfd, Kvm, MemoryRegion2, VmType};
+//!
+//! # fn main() -> Result<(), kvm_gmem::Error> {
+//! let kvm = Kvm::open()?;
+//! let vm = kvm.create_vm(VmType::DEFAULT)?;
+//! let gmem = GuestMemfd::builder(2 << 20)
+//!     .mmap(true)
+//!     .init_shared(true)
+//!     .create(&vm)?;
+//! let map = gmem.map()?;
+//! map.write_at(0x1000, &[0xf4])?; // hlt
+//! let region = MemoryRegion2::builder(0, 0, 2 << 20)
+//!     .guest_memfd(&gmem, 0)
+//!     .userspace(&map)
+//!     .build()?;
+//! // SAFETY: `map` outlives the VM, which is dropped first at the end of
+//! // this scope, so the slot never points at unmapped memory.
+//! unsafe { region.set(&vm)? };
+//! # Ok(())
+//! # }
 //! ```
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+mod attributes;
+mod caps;
+mod error;
+mod fault;
+mod gmem;
+mod kvm;
+mod mapping;
+mod memslot;
+pub mod populate;
+mod prefault;
+pub mod share;
+mod sys;
+
+#[cfg(feature = "kvm-ioctls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm-ioctls")))]
+pub mod interop;
+
+pub use attributes::{MemoryAttributes, set_memory_attributes, supported_attributes};
+pub use caps::{Capabilities, RfcSupport, Row, Support};
+pub use error::{Errno, Error, Result};
+pub use fault::{MemoryFault, MemoryFaultFlags};
+pub use gmem::{GuestMemfd, GuestMemfdBuilder, GuestMemfdFlags, supported_flags};
+pub use kvm::{Cap, Kvm, Vm, VmType, check_extension};
+pub use mapping::Mapping;
+#[cfg(feature = "rfc-kvm-userfault")]
+pub use memslot::UserfaultBitmap;
+pub use memslot::{MemoryRegion2, MemoryRegion2Builder, RegionFlags, delete_memory_region};
+pub use prefault::{PreFault, pre_fault_memory};
+pub use sys::page_size;
+
 /// The raw bindings this crate is built on.
-pub use kvm_gmem_sys as sys;
+pub use kvm_gmem_sys as sys_bindings;

@@ -1,0 +1,354 @@
+//! The typed capability report: what this kernel and VM support, each with
+//! its evidence. Queried once; RFC features are confirmed by behaviour.
+
+use crate::attributes::MemoryAttributes;
+use crate::error::{Errno, Result};
+use crate::gmem::GuestMemfdFlags;
+use crate::kvm::{Cap, Kvm, VmType, check_extension};
+use std::fmt;
+use std::os::fd::AsFd;
+
+/// Whether one feature is usable, and how the crate knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Support {
+    /// Usable on this kernel and VM.
+    pub supported: bool,
+    /// The evidence: a capability value, or what a behavioural probe got.
+    pub evidence: String,
+}
+
+impl Support {
+    fn yes(evidence: impl Into<String>) -> Support {
+        Support {
+            supported: true,
+            evidence: evidence.into(),
+        }
+    }
+
+    fn no(evidence: impl Into<String>) -> Support {
+        Support {
+            supported: false,
+            evidence: evidence.into(),
+        }
+    }
+
+    fn cap(name: &str, value: i32) -> Support {
+        Support {
+            supported: value > 0,
+            evidence: format!("{name} = {value}"),
+        }
+    }
+}
+
+/// The RFC features, each confirmed by behaviour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RfcSupport {
+    /// `KVM_GUEST_MEMFD_POPULATE`: the size-0 probe succeeded.
+    pub populate: Support,
+    /// `GUEST_MEMFD_FLAG_WRITE`: offered, accepted, and `pwrite` works.
+    pub gmem_write: Support,
+    /// `GUEST_MEMFD_FLAG_NO_DIRECT_MAP`: offered and accepted.
+    pub no_direct_map: Support,
+    /// KVM Userfault: a memslot with `KVM_MEM_USERFAULT` is accepted.
+    pub kvm_userfault: Support,
+}
+
+/// What the kernel and a VM support for guest_memfd work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// `uname -r`.
+    pub kernel_release: String,
+    /// `KVM_SET_USER_MEMORY_REGION2` (Linux 6.8).
+    pub user_memory2: Support,
+    /// `KVM_EXIT_MEMORY_FAULT` details (Linux 6.8).
+    pub memory_fault_info: Support,
+    /// The VM's supported memory attributes.
+    pub memory_attributes: MemoryAttributes,
+    /// `/dev/kvm`'s answer for memory attributes (may differ from the VM's).
+    pub memory_attributes_system: MemoryAttributes,
+    /// `KVM_CREATE_GUEST_MEMFD` (Linux 6.8).
+    pub guest_memfd: Support,
+    /// The VM types `KVM_CREATE_VM` accepts, as a mask of `1 << type`.
+    pub vm_types: u64,
+    /// `KVM_PRE_FAULT_MEMORY` (Linux 6.11).
+    pub pre_fault_memory: Support,
+    /// The guest_memfd flags this VM accepts (Linux 6.18).
+    pub guest_memfd_flags: GuestMemfdFlags,
+    /// Memory slots per address space.
+    pub nr_memslots: u32,
+    /// The RFC features.
+    pub rfc: RfcSupport,
+}
+
+/// One row of the report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    /// The feature.
+    pub feature: &'static str,
+    /// Where it comes from: a Linux release or an RFC series.
+    pub origin: &'static str,
+    /// Usable or not.
+    pub supported: bool,
+    /// The evidence.
+    pub evidence: String,
+}
+
+fn release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+impl Capabilities {
+    /// Queries `kvm` (`/dev/kvm`) and `vm`; the RFC probes that change state
+    /// (memslots, guest_memfds) run on a scratch VM of type `vm_type` created
+    /// from `kvm`, never on `vm`.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::Kernel`] if `KVM_CHECK_EXTENSION` itself fails.
+    pub fn query(kvm: &Kvm, vm: &impl AsFd, vm_type: VmType) -> Result<Capabilities> {
+        let vm_cap = |c: Cap| check_extension(vm, c);
+        let flags = GuestMemfdFlags::from_bits_retain(vm_cap(Cap::GUEST_MEMFD_FLAGS)?.max(0) as u64);
+        let scratch = kvm.create_vm(vm_type).ok();
+        Ok(Capabilities {
+            kernel_release: release(),
+            user_memory2: Support::cap("KVM_CAP_USER_MEMORY2", vm_cap(Cap::USER_MEMORY2)?),
+            memory_fault_info: Support::cap("KVM_CAP_MEMORY_FAULT_INFO", vm_cap(Cap::MEMORY_FAULT_INFO)?),
+            memory_attributes: MemoryAttributes::from_bits_retain(vm_cap(Cap::MEMORY_ATTRIBUTES)?.max(0) as u64),
+            memory_attributes_system: MemoryAttributes::from_bits_retain(
+                kvm.check_extension(Cap::MEMORY_ATTRIBUTES)?.max(0) as u64,
+            ),
+            guest_memfd: Support::cap("KVM_CAP_GUEST_MEMFD", vm_cap(Cap::GUEST_MEMFD)?),
+            vm_types: match kvm.check_extension(Cap::VM_TYPES)? {
+                0 => 1,
+                v => v as u64,
+            },
+            pre_fault_memory: Support::cap("KVM_CAP_PRE_FAULT_MEMORY", vm_cap(Cap::PRE_FAULT_MEMORY)?),
+            guest_memfd_flags: flags,
+            nr_memslots: vm_cap(Cap::NR_MEMSLOTS)?.max(0) as u32,
+            rfc: RfcSupport {
+                populate: probe::populate(vm),
+                gmem_write: probe::gmem_write(scratch.as_ref(), flags),
+                no_direct_map: probe::no_direct_map(scratch.as_ref(), flags),
+                kvm_userfault: probe::kvm_userfault(scratch.as_ref(), check_extension(vm, Cap(245)).unwrap_or(0)),
+            },
+        })
+    }
+
+    /// The report as rows: one per feature, upstream first.
+    pub fn rows(&self) -> Vec<Row> {
+        let attrs = |a: MemoryAttributes| {
+            if a.contains(MemoryAttributes::PRIVATE) {
+                "PRIVATE".to_string()
+            } else {
+                "none".to_string()
+            }
+        };
+        let mut types = Vec::new();
+        for t in 0..64 {
+            if self.vm_types & (1 << t) != 0 {
+                types.push(VmType(t).name().map(str::to_string).unwrap_or(format!("type {t}")));
+            }
+        }
+        vec![
+            Row {
+                feature: "memslots v2 (KVM_SET_USER_MEMORY_REGION2)",
+                origin: "Linux 6.8",
+                supported: self.user_memory2.supported,
+                evidence: self.user_memory2.evidence.clone(),
+            },
+            Row {
+                feature: "guest_memfd (KVM_CREATE_GUEST_MEMFD)",
+                origin: "Linux 6.8",
+                supported: self.guest_memfd.supported,
+                evidence: self.guest_memfd.evidence.clone(),
+            },
+            Row {
+                feature: "guest_memfd mmap (GUEST_MEMFD_FLAG_MMAP)",
+                origin: "Linux 6.18",
+                supported: self.guest_memfd_flags.contains(GuestMemfdFlags::MMAP),
+                evidence: format!("KVM_CAP_GUEST_MEMFD_FLAGS = {}", self.guest_memfd_flags),
+            },
+            Row {
+                feature: "guest_memfd shared by default (GUEST_MEMFD_FLAG_INIT_SHARED)",
+                origin: "Linux 6.18",
+                supported: self.guest_memfd_flags.contains(GuestMemfdFlags::INIT_SHARED),
+                evidence: format!("KVM_CAP_GUEST_MEMFD_FLAGS = {}", self.guest_memfd_flags),
+            },
+            Row {
+                feature: "memory-fault exits (KVM_EXIT_MEMORY_FAULT)",
+                origin: "Linux 6.8",
+                supported: self.memory_fault_info.supported,
+                evidence: self.memory_fault_info.evidence.clone(),
+            },
+            Row {
+                feature: "private memory (KVM_SET_MEMORY_ATTRIBUTES, PRIVATE)",
+                origin: "Linux 6.8",
+                supported: self.memory_attributes.contains(MemoryAttributes::PRIVATE),
+                evidence: format!(
+                    "KVM_CAP_MEMORY_ATTRIBUTES = {} on the VM fd, {} on /dev/kvm",
+                    attrs(self.memory_attributes),
+                    attrs(self.memory_attributes_system)
+                ),
+            },
+            Row {
+                feature: "pre-fault (KVM_PRE_FAULT_MEMORY)",
+                origin: "Linux 6.11",
+                supported: self.pre_fault_memory.supported,
+                evidence: self.pre_fault_memory.evidence.clone(),
+            },
+            Row {
+                feature: "VM types (KVM_CAP_VM_TYPES)",
+                origin: "Linux 6.8",
+                supported: self.vm_types != 0,
+                evidence: format!("{:#x} = {}", self.vm_types, types.join(", ")),
+            },
+            Row {
+                feature: "KVM_GUEST_MEMFD_POPULATE",
+                origin: "RFC 0/4, Oct 2024",
+                supported: self.rfc.populate.supported,
+                evidence: self.rfc.populate.evidence.clone(),
+            },
+            Row {
+                feature: "guest_memfd write() (GUEST_MEMFD_FLAG_WRITE)",
+                origin: "RFC write() v7 / Firecracker 6.18",
+                supported: self.rfc.gmem_write.supported,
+                evidence: self.rfc.gmem_write.evidence.clone(),
+            },
+            Row {
+                feature: "direct-map removal (GUEST_MEMFD_FLAG_NO_DIRECT_MAP)",
+                origin: "RFC v9 / Firecracker 6.18",
+                supported: self.rfc.no_direct_map.supported,
+                evidence: self.rfc.no_direct_map.evidence.clone(),
+            },
+            Row {
+                feature: "KVM userfault (KVM_MEM_USERFAULT)",
+                origin: "RFC v3 / Firecracker 6.18",
+                supported: self.rfc.kvm_userfault.supported,
+                evidence: self.rfc.kvm_userfault.evidence.clone(),
+            },
+        ]
+    }
+}
+
+impl fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "kernel {}", self.kernel_release)?;
+        for r in self.rows() {
+            writeln!(
+                f,
+                "{:<62} {:<13} {:<34} {}",
+                r.feature,
+                if r.supported { "supported" } else { "not supported" },
+                r.origin,
+                r.evidence
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The behavioural probes.
+mod probe {
+    use super::*;
+    use crate::gmem::GuestMemfd;
+    use crate::kvm::Vm;
+
+    fn errno_text(e: Errno) -> String {
+        e.name().map(str::to_string).unwrap_or_else(|| format!("errno {}", e.0))
+    }
+
+    /// `KVM_GUEST_MEMFD_POPULATE` with size 0: POPULATE kernels succeed,
+    /// Firecracker's `KVM_ASYNC_PF` (same number) answers EINVAL, kernels with
+    /// neither ENOTTY. The ioctl is never issued any other way before this.
+    #[cfg(feature = "rfc-populate")]
+    pub(super) fn populate(vm: &impl AsFd) -> Support {
+        match crate::populate::probe_populate_ioctl(vm) {
+            Ok(()) => Support::yes("KVM_GUEST_MEMFD_POPULATE (0x4020aed6) with size 0 succeeded"),
+            Err(Errno(libc::EINVAL)) => Support::no(
+                "ioctl 0x4020aed6 with size 0 answered EINVAL: the number is Firecracker's KVM_ASYNC_PF on this kernel",
+            ),
+            Err(e) => Support::no(format!("ioctl 0x4020aed6 with size 0 answered {}", errno_text(e))),
+        }
+    }
+
+    #[cfg(not(feature = "rfc-populate"))]
+    pub(super) fn populate(_vm: &impl AsFd) -> Support {
+        Support::no("not probed: the crate was built without feature rfc-populate")
+    }
+
+    /// Creating a one-page guest_memfd with `flags` on the scratch VM.
+    fn try_create(scratch: Option<&Vm>, flags: u64) -> Result<GuestMemfd, String> {
+        let vm = scratch.ok_or("no scratch VM could be created")?;
+        GuestMemfd::builder(crate::sys::page_size())
+            .flags(GuestMemfdFlags::from_bits_retain(flags))
+            .create_unchecked(vm)
+            .map_err(|e| match e.errno() {
+                Some(n) => format!("KVM_CREATE_GUEST_MEMFD with flags {flags:#x} gave {}", errno_text(n)),
+                None => e.to_string(),
+            })
+    }
+
+    fn pwrite_works(gmem: &GuestMemfd) -> Result<(), Errno> {
+        crate::sys::pwrite_zero_page(gmem.as_fd())
+    }
+
+    pub(super) fn gmem_write(scratch: Option<&Vm>, offered: GuestMemfdFlags) -> Support {
+        const BIT3: u64 = 1 << 3;
+        const BIT2: u64 = 1 << 2;
+        if offered.bits() & BIT3 == 0 {
+            // The v7 posting numbered WRITE bit 2: report it if bit 2 behaves so.
+            if offered.bits() & BIT2 != 0
+                && let Ok(g) = try_create(scratch, BIT2)
+                && pwrite_works(&g).is_ok()
+            {
+                return Support::no(format!(
+                    "KVM_CAP_GUEST_MEMFD_FLAGS = {offered} lacks bit 3, but bit 2 enables pwrite: \
+                     the write() v7 numbering, which this crate does not use"
+                ));
+            }
+            return Support::no(format!("KVM_CAP_GUEST_MEMFD_FLAGS = {offered} lacks bit 3 (WRITE)"));
+        }
+        match try_create(scratch, BIT3) {
+            Err(e) => Support::no(format!("bit 3 offered, but {e}")),
+            Ok(g) => match pwrite_works(&g) {
+                Ok(()) => Support::yes("bit 3 offered; pwrite of one page on such a guest_memfd succeeded"),
+                Err(e) => Support::no(format!("bit 3 offered, but pwrite answered {}", errno_text(e))),
+            },
+        }
+    }
+
+    pub(super) fn no_direct_map(scratch: Option<&Vm>, offered: GuestMemfdFlags) -> Support {
+        const BIT2: u64 = 1 << 2;
+        if offered.bits() & BIT2 == 0 {
+            let refused = match try_create(scratch, BIT2) {
+                Err(e) => format!("; {e}"),
+                Ok(_) => "; yet creating with bit 2 succeeded".into(),
+            };
+            return Support::no(format!("KVM_CAP_GUEST_MEMFD_FLAGS = {offered} lacks bit 2{refused}"));
+        }
+        match try_create(scratch, BIT2) {
+            Err(e) => Support::no(format!("bit 2 offered, but {e}")),
+            Ok(g) if pwrite_works(&g).is_ok() => {
+                Support::no("bit 2 offered, but it enables pwrite: it is write() v7's WRITE, not NO_DIRECT_MAP")
+            }
+            Ok(_) => Support::yes("bit 2 offered and a guest_memfd with it was created"),
+        }
+    }
+
+    pub(super) fn kvm_userfault(scratch: Option<&Vm>, cap245: i32) -> Support {
+        let Some(vm) = scratch else {
+            return Support::no("not probed: no scratch VM could be created");
+        };
+        let cap = format!("cap 245 = {cap245} (a number only, not evidence)");
+        match crate::sys::probe_userfault_memslot(vm) {
+            Ok(()) => Support::yes(format!("a memslot with KVM_MEM_USERFAULT and a bitmap was accepted; {cap}")),
+            Err(e) => Support::no(format!(
+                "KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_USERFAULT (1 << 3) answered {}; {cap}",
+                errno_text(e)
+            )),
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! `KVM_EXIT_MEMORY_FAULT`: why a vCPU could not map guest memory.
+
+use kvm_gmem_sys as sys;
+
+bitflags::bitflags! {
+    /// `KVM_MEMORY_EXIT_FLAG_*` of a memory-fault exit.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct MemoryFaultFlags: u64 {
+        /// `KVM_MEMORY_EXIT_FLAG_PRIVATE` (Linux 6.8): the access was to
+        /// memory the guest holds as private.
+        const PRIVATE = sys::KVM_MEMORY_EXIT_FLAG_PRIVATE;
+        /// `KVM_MEMORY_EXIT_FLAG_USERFAULT` (RFC KVM Userfault): the page's
+        /// bit is set in the slot's userfault bitmap.
+        #[cfg(feature = "rfc-kvm-userfault")]
+        const USERFAULT = sys::rfc::kvm_userfault::KVM_MEMORY_EXIT_FLAG_USERFAULT;
+    }
+}
+
+/// A `KVM_EXIT_MEMORY_FAULT` exit (`KVM_RUN` fails with `EFAULT` or
+/// `EHWPOISON` and `exit_reason == KVM_EXIT_MEMORY_FAULT`; with
+/// `KVM_CAP_MEMORY_FAULT_INFO`, Linux 6.8).
+///
+/// Flags the crate does not know are kept: test them with
+/// [`MemoryFaultFlags::bits`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MemoryFault {
+    /// Why the fault exited.
+    pub flags: MemoryFaultFlags,
+    /// The faulting guest physical address (page aligned).
+    pub gpa: u64,
+    /// The size of the range.
+    pub size: u64,
+}
+
+impl MemoryFault {
+    /// From the three raw fields of `kvm_run.memory_fault`.
+    pub fn from_raw(flags: u64, gpa: u64, size: u64) -> MemoryFault {
+        MemoryFault {
+            flags: MemoryFaultFlags::from_bits_retain(flags),
+            gpa,
+            size,
+        }
+    }
+
+    /// From the run structure, when its exit reason is
+    /// `KVM_EXIT_MEMORY_FAULT`.
+    pub fn from_kvm_run(run: &sys::kvm_run) -> Option<MemoryFault> {
+        if run.exit_reason != sys::KVM_EXIT_MEMORY_FAULT {
+            return None;
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: with exit_reason KVM_EXIT_MEMORY_FAULT the kernel wrote the
+        // `memory_fault` member of the exit union; all its fields are
+        // integers, valid for any bit pattern.
+        let m = unsafe { run.__bindgen_anon_1.memory_fault };
+        Some(MemoryFault::from_raw(m.flags, m.gpa, m.size))
+    }
+
+    /// Whether the guest accessed private memory.
+    pub fn is_private(&self) -> bool {
+        self.flags.contains(MemoryFaultFlags::PRIVATE)
+    }
+
+    /// Whether the KVM Userfault bitmap trapped the access (RFC).
+    #[cfg(feature = "rfc-kvm-userfault")]
+    pub fn is_userfault(&self) -> bool {
+        self.flags.contains(MemoryFaultFlags::USERFAULT)
+    }
+}

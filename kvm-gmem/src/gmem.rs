@@ -1,0 +1,308 @@
+//! `KVM_CREATE_GUEST_MEMFD`: the builder, the owned handle, and
+//! `fallocate` on it.
+#![allow(unsafe_code)]
+
+use crate::error::{Error, Result};
+use crate::kvm::{Cap, check_extension};
+use crate::sys::{ioctl_ptr, own_new_fd, page_size};
+use kvm_gmem_sys as sys;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+bitflags::bitflags! {
+    /// `GUEST_MEMFD_FLAG_*`: how a guest_memfd is created.
+    ///
+    /// A VM accepts only the flags its `KVM_CAP_GUEST_MEMFD_FLAGS` reports;
+    /// [`GuestMemfdBuilder::create`] checks that before the ioctl.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct GuestMemfdFlags: u64 {
+        /// `GUEST_MEMFD_FLAG_MMAP` (Linux 6.18): the fd may be `mmap`ed.
+        const MMAP = sys::GUEST_MEMFD_FLAG_MMAP;
+        /// `GUEST_MEMFD_FLAG_INIT_SHARED` (Linux 6.18): memory starts shared,
+        /// so host accesses through a mapping are allowed.
+        const INIT_SHARED = sys::GUEST_MEMFD_FLAG_INIT_SHARED;
+        /// `GUEST_MEMFD_FLAG_NO_DIRECT_MAP` (RFC, bit 2): folios leave the
+        /// kernel's direct map.
+        #[cfg(feature = "rfc-no-direct-map")]
+        const NO_DIRECT_MAP = sys::rfc::no_direct_map::GUEST_MEMFD_FLAG_NO_DIRECT_MAP;
+        /// `GUEST_MEMFD_FLAG_WRITE` (RFC, bit 3 in Firecracker's stack):
+        /// `write()`/`pwrite()` populate the file.
+        #[cfg(feature = "rfc-gmem-write")]
+        const WRITE = sys::rfc::gmem_write::GUEST_MEMFD_FLAG_WRITE;
+    }
+}
+
+impl std::fmt::Display for GuestMemfdFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            return write!(f, "none (0x0)");
+        }
+        let mut first = true;
+        for (name, _) in self.iter_names() {
+            write!(f, "{}{name}", if first { "" } else { "|" })?;
+            first = false;
+        }
+        let unknown = self.bits() & !Self::all().bits();
+        if unknown != 0 {
+            write!(f, "{}unknown {unknown:#x}", if first { "" } else { "|" })?;
+        }
+        write!(f, " ({:#x})", self.bits())
+    }
+}
+
+/// The flags `vm` accepts: `KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD_FLAGS)`
+/// on the VM fd (0 before Linux 6.18). Bits the crate does not name are kept.
+#[doc(alias = "KVM_CAP_GUEST_MEMFD_FLAGS")]
+pub fn supported_flags(vm: &impl AsFd) -> Result<GuestMemfdFlags> {
+    let v = check_extension(vm, Cap::GUEST_MEMFD_FLAGS)?;
+    Ok(GuestMemfdFlags::from_bits_retain(v.max(0) as u64))
+}
+
+/// Builds a guest_memfd; see [`GuestMemfd::builder`].
+#[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until create() is called"]
+pub struct GuestMemfdBuilder {
+    size: u64,
+    flags: GuestMemfdFlags,
+}
+
+impl GuestMemfdBuilder {
+    /// Sets or clears `GUEST_MEMFD_FLAG_MMAP`.
+    pub fn mmap(mut self, on: bool) -> Self {
+        self.flags.set(GuestMemfdFlags::MMAP, on);
+        self
+    }
+
+    /// Sets or clears `GUEST_MEMFD_FLAG_INIT_SHARED`.
+    pub fn init_shared(mut self, on: bool) -> Self {
+        self.flags.set(GuestMemfdFlags::INIT_SHARED, on);
+        self
+    }
+
+    /// Sets or clears the RFC `GUEST_MEMFD_FLAG_NO_DIRECT_MAP`.
+    #[cfg(feature = "rfc-no-direct-map")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rfc-no-direct-map")))]
+    pub fn no_direct_map(mut self, on: bool) -> Self {
+        self.flags.set(GuestMemfdFlags::NO_DIRECT_MAP, on);
+        self
+    }
+
+    /// Sets or clears the RFC `GUEST_MEMFD_FLAG_WRITE`.
+    #[cfg(feature = "rfc-gmem-write")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rfc-gmem-write")))]
+    pub fn write(mut self, on: bool) -> Self {
+        self.flags.set(GuestMemfdFlags::WRITE, on);
+        self
+    }
+
+    /// Sets the whole flag set at once, including bits the crate does not
+    /// name (they are still checked against the VM's supported set).
+    pub fn flags(mut self, flags: GuestMemfdFlags) -> Self {
+        self.flags = flags;
+        self
+    }
+
+    /// `ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args)`: creates the guest_memfd
+    /// (since Linux 6.8; flags since 6.18).
+    ///
+    /// The size must be non-zero and a multiple of the page size, and every
+    /// flag must be in the VM's `KVM_CAP_GUEST_MEMFD_FLAGS`; both are checked
+    /// before the ioctl. The fd is close-on-exec.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] for the size rule, [`Error::UnsupportedFlags`]
+    /// naming the offending flags and the supported set,
+    /// [`Error::Unsupported`] when the kernel has no guest_memfd at all, and
+    /// [`Error::Kernel`] for other refusals.
+    #[doc(alias = "KVM_CREATE_GUEST_MEMFD")]
+    pub fn create(self, vm: &impl AsFd) -> Result<GuestMemfd> {
+        let op = "KVM_CREATE_GUEST_MEMFD";
+        let page = page_size();
+        if self.size == 0 {
+            return Err(Error::invalid(op, "size must be non-zero"));
+        }
+        if self.size % page != 0 {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "size {:#x} is not a multiple of the page size ({page:#x})",
+                    self.size
+                ),
+            ));
+        }
+        if self.size > i64::MAX as u64 {
+            return Err(Error::invalid(
+                op,
+                format!("size {:#x} exceeds the largest file size", self.size),
+            ));
+        }
+        if check_extension(vm, Cap::GUEST_MEMFD)? == 0 {
+            return Err(Error::Unsupported {
+                op,
+                capability: "KVM_CAP_GUEST_MEMFD",
+                evidence: "KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD) = 0 on the VM fd".into(),
+            });
+        }
+        if !self.flags.is_empty() {
+            let supported = supported_flags(vm)?;
+            let unsupported = self.flags.difference(supported);
+            if !unsupported.is_empty() {
+                return Err(Error::UnsupportedFlags {
+                    op,
+                    unsupported,
+                    supported,
+                });
+            }
+        }
+        self.create_unchecked(vm)
+    }
+
+    /// The ioctl alone, without the size and flag checks: for probes that
+    /// want the kernel's own answer.
+    pub(crate) fn create_unchecked(self, vm: &impl AsFd) -> Result<GuestMemfd> {
+        let op = "KVM_CREATE_GUEST_MEMFD";
+        let mut args = sys::kvm_create_guest_memfd {
+            size: self.size,
+            flags: self.flags.bits(),
+            ..Default::default()
+        };
+        // SAFETY: KVM_CREATE_GUEST_MEMFD takes a `kvm_create_guest_memfd`
+        // (the request encodes its size) and holds no pointers.
+        let raw = unsafe { ioctl_ptr(vm.as_fd(), sys::KVM_CREATE_GUEST_MEMFD, &mut args) }
+            .map_err(|e| Error::kernel(op, e))?;
+        Ok(GuestMemfd {
+            fd: own_new_fd(op, raw)?,
+            size: self.size,
+            flags: self.flags,
+        })
+    }
+}
+
+/// An owned guest_memfd: the fd, its size and the flags it was created with.
+#[derive(Debug)]
+pub struct GuestMemfd {
+    fd: OwnedFd,
+    size: u64,
+    flags: GuestMemfdFlags,
+}
+
+impl GuestMemfd {
+    /// A builder for a guest_memfd of `size` bytes.
+    pub fn builder(size: u64) -> GuestMemfdBuilder {
+        GuestMemfdBuilder {
+            size,
+            flags: GuestMemfdFlags::empty(),
+        }
+    }
+
+    /// Wraps a guest_memfd fd whose size and flags are known (e.g. received
+    /// from another process and validated by [`crate::share::recv`]).
+    pub(crate) fn from_parts(fd: OwnedFd, size: u64, flags: GuestMemfdFlags) -> GuestMemfd {
+        GuestMemfd { fd, size, flags }
+    }
+
+    /// The size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The flags it was created with.
+    pub fn flags(&self) -> GuestMemfdFlags {
+        self.flags
+    }
+
+    /// Gives up the handle, returning the fd.
+    pub fn into_owned_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    fn check_range(&self, op: &'static str, range: &Range<u64>) -> Result<()> {
+        let page = page_size();
+        if range.start >= range.end {
+            return Err(Error::invalid(
+                op,
+                format!("empty range {:#x}..{:#x}", range.start, range.end),
+            ));
+        }
+        if range.start % page != 0 || range.end % page != 0 {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "range {:#x}..{:#x} is not page aligned (page size {page:#x})",
+                    range.start, range.end
+                ),
+            ));
+        }
+        if range.end > self.size {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "range {:#x}..{:#x} ends past the file size {:#x}",
+                    range.start, range.end, self.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `fallocate(gmem, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ...)`:
+    /// frees the pages of `range`; they read as zero when touched again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] unless `range` is non-empty, page aligned and inside
+    /// the file (checked before the call); [`Error::Kernel`] otherwise.
+    #[doc(alias = "FALLOC_FL_PUNCH_HOLE")]
+    pub fn punch_hole(&self, range: Range<u64>) -> Result<()> {
+        let op = "fallocate(PUNCH_HOLE)";
+        self.check_range(op, &range)?;
+        self.fallocate(
+            op,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            range,
+        )
+    }
+
+    /// `fallocate(gmem, FALLOC_FL_KEEP_SIZE, ...)`: allocates the pages of
+    /// `range` up front.
+    ///
+    /// # Errors
+    ///
+    /// As for [`GuestMemfd::punch_hole`].
+    pub fn allocate(&self, range: Range<u64>) -> Result<()> {
+        let op = "fallocate(KEEP_SIZE)";
+        self.check_range(op, &range)?;
+        self.fallocate(op, libc::FALLOC_FL_KEEP_SIZE, range)
+    }
+
+    fn fallocate(&self, op: &'static str, mode: i32, range: Range<u64>) -> Result<()> {
+        crate::sys::fallocate(self.fd.as_fd(), mode, range.start, range.end - range.start)
+            .map_err(|e| Error::kernel(op, e))
+    }
+
+    /// `mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, gmem, 0)`: the
+    /// host's view of the whole file; see [`crate::Mapping`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] when any access through the mapping would raise
+    /// SIGBUS: the guest_memfd lacks `MMAP` (no mapping possible) or
+    /// `INIT_SHARED` (every host fault is refused). [`Error::Kernel`] if
+    /// `mmap` fails.
+    pub fn map(&self) -> Result<crate::Mapping> {
+        crate::mapping::Mapping::new(self)
+    }
+}
+
+impl AsFd for GuestMemfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for GuestMemfd {
+    fn as_raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}

@@ -1,0 +1,211 @@
+//! `/dev/kvm` and VM handles, and `KVM_CHECK_EXTENSION`.
+
+use crate::error::{Errno, Error, Result};
+use crate::sys::{ioctl_val, own_new_fd};
+use kvm_gmem_sys as sys;
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// A capability number for `KVM_CHECK_EXTENSION`, named as in C.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cap(pub u32);
+
+impl Cap {
+    /// `KVM_CAP_NR_MEMSLOTS`: memory slots per address space.
+    pub const NR_MEMSLOTS: Cap = Cap(sys::KVM_CAP_NR_MEMSLOTS);
+    /// `KVM_CAP_MULTI_ADDRESS_SPACE`: number of address spaces.
+    pub const MULTI_ADDRESS_SPACE: Cap = Cap(sys::KVM_CAP_MULTI_ADDRESS_SPACE);
+    /// `KVM_CAP_USER_MEMORY2` (Linux 6.8).
+    pub const USER_MEMORY2: Cap = Cap(sys::KVM_CAP_USER_MEMORY2);
+    /// `KVM_CAP_MEMORY_FAULT_INFO` (Linux 6.8).
+    pub const MEMORY_FAULT_INFO: Cap = Cap(sys::KVM_CAP_MEMORY_FAULT_INFO);
+    /// `KVM_CAP_MEMORY_ATTRIBUTES` (Linux 6.8): the supported attribute mask.
+    pub const MEMORY_ATTRIBUTES: Cap = Cap(sys::KVM_CAP_MEMORY_ATTRIBUTES);
+    /// `KVM_CAP_GUEST_MEMFD` (Linux 6.8).
+    pub const GUEST_MEMFD: Cap = Cap(sys::KVM_CAP_GUEST_MEMFD);
+    /// `KVM_CAP_VM_TYPES` (Linux 6.8): a mask of `1 << type`.
+    pub const VM_TYPES: Cap = Cap(sys::KVM_CAP_VM_TYPES);
+    /// `KVM_CAP_PRE_FAULT_MEMORY` (Linux 6.11).
+    pub const PRE_FAULT_MEMORY: Cap = Cap(sys::KVM_CAP_PRE_FAULT_MEMORY);
+    /// `KVM_CAP_GUEST_MEMFD_FLAGS` (Linux 6.18): the flags a VM accepts.
+    pub const GUEST_MEMFD_FLAGS: Cap = Cap(sys::KVM_CAP_GUEST_MEMFD_FLAGS);
+}
+
+/// `ioctl(fd, KVM_CHECK_EXTENSION, cap)` on /dev/kvm or a VM fd: the
+/// capability's value (0 = not supported).
+///
+/// On a VM fd the answer can be specific to that VM (memory attributes,
+/// guest_memfd flags).
+#[doc(alias = "KVM_CHECK_EXTENSION")]
+pub fn check_extension(fd: &impl AsFd, cap: Cap) -> Result<i32> {
+    ioctl_val(fd.as_fd(), sys::KVM_CHECK_EXTENSION, cap.0 as u64)
+        .map_err(|e| Error::kernel("KVM_CHECK_EXTENSION", e))
+}
+
+/// A VM type for `KVM_CREATE_VM`.
+///
+/// On x86 it is one of the `KVM_X86_*_VM` numbers; on arm64 the argument
+/// carries the IPA size instead, and [`VmType::DEFAULT`] (0) asks for the
+/// default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VmType(pub u64);
+
+impl VmType {
+    /// The default VM type (0) on every architecture.
+    pub const DEFAULT: VmType = VmType(0);
+    /// `KVM_X86_SW_PROTECTED_VM`: private memory without hardware protection.
+    #[cfg(target_arch = "x86_64")]
+    pub const SW_PROTECTED: VmType = VmType(sys::KVM_X86_SW_PROTECTED_VM as u64);
+    /// `KVM_X86_SEV_VM`.
+    #[cfg(target_arch = "x86_64")]
+    pub const SEV: VmType = VmType(sys::KVM_X86_SEV_VM as u64);
+    /// `KVM_X86_SEV_ES_VM`.
+    #[cfg(target_arch = "x86_64")]
+    pub const SEV_ES: VmType = VmType(sys::KVM_X86_SEV_ES_VM as u64);
+    /// `KVM_X86_SNP_VM`.
+    #[cfg(target_arch = "x86_64")]
+    pub const SNP: VmType = VmType(sys::KVM_X86_SNP_VM as u64);
+    /// `KVM_X86_TDX_VM`.
+    #[cfg(target_arch = "x86_64")]
+    pub const TDX: VmType = VmType(sys::KVM_X86_TDX_VM as u64);
+
+    /// The C name of an x86 type, if it has one.
+    pub fn name(self) -> Option<&'static str> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Some(match self.0 as u32 {
+                sys::KVM_X86_DEFAULT_VM => "KVM_X86_DEFAULT_VM",
+                sys::KVM_X86_SW_PROTECTED_VM => "KVM_X86_SW_PROTECTED_VM",
+                sys::KVM_X86_SEV_VM => "KVM_X86_SEV_VM",
+                sys::KVM_X86_SEV_ES_VM => "KVM_X86_SEV_ES_VM",
+                sys::KVM_X86_SNP_VM => "KVM_X86_SNP_VM",
+                sys::KVM_X86_TDX_VM => "KVM_X86_TDX_VM",
+                _ => return None,
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            (self.0 == 0).then_some("default")
+        }
+    }
+}
+
+/// An open `/dev/kvm`.
+#[derive(Debug)]
+pub struct Kvm {
+    fd: OwnedFd,
+}
+
+impl Kvm {
+    /// Opens `/dev/kvm` (read-write, close-on-exec).
+    pub fn open() -> Result<Kvm> {
+        Kvm::open_path(Path::new("/dev/kvm"))
+    }
+
+    /// Opens a KVM device node at `path` (read-write, close-on-exec).
+    pub fn open_path(path: &Path) -> Result<Kvm> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| Error::invalid("open /dev/kvm", "the path contains a NUL byte"))?;
+        let fd = crate::sys::open_cloexec(&c, libc::O_RDWR)
+            .map_err(|e| Error::kernel("open /dev/kvm", e))?;
+        Ok(Kvm { fd })
+    }
+
+    /// `ioctl(kvm, KVM_GET_API_VERSION)`: 12 on every kernel since 2.6.22.
+    #[doc(alias = "KVM_GET_API_VERSION")]
+    pub fn api_version(&self) -> Result<i32> {
+        ioctl_val(self.fd.as_fd(), sys::KVM_GET_API_VERSION, 0)
+            .map_err(|e| Error::kernel("KVM_GET_API_VERSION", e))
+    }
+
+    /// `ioctl(kvm, KVM_CHECK_EXTENSION, cap)`: the system-wide answer.
+    #[doc(alias = "KVM_CHECK_EXTENSION")]
+    pub fn check_extension(&self, cap: Cap) -> Result<i32> {
+        check_extension(self, cap)
+    }
+
+    /// `ioctl(kvm, KVM_CREATE_VM, type)`: a new VM.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] when `KVM_CAP_VM_TYPES` does not list `ty`;
+    /// [`Error::Kernel`] for other refusals (e.g. `ENOMEM`).
+    #[doc(alias = "KVM_CREATE_VM")]
+    pub fn create_vm(&self, ty: VmType) -> Result<Vm> {
+        let op = "KVM_CREATE_VM";
+        match ioctl_val(self.fd.as_fd(), sys::KVM_CREATE_VM, ty.0) {
+            Ok(raw) => Ok(Vm {
+                fd: own_new_fd(op, raw)?,
+            }),
+            Err(Errno(libc::EINVAL)) if ty != VmType::DEFAULT => {
+                let types = self.check_extension(Cap::VM_TYPES).unwrap_or(0);
+                if ty.0 < 64 && types as u64 & (1 << ty.0) == 0 {
+                    Err(Error::Unsupported {
+                        op,
+                        capability: "KVM_CAP_VM_TYPES",
+                        evidence: format!(
+                            "VM type {} is not in KVM_CAP_VM_TYPES = {types:#x}; KVM_CREATE_VM gave EINVAL",
+                            ty.name().unwrap_or("?")
+                        ),
+                    })
+                } else {
+                    Err(Error::kernel(op, Errno(libc::EINVAL)))
+                }
+            }
+            Err(e) => Err(Error::kernel(op, e)),
+        }
+    }
+}
+
+impl AsFd for Kvm {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Kvm {
+    fn as_raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// A VM fd owned by this crate. Every API that needs a VM takes any
+/// [`AsFd`] instead, so a `kvm_ioctls::VmFd` works too (see
+/// [`crate::interop`]).
+#[derive(Debug)]
+pub struct Vm {
+    fd: OwnedFd,
+}
+
+impl Vm {
+    /// Adopts a VM fd created elsewhere.
+    pub fn from_owned_fd(fd: OwnedFd) -> Vm {
+        Vm { fd }
+    }
+
+    /// `ioctl(vm, KVM_CHECK_EXTENSION, cap)`: this VM's answer.
+    #[doc(alias = "KVM_CHECK_EXTENSION")]
+    pub fn check_extension(&self, cap: Cap) -> Result<i32> {
+        check_extension(self, cap)
+    }
+}
+
+impl AsFd for Vm {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Vm {
+    fn as_raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl From<Vm> for OwnedFd {
+    fn from(vm: Vm) -> OwnedFd {
+        vm.fd
+    }
+}

@@ -1,0 +1,84 @@
+//! `KVM_PRE_FAULT_MEMORY`: map guest memory before the guest touches it.
+
+use crate::error::{Errno, Error, Result};
+use crate::sys::{ioctl_ptr, page_size};
+use kvm_gmem_sys as sys;
+use std::ops::Range;
+use std::os::fd::AsFd;
+
+/// How far a pre-fault got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreFault {
+    /// Bytes mapped, from the start of the request.
+    pub done: u64,
+    /// What was left when the kernel stopped (empty on full success).
+    pub remaining: Range<u64>,
+    /// Why it stopped early, if it did (`ENOENT`: no memslot covers
+    /// `remaining.start`; `EFAULT`, `ENOMEM`, ...).
+    pub stopped: Option<Errno>,
+}
+
+impl PreFault {
+    /// Whether every byte was mapped.
+    pub fn is_complete(&self) -> bool {
+        self.stopped.is_none() && self.remaining.is_empty()
+    }
+}
+
+/// `ioctl(vcpu, KVM_PRE_FAULT_MEMORY, &{gpa, size})`, repeated until the
+/// range is done or the kernel stops: maps `range` of guest physical memory
+/// into the stage-2 page tables (since Linux 6.11; vCPU ioctl).
+///
+/// The kernel reports partial progress by advancing `gpa` and shrinking
+/// `size`; `EINTR` and `EAGAIN` are retried (bounded), any other error ends
+/// the call with [`PreFault::stopped`] set and the progress kept.
+///
+/// # Errors
+///
+/// [`Error::Invalid`] unless `range` is non-empty and page aligned (size 0
+/// would be `EINVAL`); [`Error::Unsupported`] naming
+/// `KVM_CAP_PRE_FAULT_MEMORY` when the kernel has no pre-fault
+/// (`ENOTTY`/`EOPNOTSUPP` before any progress).
+#[doc(alias = "KVM_PRE_FAULT_MEMORY")]
+pub fn pre_fault_memory(vcpu: &impl AsFd, range: Range<u64>) -> Result<PreFault> {
+    let op = "KVM_PRE_FAULT_MEMORY";
+    let page = page_size();
+    if range.start >= range.end || range.start % page != 0 || range.end % page != 0 {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "guest range {:#x}..{:#x} must be non-empty and page aligned",
+                range.start, range.end
+            ),
+        ));
+    }
+    let mut arg = sys::kvm_pre_fault_memory {
+        gpa: range.start,
+        size: range.end - range.start,
+        ..Default::default()
+    };
+    let mut retries = 0u32;
+    loop {
+        #[allow(unsafe_code)]
+        // SAFETY: the request encodes `kvm_pre_fault_memory`, which holds no pointers.
+        let r = unsafe { ioctl_ptr(vcpu.as_fd(), sys::KVM_PRE_FAULT_MEMORY, &mut arg) };
+        let remaining = arg.gpa..arg.gpa + arg.size;
+        let done = arg.gpa - range.start;
+        match r {
+            Ok(_) if arg.size == 0 => {
+                return Ok(PreFault { done, remaining, stopped: None });
+            }
+            // A positive return with size left: keep going from where it stopped.
+            Ok(_) => retries = 0,
+            Err(Errno(libc::EINTR | libc::EAGAIN)) if retries < 1000 => retries += 1,
+            Err(e @ Errno(libc::ENOTTY | libc::EOPNOTSUPP)) if done == 0 => {
+                return Err(Error::Unsupported {
+                    op,
+                    capability: "KVM_CAP_PRE_FAULT_MEMORY",
+                    evidence: format!("the ioctl answered {e}"),
+                });
+            }
+            Err(e) => return Ok(PreFault { done, remaining, stopped: Some(e) }),
+        }
+    }
+}

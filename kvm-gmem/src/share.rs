@@ -1,0 +1,1 @@
+//! Handing a guest_memfd to another process over a Unix socket.
