@@ -1,18 +1,49 @@
-//! Typed **userfaultfd** for VMMs: MINOR registration on guest_memfd
-//! mappings and a fault-serving building block.
+//! Typed **userfaultfd** for VMMs: every Linux 7.3 feature, MINOR
+//! registration on guest_memfd mappings, and (next) a fault-serving building
+//! block that speaks Firecracker's handler protocol.
 //!
-//! This crate is at its start: its API (the `Uffd` builder and handshake,
-//! range registration, resolving ioctls, events, `serve`, Firecracker's
-//! handler protocol) lands next. Today it re-exports the raw layer it is built
-//! on.
+//! - [`Uffd::builder`]: `/dev/userfaultfd` first, the system call when the
+//!   device is missing or denied; the `UFFDIO_API` handshake with typed
+//!   [`Features`] and [`UffdBuilder::require_features`] naming what is
+//!   missing; [`Uffd::from_initialized`] adopts a VMM's fd.
+//! - Ranges: [`Uffd::register`] (`unsafe`: the kernel starts changing that
+//!   memory), [`Uffd::register_guest_memfd`] (typed
+//!   [`Error::Unsupported`] where the kernel refuses).
+//! - Resolving: [`Uffd::copy`], [`Uffd::zeropage`], [`Uffd::r#continue`],
+//!   [`Uffd::wake`], [`Uffd::writeprotect`], [`Uffd::poison`],
+//!   [`Uffd::r#move`], [`Uffd::rwprotect`], [`Uffd::set_mode`]. `EEXIST` and
+//!   `EAGAIN` are their own errors, with the progress made; the kernel's
+//!   negative result fields are never mistaken for byte counts.
+//! - Events: a `Send`, `#[non_exhaustive]` [`Event`] read in batches into a
+//!   reusable [`EventBuffer`]; [`Msg::decode`] is the pure decoder.
 //!
-//! ```
-//! assert_eq!(uffd_gmem::sys::UFFD_API_FEATURES, 0x7FFFF);
+//! ```no_run
+//! use uffd_gmem::{Features, Uffd};
+//!
+//! # fn main() -> Result<(), uffd_gmem::Error> {
+//! let uffd = Uffd::builder()
+//!     .non_blocking(true)
+//!     .require_features(Features::MINOR_SHMEM | Features::EVENT_REMOVE)
+//!     .create()?;
+//! println!("offered: {:?}", uffd.supported_features());
+//! # Ok(())
+//! # }
 //! ```
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+mod error;
+mod event;
+mod flags;
+mod sys;
+mod uffd;
+
+pub use error::{Errno, Error, Result};
+pub use event::{Access, Event, EventBuffer, FaultKind, MSG_SIZE, Msg};
+pub use flags::{Features, Ioctls, Mode, RegisterMode};
+pub use uffd::{Origin, Uffd, UffdBuilder};
+
 /// The raw bindings this crate is built on.
-pub use kvm_gmem_sys as sys;
+pub use kvm_gmem_sys as sys_bindings;

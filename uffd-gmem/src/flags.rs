@@ -1,0 +1,109 @@
+//! Typed feature, ioctl and mode sets.
+
+use kvm_gmem_sys as sys;
+
+bitflags::bitflags! {
+    /// `UFFD_FEATURE_*`: all 19 features of Linux 7.3. Unknown bits are kept.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct Features: u64 {
+        /// Write-protect faults are reported with `UFFD_PAGEFAULT_FLAG_WP` (4.3).
+        const PAGEFAULT_FLAG_WP = sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
+        /// `UFFD_EVENT_FORK` (4.11).
+        const EVENT_FORK = sys::UFFD_FEATURE_EVENT_FORK as u64;
+        /// `UFFD_EVENT_REMAP` (4.11).
+        const EVENT_REMAP = sys::UFFD_FEATURE_EVENT_REMAP as u64;
+        /// `UFFD_EVENT_REMOVE` (4.11).
+        const EVENT_REMOVE = sys::UFFD_FEATURE_EVENT_REMOVE as u64;
+        /// MISSING on hugetlbfs (4.11).
+        const MISSING_HUGETLBFS = sys::UFFD_FEATURE_MISSING_HUGETLBFS as u64;
+        /// MISSING on shmem (4.11).
+        const MISSING_SHMEM = sys::UFFD_FEATURE_MISSING_SHMEM as u64;
+        /// `UFFD_EVENT_UNMAP` (4.11).
+        const EVENT_UNMAP = sys::UFFD_FEATURE_EVENT_UNMAP as u64;
+        /// Faults raise SIGBUS instead of events (4.14).
+        const SIGBUS = sys::UFFD_FEATURE_SIGBUS as u64;
+        /// The faulting thread id is reported (4.14).
+        const THREAD_ID = sys::UFFD_FEATURE_THREAD_ID as u64;
+        /// MINOR on hugetlbfs (5.13).
+        const MINOR_HUGETLBFS = sys::UFFD_FEATURE_MINOR_HUGETLBFS as u64;
+        /// MINOR on shmem (5.14).
+        const MINOR_SHMEM = sys::UFFD_FEATURE_MINOR_SHMEM as u64;
+        /// Exact fault addresses, not page aligned (5.18).
+        const EXACT_ADDRESS = sys::UFFD_FEATURE_EXACT_ADDRESS as u64;
+        /// WP on hugetlbfs and shmem (5.19).
+        const WP_HUGETLBFS_SHMEM = sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64;
+        /// WP markers on unpopulated pages (6.4).
+        const WP_UNPOPULATED = sys::UFFD_FEATURE_WP_UNPOPULATED as u64;
+        /// `UFFDIO_POISON` (6.6).
+        const POISON = sys::UFFD_FEATURE_POISON as u64;
+        /// Asynchronous write protection (6.7).
+        const WP_ASYNC = sys::UFFD_FEATURE_WP_ASYNC as u64;
+        /// `UFFDIO_MOVE` (6.8).
+        const MOVE = sys::UFFD_FEATURE_MOVE as u64;
+        /// Read-write protection, `UFFDIO_RWPROTECT` (7.3).
+        const RWP = sys::UFFD_FEATURE_RWP as u64;
+        /// Asynchronous read-write protection, `UFFDIO_SET_MODE` (7.3).
+        const RWP_ASYNC = sys::UFFD_FEATURE_RWP_ASYNC as u64;
+    }
+}
+
+bitflags::bitflags! {
+    /// The ioctls a userfaultfd or a registered range accepts (`1 << _UFFDIO_*`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct Ioctls: u64 {
+        /// `UFFDIO_REGISTER`.
+        const REGISTER = 1 << sys::_UFFDIO_REGISTER;
+        /// `UFFDIO_UNREGISTER`.
+        const UNREGISTER = 1 << sys::_UFFDIO_UNREGISTER;
+        /// `UFFDIO_WAKE`.
+        const WAKE = 1 << sys::_UFFDIO_WAKE;
+        /// `UFFDIO_COPY`.
+        const COPY = 1 << sys::_UFFDIO_COPY;
+        /// `UFFDIO_ZEROPAGE`.
+        const ZEROPAGE = 1 << sys::_UFFDIO_ZEROPAGE;
+        /// `UFFDIO_MOVE`.
+        const MOVE = 1 << sys::_UFFDIO_MOVE;
+        /// `UFFDIO_WRITEPROTECT`.
+        const WRITEPROTECT = 1 << sys::_UFFDIO_WRITEPROTECT;
+        /// `UFFDIO_CONTINUE`.
+        const CONTINUE = 1 << sys::_UFFDIO_CONTINUE;
+        /// `UFFDIO_POISON`.
+        const POISON = 1 << sys::_UFFDIO_POISON;
+        /// `UFFDIO_RWPROTECT` (7.3).
+        const RWPROTECT = 1 << sys::_UFFDIO_RWPROTECT;
+        /// `UFFDIO_SET_MODE` (7.3).
+        const SET_MODE = 1 << sys::_UFFDIO_SET_MODE;
+        /// `UFFDIO_API`.
+        const API = 1 << sys::_UFFDIO_API;
+    }
+}
+
+bitflags::bitflags! {
+    /// `UFFDIO_REGISTER_MODE_*`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct RegisterMode: u64 {
+        /// Faults on missing pages.
+        const MISSING = sys::UFFDIO_REGISTER_MODE_MISSING;
+        /// Write-protect faults.
+        const WP = sys::UFFDIO_REGISTER_MODE_WP;
+        /// Faults on pages present in the page cache but not mapped.
+        const MINOR = sys::UFFDIO_REGISTER_MODE_MINOR;
+        /// Read-write-protect faults (7.3).
+        const RWP = sys::UFFDIO_REGISTER_MODE_RWP;
+    }
+}
+
+bitflags::bitflags! {
+    /// Mode bits of the resolving ioctls, named after their kernel flags.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct Mode: u8 {
+        /// `*_MODE_DONTWAKE`: resolve without waking the faulting threads
+        /// (wake them later with [`crate::Uffd::wake`]).
+        const DONTWAKE = 1 << 0;
+        /// `UFFDIO_COPY_MODE_WP` / `UFFDIO_CONTINUE_MODE_WP`: map the pages
+        /// write-protected.
+        const WP = 1 << 1;
+        /// `UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES`: holes in the source are not an error.
+        const ALLOW_SRC_HOLES = 1 << 2;
+    }
+}

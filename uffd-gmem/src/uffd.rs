@@ -1,0 +1,688 @@
+//! The userfaultfd handle: creation, the API handshake, ranges, resolving.
+#![allow(unsafe_code)]
+
+use crate::error::{Errno, Error, Result};
+use crate::event::{Event, EventBuffer};
+use crate::flags::{Features, Ioctls, Mode, RegisterMode};
+use kvm_gmem_sys as sys;
+use std::ffi::CString;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// How a userfaultfd was obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Origin {
+    /// `/dev/userfaultfd` + `USERFAULTFD_IOC_NEW` (Linux 6.1).
+    Device,
+    /// The `userfaultfd(2)` system call.
+    Syscall,
+    /// Adopted from another owner (e.g. received from a VMM), already
+    /// initialised with `UFFDIO_API`.
+    Adopted,
+}
+
+/// Builds a [`Uffd`]; see [`Uffd::builder`].
+#[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until create() is called"]
+pub struct UffdBuilder {
+    user_mode_only: bool,
+    non_blocking: bool,
+    features: Features,
+    device: PathBuf,
+}
+
+impl UffdBuilder {
+    /// `UFFD_USER_MODE_ONLY`: report only faults raised in user mode. Off by
+    /// default, because a VMM needs the faults KVM and system calls raise on
+    /// guest memory too.
+    pub fn user_mode_only(mut self, on: bool) -> Self {
+        self.user_mode_only = on;
+        self
+    }
+
+    /// `O_NONBLOCK`: reads return no event instead of blocking (needed for
+    /// `poll`: a blocking userfaultfd makes `poll` report `POLLERR`).
+    pub fn non_blocking(mut self, on: bool) -> Self {
+        self.non_blocking = on;
+        self
+    }
+
+    /// Features to enable in the handshake; creation fails with
+    /// [`Error::MissingFeatures`] naming any the kernel does not offer.
+    pub fn require_features(mut self, features: Features) -> Self {
+        self.features |= features;
+        self
+    }
+
+    /// The device node to try first (default `/dev/userfaultfd`).
+    pub fn device_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.device = path.into();
+        self
+    }
+
+    fn flags(&self) -> i32 {
+        let mut f = libc::O_CLOEXEC;
+        if self.non_blocking {
+            f |= libc::O_NONBLOCK;
+        }
+        if self.user_mode_only {
+            f |= sys::UFFD_USER_MODE_ONLY as i32;
+        }
+        f
+    }
+
+    /// A fresh, uninitialised userfaultfd: `/dev/userfaultfd` +
+    /// `USERFAULTFD_IOC_NEW` first, the system call when the device is
+    /// missing or denied.
+    fn open_raw(&self) -> Result<(OwnedFd, Origin)> {
+        let flags = self.flags();
+        let device = match open_device(&self.device) {
+            Ok(dev) => match crate::sys::ioctl_val(dev.as_fd(), sys::USERFAULTFD_IOC_NEW, flags as u64) {
+                Ok(raw) => {
+                    // SAFETY: USERFAULTFD_IOC_NEW returned a new descriptor.
+                    return Ok((unsafe { OwnedFd::from_raw_fd(raw) }, Origin::Device));
+                }
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        if !matches!(device.0, libc::ENOENT | libc::EACCES | libc::EPERM | libc::ENODEV | libc::ENXIO) {
+            return Err(Error::kernel("USERFAULTFD_IOC_NEW", device));
+        }
+        // SAFETY: userfaultfd(2) takes only flags.
+        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if raw < 0 {
+            let e = Errno::last();
+            return Err(Error::Unsupported {
+                op: "userfaultfd(2)",
+                what: "userfaultfd",
+                evidence: format!(
+                    "{} gave {device}; the system call gave {e}",
+                    self.device.display()
+                ),
+            });
+        }
+        // SAFETY: the system call returned a new descriptor.
+        Ok((unsafe { OwnedFd::from_raw_fd(raw as i32) }, Origin::Syscall))
+    }
+
+    /// Creates the userfaultfd and performs the `UFFDIO_API` handshake.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingFeatures`] naming what the kernel lacks;
+    /// [`Error::Unsupported`] when neither the device nor the system call
+    /// can create one; [`Error::Kernel`] otherwise.
+    #[doc(alias = "UFFDIO_API")]
+    #[doc(alias = "USERFAULTFD_IOC_NEW")]
+    pub fn create(self) -> Result<Uffd> {
+        let (fd, origin) = self.open_raw()?;
+        let mut api = sys::uffdio_api {
+            api: sys::UFFD_API,
+            features: self.features.bits(),
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API takes a `uffdio_api`, which holds no pointers.
+        match unsafe { crate::sys::ioctl_ptr(fd.as_fd(), sys::UFFDIO_API, &mut api) } {
+            Ok(_) => Ok(Uffd {
+                fd,
+                origin,
+                enabled: Some(self.features),
+                supported: Some(Features::from_bits_retain(api.features)),
+                ioctls: Some(Ioctls::from_bits_retain(api.ioctls)),
+            }),
+            Err(e) if e.0 == libc::EINVAL && !self.features.is_empty() => {
+                // Which features were missing? Ask a second, throwaway fd.
+                let supported = UffdBuilder { features: Features::empty(), ..self }
+                    .create()?
+                    .supported_features()
+                    .unwrap_or_default();
+                let missing = self.features.difference(supported);
+                if missing.is_empty() {
+                    Err(Error::kernel("UFFDIO_API", e))
+                } else {
+                    Err(Error::MissingFeatures { missing, supported })
+                }
+            }
+            Err(e) => Err(Error::kernel("UFFDIO_API", e)),
+        }
+    }
+}
+
+fn open_device(path: &Path) -> Result<OwnedFd, Errno> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated path for the call.
+    let raw = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: open(2) returned a new descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// An owned userfaultfd.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    origin: Origin,
+    enabled: Option<Features>,
+    supported: Option<Features>,
+    ioctls: Option<Ioctls>,
+}
+
+fn check_range(op: &'static str, range: &Range<u64>) -> Result<u64> {
+    let page = kvm_gmem::page_size();
+    if range.start >= range.end || range.start % page != 0 || range.end % page != 0 {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "range {:#x}..{:#x} must be non-empty and page aligned (page size {page:#x})",
+                range.start, range.end
+            ),
+        ));
+    }
+    Ok(range.end - range.start)
+}
+
+/// Maps an ioctl outcome and its kernel-written result field to bytes done
+/// or a typed error. The kernel writes either the bytes handled or a
+/// negative errno into the field; a negative value is never a byte count.
+fn outcome(op: &'static str, r: Result<i32, Errno>, field: i64, start: u64) -> Result<u64> {
+    let done = if field > 0 { field as u64 } else { 0 };
+    match r {
+        Ok(_) => Ok(done),
+        Err(Errno(libc::EEXIST)) => Err(Error::Exists {
+            op,
+            addr: start + done,
+            done,
+        }),
+        Err(Errno(libc::EAGAIN)) => Err(Error::Again { op, done }),
+        Err(errno) if done > 0 => Err(Error::Partial { op, done, errno }),
+        Err(errno) => Err(Error::kernel(op, errno)),
+    }
+}
+
+impl Uffd {
+    /// A builder; see [`UffdBuilder`].
+    pub fn builder() -> UffdBuilder {
+        UffdBuilder {
+            user_mode_only: false,
+            non_blocking: false,
+            features: Features::empty(),
+            device: PathBuf::from("/dev/userfaultfd"),
+        }
+    }
+
+    /// Adopts a userfaultfd that its creator already initialised with
+    /// `UFFDIO_API` (a VMM's, received over a socket). A second handshake
+    /// would fail, so its features are unknown: operations that depend on a
+    /// feature are attempted and the kernel's answer reported.
+    pub fn from_initialized(fd: OwnedFd) -> Uffd {
+        Uffd {
+            fd,
+            origin: Origin::Adopted,
+            enabled: None,
+            supported: None,
+            ioctls: None,
+        }
+    }
+
+    /// How this userfaultfd was obtained.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// The features enabled in the handshake (unknown for adopted fds).
+    pub fn features(&self) -> Option<Features> {
+        self.enabled
+    }
+
+    /// Every feature the kernel offers (unknown for adopted fds).
+    pub fn supported_features(&self) -> Option<Features> {
+        self.supported
+    }
+
+    /// The ioctls valid on the fd itself (unknown for adopted fds).
+    pub fn api_ioctls(&self) -> Option<Ioctls> {
+        self.ioctls
+    }
+
+    /// Fails with [`Error::Unsupported`] / [`Error::Invalid`] when a feature
+    /// the operation needs is known to be absent or not enabled.
+    fn need(&self, op: &'static str, feature: Features, name: &'static str, must_enable: bool) -> Result<()> {
+        if let Some(supported) = self.supported
+            && !supported.contains(feature)
+        {
+            return Err(Error::Unsupported {
+                op,
+                what: name,
+                evidence: format!("UFFDIO_API offered {:#x}", supported.bits()),
+            });
+        }
+        if must_enable
+            && let Some(enabled) = self.enabled
+            && !enabled.contains(feature)
+        {
+            return Err(Error::invalid(
+                op,
+                format!("{name} must be enabled with UffdBuilder::require_features"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `ioctl(uffd, UFFDIO_REGISTER, &{range, mode})`: reports faults in
+    /// `range` to this userfaultfd; returns the ioctls valid on the range.
+    ///
+    /// # Safety
+    ///
+    /// From here on the kernel stops threads that touch `range` until this
+    /// fd resolves the fault, and the resolving ioctls (`COPY`, `ZEROPAGE`,
+    /// `POISON`, ...) change the memory behind the program's back. `range`
+    /// must therefore be memory that no Rust reference points into (a guest
+    /// memory mapping, a region handed to a VMM), and it must stay mapped
+    /// while registered.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] for an empty or unaligned range; [`Error::Kernel`]
+    /// (`EINVAL` for a mode the memory does not support, e.g. MINOR on
+    /// anonymous memory).
+    #[doc(alias = "UFFDIO_REGISTER")]
+    pub unsafe fn register(&self, range: Range<u64>, mode: RegisterMode) -> Result<Ioctls> {
+        let op = "UFFDIO_REGISTER";
+        let len = check_range(op, &range)?;
+        if mode.is_empty() {
+            return Err(Error::invalid(op, "the mode must name at least one of MISSING, WP, MINOR, RWP"));
+        }
+        if mode.contains(RegisterMode::RWP) {
+            self.need(op, Features::RWP, "UFFD_FEATURE_RWP (Linux 7.3)", false)?;
+        }
+        let mut arg = sys::uffdio_register {
+            range: sys::uffdio_range { start: range.start, len },
+            mode: mode.bits(),
+            ioctls: 0,
+        };
+        // SAFETY: the request encodes `uffdio_register`; the caller vouches
+        // for the range (see # Safety).
+        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_REGISTER, &mut arg) }
+            .map_err(|e| Error::kernel(op, e))?;
+        Ok(Ioctls::from_bits_retain(arg.ioctls))
+    }
+
+    /// Registers a guest_memfd mapping (`MINOR` and/or `MISSING`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] when the kernel refuses userfaultfd on
+    /// guest_memfd (`EINVAL`: every release up to Linux 7.3; the guest_memfd
+    /// userfaultfd series adds it); otherwise as [`Uffd::register`].
+    pub fn register_guest_memfd(&self, map: &kvm_gmem::Mapping, mode: RegisterMode) -> Result<Ioctls> {
+        let range = map.addr()..map.addr() + map.len() as u64;
+        // SAFETY: a guest_memfd mapping is guest memory: the crate never hands
+        // out references into it, it stays mapped while `map` lives, and the
+        // caller keeps `map` alive while registered (unregistering on drop of
+        // the mapping is done by the kernel).
+        match unsafe { self.register(range, mode) } {
+            Err(Error::Kernel { errno: Errno(libc::EINVAL), .. }) => Err(Error::Unsupported {
+                op: "UFFDIO_REGISTER",
+                what: "userfaultfd on guest_memfd",
+                evidence: format!(
+                    "UFFDIO_REGISTER ({mode:?}) on a guest_memfd mapping answered EINVAL: \
+                     this kernel lacks the guest_memfd userfaultfd series"
+                ),
+            }),
+            other => other,
+        }
+    }
+
+    /// `ioctl(uffd, UFFDIO_UNREGISTER, &range)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] for an empty or unaligned range; [`Error::Kernel`].
+    #[doc(alias = "UFFDIO_UNREGISTER")]
+    pub fn unregister(&self, range: Range<u64>) -> Result<()> {
+        let op = "UFFDIO_UNREGISTER";
+        let len = check_range(op, &range)?;
+        let mut arg = sys::uffdio_range { start: range.start, len };
+        // SAFETY: the request encodes `uffdio_range`; no memory changes.
+        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_UNREGISTER, &mut arg) }
+            .map_err(|e| Error::kernel(op, e))?;
+        Ok(())
+    }
+
+    /// `ioctl(uffd, UFFDIO_WAKE, &range)`: wakes threads waiting on faults in
+    /// `range` (needed after [`Error::Exists`] and `DONTWAKE`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] for an empty or unaligned range; [`Error::Kernel`].
+    #[doc(alias = "UFFDIO_WAKE")]
+    pub fn wake(&self, range: Range<u64>) -> Result<()> {
+        let op = "UFFDIO_WAKE";
+        let len = check_range(op, &range)?;
+        let mut arg = sys::uffdio_range { start: range.start, len };
+        // SAFETY: the request encodes `uffdio_range`; waking changes no memory.
+        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_WAKE, &mut arg) }
+            .map_err(|e| Error::kernel(op, e))?;
+        Ok(())
+    }
+
+    /// `ioctl(uffd, UFFDIO_COPY, &{dst, src, len, mode})`: fills missing
+    /// pages at `dst` from `src`; returns the bytes copied.
+    ///
+    /// # Safety
+    ///
+    /// `src` must be valid for reads of `len` bytes for the duration of the
+    /// call. `dst` must lie in a range registered on this fd (the kernel
+    /// checks that).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Exists`] (typed `EEXIST`; wake the faulter), [`Error::Again`]
+    /// (typed `EAGAIN` with the bytes done, never the kernel's negative
+    /// result as a count), [`Error::Partial`], [`Error::Invalid`] for
+    /// unaligned arguments or modes other than `DONTWAKE` and `WP`.
+    #[doc(alias = "UFFDIO_COPY")]
+    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64, mode: Mode) -> Result<u64> {
+        let op = "UFFDIO_COPY";
+        check_range(op, &(dst..dst.wrapping_add(len)))?;
+        if !(Mode::DONTWAKE | Mode::WP).contains(mode) {
+            return Err(Error::invalid(op, "only DONTWAKE and WP apply to UFFDIO_COPY"));
+        }
+        let mut bits = 0;
+        if mode.contains(Mode::DONTWAKE) {
+            bits |= sys::UFFDIO_COPY_MODE_DONTWAKE;
+        }
+        if mode.contains(Mode::WP) {
+            bits |= sys::UFFDIO_COPY_MODE_WP;
+        }
+        let mut arg = sys::uffdio_copy { dst, src: src as u64, len, mode: bits, copy: 0 };
+        // SAFETY: the request encodes `uffdio_copy`; the caller guarantees
+        // `src` is readable for `len` bytes.
+        let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_COPY, &mut arg) };
+        outcome(op, r, arg.copy, dst)
+    }
+
+    /// `ioctl(uffd, UFFDIO_ZEROPAGE, &{range, mode})`: fills missing pages
+    /// with zeroes; returns the bytes handled.
+    ///
+    /// # Errors
+    ///
+    /// As [`Uffd::copy`]; only `DONTWAKE` applies.
+    #[doc(alias = "UFFDIO_ZEROPAGE")]
+    pub fn zeropage(&self, range: Range<u64>, mode: Mode) -> Result<u64> {
+        let op = "UFFDIO_ZEROPAGE";
+        let len = check_range(op, &range)?;
+        if !Mode::DONTWAKE.contains(mode) {
+            return Err(Error::invalid(op, "only DONTWAKE applies to UFFDIO_ZEROPAGE"));
+        }
+        let mut arg = sys::uffdio_zeropage {
+            range: sys::uffdio_range { start: range.start, len },
+            mode: if mode.contains(Mode::DONTWAKE) { sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE } else { 0 },
+            zeropage: 0,
+        };
+        // SAFETY: the request encodes `uffdio_zeropage`; it writes zero pages
+        // only into ranges registered on this fd, whose owner accepted that
+        // when registering (an `unsafe` contract).
+        let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_ZEROPAGE, &mut arg) };
+        outcome(op, r, arg.zeropage, range.start)
+    }
+
+    /// `ioctl(uffd, UFFDIO_CONTINUE, &{range, mode})`: maps pages that are
+    /// already in the page cache (minor faults); returns the bytes mapped.
+    ///
+    /// # Errors
+    ///
+    /// As [`Uffd::copy`]; `DONTWAKE` and `WP` apply.
+    #[doc(alias = "UFFDIO_CONTINUE")]
+    pub fn r#continue(&self, range: Range<u64>, mode: Mode) -> Result<u64> {
+        let op = "UFFDIO_CONTINUE";
+        let len = check_range(op, &range)?;
+        if !(Mode::DONTWAKE | Mode::WP).contains(mode) {
+            return Err(Error::invalid(op, "only DONTWAKE and WP apply to UFFDIO_CONTINUE"));
+        }
+        let mut bits = 0;
+        if mode.contains(Mode::DONTWAKE) {
+            bits |= sys::UFFDIO_CONTINUE_MODE_DONTWAKE;
+        }
+        if mode.contains(Mode::WP) {
+            bits |= sys::UFFDIO_CONTINUE_MODE_WP;
+        }
+        let mut arg = sys::uffdio_continue {
+            range: sys::uffdio_range { start: range.start, len },
+            mode: bits,
+            mapped: 0,
+        };
+        // SAFETY: the request encodes `uffdio_continue`; it maps existing
+        // page-cache pages into ranges registered on this fd.
+        let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_CONTINUE, &mut arg) };
+        outcome(op, r, arg.mapped, range.start)
+    }
+
+    /// `ioctl(uffd, UFFDIO_WRITEPROTECT, &{range, mode})`: sets (`protect`)
+    /// or clears write protection.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`]; [`Error::Kernel`]; only `DONTWAKE` applies.
+    #[doc(alias = "UFFDIO_WRITEPROTECT")]
+    pub fn writeprotect(&self, range: Range<u64>, protect: bool, mode: Mode) -> Result<()> {
+        let op = "UFFDIO_WRITEPROTECT";
+        let len = check_range(op, &range)?;
+        if !Mode::DONTWAKE.contains(mode) {
+            return Err(Error::invalid(op, "only DONTWAKE applies to UFFDIO_WRITEPROTECT"));
+        }
+        let mut bits = if protect { sys::UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
+        if mode.contains(Mode::DONTWAKE) {
+            bits |= sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
+        }
+        let mut arg = sys::uffdio_writeprotect {
+            range: sys::uffdio_range { start: range.start, len },
+            mode: bits,
+        };
+        // SAFETY: the request encodes `uffdio_writeprotect`; protection
+        // changes no contents.
+        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_WRITEPROTECT, &mut arg) }
+            .map_err(|e| Error::kernel(op, e))?;
+        Ok(())
+    }
+
+    /// `ioctl(uffd, UFFDIO_POISON, &{range, mode})`: marks missing pages so
+    /// that any access raises SIGBUS (Linux 6.6; needs
+    /// [`Features::POISON`] enabled); returns the bytes handled.
+    ///
+    /// # Errors
+    ///
+    /// As [`Uffd::copy`]; [`Error::Unsupported`] / [`Error::Invalid`] when
+    /// the feature is absent or was not enabled.
+    #[doc(alias = "UFFDIO_POISON")]
+    pub fn poison(&self, range: Range<u64>, mode: Mode) -> Result<u64> {
+        let op = "UFFDIO_POISON";
+        let len = check_range(op, &range)?;
+        self.need(op, Features::POISON, "UFFD_FEATURE_POISON (Linux 6.6)", true)?;
+        if !Mode::DONTWAKE.contains(mode) {
+            return Err(Error::invalid(op, "only DONTWAKE applies to UFFDIO_POISON"));
+        }
+        let mut arg = sys::uffdio_poison {
+            range: sys::uffdio_range { start: range.start, len },
+            mode: if mode.contains(Mode::DONTWAKE) { sys::UFFDIO_POISON_MODE_DONTWAKE } else { 0 },
+            updated: 0,
+        };
+        // SAFETY: the request encodes `uffdio_poison`; it affects only
+        // missing pages of ranges registered on this fd.
+        let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_POISON, &mut arg) };
+        outcome(op, r, arg.updated, range.start)
+    }
+
+    /// `ioctl(uffd, UFFDIO_MOVE, &{dst, src, len, mode})`: moves anonymous
+    /// pages from `src` to `dst` without copying (Linux 6.8; needs
+    /// [`Features::MOVE`] enabled); returns the bytes moved.
+    ///
+    /// # Safety
+    ///
+    /// The pages leave `src`: afterwards `src..src + len` reads as missing
+    /// (or faults), so it must be memory no Rust reference points into.
+    ///
+    /// # Errors
+    ///
+    /// As [`Uffd::copy`]; `DONTWAKE` and `ALLOW_SRC_HOLES` apply.
+    #[doc(alias = "UFFDIO_MOVE")]
+    pub unsafe fn r#move(&self, dst: u64, src: u64, len: u64, mode: Mode) -> Result<u64> {
+        let op = "UFFDIO_MOVE";
+        check_range(op, &(dst..dst.wrapping_add(len)))?;
+        check_range(op, &(src..src.wrapping_add(len)))?;
+        self.need(op, Features::MOVE, "UFFD_FEATURE_MOVE (Linux 6.8)", true)?;
+        if !(Mode::DONTWAKE | Mode::ALLOW_SRC_HOLES).contains(mode) {
+            return Err(Error::invalid(op, "only DONTWAKE and ALLOW_SRC_HOLES apply to UFFDIO_MOVE"));
+        }
+        let mut bits = 0;
+        if mode.contains(Mode::DONTWAKE) {
+            bits |= sys::UFFDIO_MOVE_MODE_DONTWAKE;
+        }
+        if mode.contains(Mode::ALLOW_SRC_HOLES) {
+            bits |= sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES;
+        }
+        let mut arg = sys::uffdio_move { dst, src, len, mode: bits, move_: 0 };
+        // SAFETY: the request encodes `uffdio_move`; the caller guarantees
+        // the source pages may be taken away.
+        let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_MOVE, &mut arg) };
+        outcome(op, r, arg.move_, dst)
+    }
+
+    /// `ioctl(uffd, UFFDIO_RWPROTECT, &{range, mode})`: makes pages
+    /// inaccessible (`protect`), so the next touch faults, or undoes it
+    /// (Linux 7.3; needs [`Features::RWP`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] naming `UFFD_FEATURE_RWP` on older kernels;
+    /// [`Error::Invalid`]; [`Error::Kernel`].
+    #[doc(alias = "UFFDIO_RWPROTECT")]
+    pub fn rwprotect(&self, range: Range<u64>, protect: bool, mode: Mode) -> Result<()> {
+        let op = "UFFDIO_RWPROTECT";
+        let len = check_range(op, &range)?;
+        self.need(op, Features::RWP, "UFFD_FEATURE_RWP (Linux 7.3)", true)?;
+        if !Mode::DONTWAKE.contains(mode) {
+            return Err(Error::invalid(op, "only DONTWAKE applies to UFFDIO_RWPROTECT"));
+        }
+        let mut bits = if protect { sys::UFFDIO_RWPROTECT_MODE_RWP } else { 0 };
+        if mode.contains(Mode::DONTWAKE) {
+            bits |= sys::UFFDIO_RWPROTECT_MODE_DONTWAKE;
+        }
+        let mut arg = sys::uffdio_rwprotect {
+            range: sys::uffdio_range { start: range.start, len },
+            mode: bits,
+        };
+        // SAFETY: the request encodes `uffdio_rwprotect`; protection changes
+        // no contents.
+        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_RWPROTECT, &mut arg) }
+            .map_err(|e| Error::kernel(op, e))?;
+        Ok(())
+    }
+
+    /// `ioctl(uffd, UFFDIO_SET_MODE, &{enable, disable})`: turns asynchronous
+    /// modes on or off at run time (Linux 7.3; only
+    /// [`Features::RWP_ASYNC`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] naming `UFFD_FEATURE_RWP_ASYNC` on older
+    /// kernels; [`Error::Invalid`] for a feature in both sets or any other
+    /// feature; [`Error::Kernel`].
+    #[doc(alias = "UFFDIO_SET_MODE")]
+    pub fn set_mode(&self, enable: Features, disable: Features) -> Result<()> {
+        let op = "UFFDIO_SET_MODE";
+        if enable.intersects(disable) {
+            return Err(Error::invalid(op, "a feature cannot be both enabled and disabled"));
+        }
+        if !Features::RWP_ASYNC.contains(enable | disable) {
+            return Err(Error::invalid(op, "only RWP_ASYNC can be switched at run time"));
+        }
+        self.need(op, Features::RWP_ASYNC, "UFFD_FEATURE_RWP_ASYNC (Linux 7.3)", false)?;
+        let mut arg = sys::uffdio_set_mode {
+            enable: enable.bits(),
+            disable: disable.bits(),
+        };
+        // SAFETY: the request encodes `uffdio_set_mode`, which holds no pointers.
+        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_SET_MODE, &mut arg) }
+            .map_err(|e| Error::kernel(op, e))?;
+        Ok(())
+    }
+
+    /// Reads pending events into `buf` and returns them. On a non-blocking
+    /// fd with nothing pending it returns none; on a blocking fd it waits for
+    /// at least one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kernel`] for read errors; [`Error::Protocol`] for a record
+    /// the crate cannot decode (never for an unknown event type, which
+    /// becomes [`Event::Unknown`]).
+    pub fn read_events<'b>(&self, buf: &'b mut EventBuffer) -> Result<std::vec::Drain<'b, Event>> {
+        buf.fill(self.fd.as_fd(), self.enabled.is_some_and(|f| f.contains(Features::THREAD_ID)))?;
+        Ok(buf.drain())
+    }
+
+    /// Reads one event, if any (see [`Uffd::read_events`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Uffd::read_events`].
+    pub fn read_event(&self) -> Result<Option<Event>> {
+        let mut buf = EventBuffer::with_capacity(1);
+        Ok(self.read_events(&mut buf)?.next())
+    }
+
+    /// Waits up to `timeout` for an event to be readable (`poll`). Returns
+    /// whether one is. Use on a non-blocking fd.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kernel`] if `poll` fails (other than `EINTR`, which reports
+    /// "not readable").
+    pub fn poll_readable(&self, timeout: std::time::Duration) -> Result<bool> {
+        crate::sys::poll_in(self.fd.as_fd(), timeout).map_err(|e| Error::kernel("poll(userfaultfd)", e))
+    }
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Uffd {
+    fn as_raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl From<Uffd> for OwnedFd {
+    fn from(u: Uffd) -> OwnedFd {
+        u.fd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negative_result_fields_are_never_byte_counts() {
+        let eagain = outcome("UFFDIO_COPY", Err(Errno(libc::EAGAIN)), -(libc::EAGAIN as i64), 0x1000);
+        assert!(matches!(eagain, Err(Error::Again { done: 0, .. })), "{eagain:?}");
+        let partial = outcome("UFFDIO_COPY", Err(Errno(libc::EAGAIN)), 8192, 0x1000);
+        assert!(matches!(partial, Err(Error::Again { done: 8192, .. })));
+        let exists = outcome("UFFDIO_CONTINUE", Err(Errno(libc::EEXIST)), -(libc::EEXIST as i64), 0x2000);
+        assert!(matches!(exists, Err(Error::Exists { addr: 0x2000, done: 0, .. })));
+        let fault = outcome("UFFDIO_COPY", Err(Errno(libc::EFAULT)), 4096, 0);
+        assert!(matches!(fault, Err(Error::Partial { done: 4096, .. })));
+        let ok = outcome("UFFDIO_COPY", Ok(0), 4096, 0);
+        assert_eq!(ok.unwrap(), 4096);
+    }
+}
