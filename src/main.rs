@@ -1,9 +1,12 @@
 //! `gmem`: the kvm-gmem workspace's command.
 //!
-//! `gmem probe` prints the host's raw KVM guest_memfd / userfaultfd support
-//! table (see `probe.rs`); `gmem` alone runs it.
+//! `gmem probe` prints the typed support report, one row per feature (see
+//! `report.rs`, built on `kvm_gmem::Capabilities`); `gmem probe --raw` the
+//! raw table of what the kernel answers (see `probe.rs`). `gmem` alone runs
+//! `gmem probe`.
 
 mod probe;
+mod report;
 
 use std::ffi::OsString;
 use std::io::Write as _;
@@ -14,14 +17,21 @@ const USAGE: &str = "\
 Usage: gmem [COMMAND] [OPTIONS]
 
 Commands:
-  probe    Print the host's raw KVM guest_memfd / userfaultfd support table
-           (the default command)
+  probe    Print which KVM guest_memfd / userfaultfd features the host
+           supports, one row per feature (upstream and RFC) with its origin
+           and the evidence: a capability value or what a behavioural probe
+           got (the default command)
   help     Print this help
 
 Options of probe:
-      --json               Print the report as JSON instead of a table
+      --raw                Print the raw table instead: the kernel's answers
+                           to KVM_CHECK_EXTENSION (on /dev/kvm and a VM) and
+                           UFFDIO_API, nothing probed by behaviour
+      --json               Print the report (or, with --raw, the raw table) as
+                           JSON instead of a table
       --strict             Exit 1 when /dev/kvm or /dev/userfaultfd is unusable
-                           (without it, probe always exits 0: it is a report)
+                           (without it, probe always exits 0: it is a report,
+                           and a missing device makes its rows not supported)
       --kvm PATH           The KVM device node [default: /dev/kvm]
       --userfaultfd PATH   The userfaultfd device node [default: /dev/userfaultfd]
   -h, --help               Print this help
@@ -32,6 +42,7 @@ failed; 2 usage error.
 
 #[derive(Debug)]
 struct ProbeArgs {
+    raw: bool,
     json: bool,
     strict: bool,
     kvm: PathBuf,
@@ -57,6 +68,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
         }
     }
     let mut probe = ProbeArgs {
+        raw: false,
         json: false,
         strict: false,
         kvm: PathBuf::from(probe::DEFAULT_KVM_PATH),
@@ -65,6 +77,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("-h" | "--help") => return Ok(Command::Help),
+            Some("--raw") => probe.raw = true,
             Some("--json") => probe.json = true,
             Some("--strict") => probe.strict = true,
             Some(opt @ ("--kvm" | "--userfaultfd")) => {
@@ -111,16 +124,26 @@ fn main() -> ExitCode {
             }
         }
         Ok(Command::Probe(args)) => {
-            let report = probe::collect(&args.kvm, &args.uffd);
-            let text = if args.json {
-                probe::render_json(&report)
+            let (text, problems) = if args.raw {
+                let report = probe::collect(&args.kvm, &args.uffd);
+                let text = if args.json {
+                    probe::render_json(&report)
+                } else {
+                    probe::render_table(&report)
+                };
+                (text, report.problems())
             } else {
-                probe::render_table(&report)
+                let report = report::collect(&args.kvm, &args.uffd);
+                let text = if args.json {
+                    report::render_json(&report)
+                } else {
+                    report::render_table(&report)
+                };
+                (text, report.problems())
             };
             if !print(&text) {
                 return ExitCode::FAILURE;
             }
-            let problems = report.problems();
             if args.strict && !problems.is_empty() {
                 let mut stderr = std::io::stderr().lock();
                 for p in &problems {

@@ -1,5 +1,7 @@
-//! `gmem probe`: the host's **raw** support table for KVM guest_memfd and
-//! userfaultfd.
+//! `gmem probe --raw`: the host's **raw** support table for KVM guest_memfd
+//! and userfaultfd. (`gmem probe` alone prints the typed report of
+//! `report.rs`, which reuses this module's userfaultfd probe, errno texts and
+//! JSON writer.)
 //!
 //! Everything here is what the kernel answers to `uname(2)`,
 //! `KVM_GET_API_VERSION`, `KVM_CREATE_VM`, `KVM_CHECK_EXTENSION` (on `/dev/kvm`
@@ -210,9 +212,18 @@ impl Report {
     /// Why a device is unusable, one line each; empty when both work
     /// (`gmem probe --strict` exits 1 when this is not empty).
     pub fn problems(&self) -> Vec<String> {
+        let mut out = self.kvm.problems();
+        out.extend(self.uffd.problems());
+        out
+    }
+}
+
+impl KvmReport {
+    /// Why the KVM device is unusable, one line each; empty when it works.
+    pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let kvm = self.kvm.path.display();
-        match (&self.kvm.open, &self.kvm.api_version, &self.kvm.vm) {
+        let kvm = self.path.display();
+        match (&self.open, &self.api_version, &self.vm) {
             (Err(e), _, _) => out.push(format!("{kvm}: cannot open: {}", e.short())),
             (Ok(()), Some(Err(e)), _) => {
                 out.push(format!("{kvm}: KVM_GET_API_VERSION failed: {}", e.short()))
@@ -227,15 +238,24 @@ impl Report {
             )),
             _ => {}
         }
-        let uffd = self.uffd.path.display();
-        match (&self.uffd.open, &self.uffd.ioc_new) {
+        out
+    }
+}
+
+impl UffdReport {
+    /// Why no userfaultfd could be had from the device, one line each; empty
+    /// when it works.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let uffd = self.path.display();
+        match (&self.open, &self.ioc_new) {
             (Err(e), _) => out.push(format!("{uffd}: cannot open: {}", e.short())),
             (Ok(()), Some(Err(e))) => {
                 out.push(format!("{uffd}: USERFAULTFD_IOC_NEW failed: {}", e.short()))
             }
             _ => {}
         }
-        if let Some(Err(e)) = &self.uffd.api {
+        if let Some(Err(e)) = &self.api {
             out.push(format!("userfaultfd: UFFDIO_API failed: {}", e.short()));
         }
         out
@@ -424,18 +444,27 @@ pub fn decode_bits(value: u64, bits: &[Bit]) -> Vec<String> {
 
 /// Where a call failed, for the meaning of its errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ctx {
+pub enum Ctx {
+    /// `uname(2)`.
     Uname,
+    /// Opening the KVM device node.
     KvmOpen,
+    /// An ioctl on the KVM device or a VM.
     KvmIoctl,
+    /// `KVM_CREATE_VM`.
     CreateVm,
+    /// Opening the userfaultfd device node.
     UffdOpen,
+    /// `USERFAULTFD_IOC_NEW`.
     UffdIocNew,
+    /// The `userfaultfd(2)` system call.
     UffdSyscall,
+    /// `UFFDIO_API`.
     UffdApi,
 }
 
-fn errno_name(errno: i32) -> Option<&'static str> {
+/// The symbolic name of `errno` (`"EINVAL"`), when it is in the table.
+pub fn errno_name(errno: i32) -> Option<&'static str> {
     Some(match errno {
         libc::EPERM => "EPERM",
         libc::ENOENT => "ENOENT",
@@ -490,7 +519,9 @@ fn hint(ctx: Ctx, errno: i32) -> Option<&'static str> {
              it (group, ACL or udev rule) or run as root; the userfaultfd(2) syscall is \
              tried instead"
         }
-        (KvmIoctl, libc::ENOTTY) => "the node does not answer KVM ioctls: it is not a KVM device",
+        (KvmIoctl | CreateVm, libc::ENOTTY) => {
+            "the node does not answer KVM ioctls: it is not a KVM device"
+        }
         (UffdIocNew, libc::ENOTTY) => {
             "the node does not answer USERFAULTFD_IOC_NEW: it is not the userfaultfd device"
         }
@@ -505,7 +536,8 @@ fn hint(ctx: Ctx, errno: i32) -> Option<&'static str> {
 }
 
 impl OsError {
-    fn new(ctx: Ctx, errno: i32) -> Self {
+    /// `errno` as it failed in `ctx`: its name, message and meaning there.
+    pub fn new(ctx: Ctx, errno: i32) -> Self {
         let text = io::Error::from_raw_os_error(errno).to_string();
         let suffix = format!(" (os error {errno})");
         let message = text.strip_suffix(&suffix).unwrap_or(&text).to_string();
@@ -588,7 +620,8 @@ fn own_new_fd(raw: libc::c_int) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(raw) }
 }
 
-fn uname() -> Outcome<Kernel> {
+/// `uname(2)`: the kernel release and machine.
+pub fn uname() -> Outcome<Kernel> {
     // SAFETY: `utsname` is a struct of `c_char` arrays, for which all-zero
     // bytes are a valid value.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
@@ -697,6 +730,15 @@ fn uffdio_api(uffd: BorrowedFd<'_>) -> Outcome<UffdApi> {
 }
 
 fn collect_uffd(path: &Path) -> UffdReport {
+    open_uffd(path).0
+}
+
+/// Creates a userfaultfd as [`collect`] does (`USERFAULTFD_IOC_NEW` on
+/// `path`, or the `userfaultfd(2)` fallback when the node is missing or
+/// denied) and asks `UFFDIO_API` (features 0) on it: the report, and the fd
+/// when one was created (ready for `UFFDIO_REGISTER` when `report.api` is
+/// `Some(Ok(_))`).
+pub fn open_uffd(path: &Path) -> (UffdReport, Option<OwnedFd>) {
     let mut report = UffdReport {
         path: path.to_path_buf(),
         open: Ok(()),
@@ -734,7 +776,7 @@ fn collect_uffd(path: &Path) -> UffdReport {
         }
     }
     report.api = uffd.as_ref().map(|fd| uffdio_api(fd.as_fd()));
-    report
+    (report, uffd)
 }
 
 /// Probes `kvm_path` and `uffd_path` (normally [`DEFAULT_KVM_PATH`] and
@@ -975,7 +1017,7 @@ fn bit_list(out: &mut String, label: &str, value: u64, bits: &[Bit], expected: u
 
 /// A JSON value, written by hand.
 #[derive(Debug, Clone)]
-enum Json {
+pub enum Json {
     Null,
     Bool(bool),
     Int(i128),
@@ -985,8 +1027,17 @@ enum Json {
 }
 
 impl Json {
-    fn str(s: impl Into<String>) -> Self {
+    /// A JSON string.
+    pub fn str(s: impl Into<String>) -> Self {
         Json::Str(s.into())
+    }
+
+    /// The value as a JSON document, with a final newline.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        self.write(&mut out, 0);
+        out.push('\n');
+        out
     }
 
     fn write(&self, out: &mut String, indent: usize) {
@@ -1055,7 +1106,8 @@ fn json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-fn json_error(e: &OsError) -> Json {
+/// `{"ok": false, "errno": ..., "errno_name", "message", "hint"}`.
+pub fn json_error(e: &OsError) -> Json {
     Json::Obj(vec![
         ("ok", Json::Bool(false)),
         ("errno", Json::Int(e.errno.into())),
@@ -1065,7 +1117,8 @@ fn json_error(e: &OsError) -> Json {
     ])
 }
 
-fn json_outcome<T>(o: &Outcome<T>, ok: impl FnOnce(&T) -> Vec<(&'static str, Json)>) -> Json {
+/// `{"ok": true, ...ok(value)}` or [`json_error`].
+pub fn json_outcome<T>(o: &Outcome<T>, ok: impl FnOnce(&T) -> Vec<(&'static str, Json)>) -> Json {
     match o {
         Ok(v) => {
             let mut fields = vec![("ok", Json::Bool(true))];
@@ -1084,7 +1137,8 @@ fn json_names(names: Vec<String>) -> Json {
     Json::Arr(names.into_iter().map(Json::Str).collect())
 }
 
-fn json_mask(value: u64, bits: &[Bit]) -> Vec<(&'static str, Json)> {
+/// `value`, `hex` and the `names` of its set bits.
+pub fn json_mask(value: u64, bits: &[Bit]) -> Vec<(&'static str, Json)> {
     vec![
         ("value", Json::Int(value.into())),
         ("hex", Json::str(format!("{value:#x}"))),
@@ -1103,14 +1157,43 @@ fn json_cap_value(cap: &CapRow, v: i32) -> Vec<(&'static str, Json)> {
     fields
 }
 
-/// The same data as [`render_table`], as JSON.
-pub fn render_json(r: &Report) -> String {
-    let kernel = json_outcome(&r.kernel, |k| {
+/// `uname(2)` as JSON.
+pub fn json_kernel(kernel: &Outcome<Kernel>) -> Json {
+    json_outcome(kernel, |k| {
         vec![
             ("release", Json::str(&k.release)),
             ("machine", Json::str(&k.machine)),
         ]
-    });
+    })
+}
+
+/// The userfaultfd part of the report as JSON.
+pub fn json_uffd(u: &UffdReport) -> Json {
+    Json::Obj(vec![
+        ("path", Json::str(u.path.to_string_lossy())),
+        ("open", json_outcome(&u.open, |()| Vec::new())),
+        ("ioc_new", json_opt(&u.ioc_new, |()| Vec::new())),
+        ("syscall", json_opt(&u.syscall, |()| Vec::new())),
+        ("via", u.via.map_or(Json::Null, |v| Json::str(v.as_str()))),
+        (
+            "api",
+            json_opt(&u.api, |a| {
+                vec![
+                    ("api", Json::Int(a.api.into())),
+                    (
+                        "features",
+                        Json::Obj(json_mask(a.features, UFFD_FEATURE_BITS)),
+                    ),
+                    ("ioctls", Json::Obj(json_mask(a.ioctls, UFFD_IOCTL_BITS))),
+                ]
+            }),
+        ),
+    ])
+}
+
+/// The same data as [`render_table`], as JSON.
+pub fn render_json(r: &Report) -> String {
+    let kernel = json_kernel(&r.kernel);
     let kvm = &r.kvm;
     let caps = kvm
         .caps
@@ -1150,27 +1233,7 @@ pub fn render_json(r: &Report) -> String {
         ),
         ("caps", Json::Arr(caps)),
     ]);
-    let u = &r.uffd;
-    let uffd = Json::Obj(vec![
-        ("path", Json::str(u.path.to_string_lossy())),
-        ("open", json_outcome(&u.open, |()| Vec::new())),
-        ("ioc_new", json_opt(&u.ioc_new, |()| Vec::new())),
-        ("syscall", json_opt(&u.syscall, |()| Vec::new())),
-        ("via", u.via.map_or(Json::Null, |v| Json::str(v.as_str()))),
-        (
-            "api",
-            json_opt(&u.api, |a| {
-                vec![
-                    ("api", Json::Int(a.api.into())),
-                    (
-                        "features",
-                        Json::Obj(json_mask(a.features, UFFD_FEATURE_BITS)),
-                    ),
-                    ("ioctls", Json::Obj(json_mask(a.ioctls, UFFD_IOCTL_BITS))),
-                ]
-            }),
-        ),
-    ]);
+    let uffd = json_uffd(&r.uffd);
     let problems = Json::Arr(r.problems().into_iter().map(Json::Str).collect());
     let root = Json::Obj(vec![
         ("kernel", kernel),
@@ -1178,8 +1241,5 @@ pub fn render_json(r: &Report) -> String {
         ("userfaultfd", uffd),
         ("problems", problems),
     ]);
-    let mut out = String::new();
-    root.write(&mut out, 0);
-    out.push('\n');
-    out
+    root.render()
 }

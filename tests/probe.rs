@@ -1,5 +1,10 @@
-//! Tests of `gmem probe`: the report that `probe::collect` gathers, its table
-//! and JSON renderings, fd hygiene and the command line.
+//! Tests of `gmem probe`: the typed report that `report::collect` gathers
+//! (its rows against an independent `kvm_gmem::Capabilities::query` and
+//! independent system calls), the raw report of `probe::collect` (`--raw`),
+//! their table and JSON renderings, fd hygiene and the command line.
+//!
+//! Kernel results are never hard-coded: every check compares the report with
+//! what the test itself asks the kernel.
 //!
 //! Tests that need `/dev/kvm` or `/dev/userfaultfd` skip (saying why) when the
 //! device cannot be opened, except under `CI=true`, where that is a failure.
@@ -9,6 +14,9 @@
 #[path = "../src/probe.rs"]
 #[allow(dead_code)]
 mod probe;
+#[path = "../src/report.rs"]
+#[allow(dead_code)]
+mod report;
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -17,6 +25,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
+use kvm_gmem::{Capabilities, GuestMemfd, Kvm, VmType};
 use kvm_gmem_sys as sys;
 use probe::{CapKind, Report, UffdVia};
 
@@ -120,6 +129,13 @@ fn open_rdwr(path: &str) -> OwnedFd {
 
 /// `UFFDIO_API` with features = 0 on a userfaultfd made through the device.
 fn direct_uffd_features() -> (u64, u64) {
+    let (_uffd, features, ioctls) = direct_uffd();
+    (features, ioctls)
+}
+
+/// A userfaultfd made through the device, after `UFFDIO_API` with features =
+/// 0, and the features and ioctls it reported.
+fn direct_uffd() -> (OwnedFd, u64, u64) {
     let dev = open_rdwr(probe::DEFAULT_UFFD_PATH);
     // SAFETY: USERFAULTFD_IOC_NEW takes the flags by value; `dev` is live.
     let raw = unsafe {
@@ -145,7 +161,7 @@ fn direct_uffd_features() -> (u64, u64) {
     // the call; UFFDIO_API reads and writes exactly its size.
     let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), sys::UFFDIO_API as _, &raw mut api) };
     assert_eq!(ret, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
-    (api.features, api.ioctls)
+    (uffd, api.features, api.ioctls)
 }
 
 fn open_fds() -> usize {
@@ -832,24 +848,484 @@ fn collect_closes_every_fd() {
     // Warm up: whatever std or the allocator opens once is open before the count.
     drop(real());
     let before = open_fds();
+    drop(typed());
     for _ in 0..5 {
         drop(real());
-        drop(probe::collect(
-            Path::new(MISSING_KVM),
-            Path::new(MISSING_UFFD),
-        ));
-        drop(probe::collect(
-            Path::new("/dev/null"),
-            Path::new("/dev/null"),
-        ));
+        drop(typed());
+        for (kvm, uffd) in [(MISSING_KVM, MISSING_UFFD), ("/dev/null", "/dev/null")] {
+            drop(probe::collect(Path::new(kvm), Path::new(uffd)));
+            drop(report::collect(Path::new(kvm), Path::new(uffd)));
+        }
     }
     let after = open_fds();
     assert_eq!(
         before,
         after,
-        "collect() leaked {} fds",
+        "collect() (typed or raw) leaked {} fds",
         after as isize - before as isize
     );
+}
+
+// ---------------------------------------------------------------------------
+// The typed report (`gmem probe`)
+// ---------------------------------------------------------------------------
+
+fn typed() -> report::Report {
+    report::collect(
+        Path::new(probe::DEFAULT_KVM_PATH),
+        Path::new(probe::DEFAULT_UFFD_PATH),
+    )
+}
+
+/// Finds every row of `report` in the typed `table`, in order: the row's line
+/// (feature, status, origin in aligned columns) and the evidence wrapped
+/// beneath it, which is returned unwrapped (one string per row).
+fn table_rows(table: &str, report: &report::Report) -> Vec<String> {
+    let lines: Vec<&str> = table.lines().collect();
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("FEATURE") && l.contains("STATUS") && l.contains("ORIGIN"))
+        .unwrap_or_else(|| panic!("no column header in:\n{table}"));
+    let status_col = lines[header].find("STATUS").unwrap();
+    let origin_col = lines[header].find("ORIGIN").unwrap();
+    // The table's width: evidence wraps within it (80 at least).
+    let width = report
+        .rows()
+        .map(|(_, r)| origin_col + r.origin.len())
+        .max()
+        .unwrap_or(0)
+        .max(80);
+    let mut i = header + 1;
+    let mut out = Vec::new();
+    for (_, row) in report.rows() {
+        while lines.get(i).is_some_and(|l| l.is_empty()) {
+            i += 1;
+        }
+        let line = lines
+            .get(i)
+            .unwrap_or_else(|| panic!("no line for {:?} in:\n{table}", row.feature));
+        // The columns line up with the header's.
+        assert_eq!(
+            line.get(..status_col).map(str::trim_end),
+            Some(row.feature),
+            "line {i}: {line:?} in:\n{table}"
+        );
+        assert_eq!(
+            line.get(status_col..origin_col).map(str::trim_end),
+            Some(report::status(row.supported)),
+            "line {i}: {line:?}"
+        );
+        assert_eq!(
+            line.get(origin_col..),
+            Some(row.origin),
+            "line {i}: {line:?}"
+        );
+        i += 1;
+        let mut evidence = Vec::new();
+        while let Some(l) = lines.get(i).and_then(|l| l.strip_prefix("    ")) {
+            assert!(
+                l.chars().count() + 4 <= width || !l.contains(' '),
+                "line longer than {width}: {l:?}"
+            );
+            evidence.push(l);
+            i += 1;
+        }
+        assert!(!evidence.is_empty(), "no evidence for {:?}", row.feature);
+        out.push(evidence.join(" "));
+    }
+    out
+}
+
+/// Whitespace-collapsed, as the table wraps it.
+fn words(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Checks the typed table: header lines, every row in order with its
+/// evidence, the summary.
+fn check_typed_table(report: &report::Report) -> String {
+    let table = report::render_table(report);
+    let kvm = format!("KVM           {}: ", report.kvm.path.display());
+    let uffd = format!("userfaultfd   {}: ", report.uffd.path.display());
+    for head in ["kernel        ", &kvm, &uffd] {
+        assert!(
+            table.lines().any(|l| l.starts_with(head)),
+            "no {head:?} line in:\n{table}"
+        );
+    }
+    if let Ok(k) = &report.kernel {
+        assert!(table.contains(&k.release), "{table}");
+    }
+    let evidence = table_rows(&table, report);
+    for ((_, row), ev) in report.rows().zip(&evidence) {
+        assert!(table.contains(row.feature));
+        assert_eq!(ev, &words(&row.evidence), "{}", row.feature);
+    }
+    let supported = report.rows().filter(|(_, r)| r.supported).count();
+    let summary = format!(
+        "\n{supported} of {} features supported.\n",
+        report.rows().count()
+    );
+    assert!(table.ends_with(&summary), "{table}");
+    table
+}
+
+/// Checks the typed JSON: well-formed, every row with its four fields, the
+/// devices, the raw userfaultfd section and the problems.
+fn check_typed_json(report: &report::Report) -> Json {
+    let text = report::render_json(report);
+    let json = Parser::parse(&text).unwrap_or_else(|e| panic!("invalid JSON ({e}):\n{text}"));
+    assert_eq!(json.get("report").str(), "typed");
+    let rows = json.get("rows").items();
+    assert_eq!(rows.len(), report.rows().count());
+    for ((group, row), j) in report.rows().zip(rows) {
+        assert_eq!(j.get("feature").str(), row.feature);
+        assert_eq!(j.get("origin").str(), row.origin);
+        assert_eq!(
+            j.get("supported"),
+            &Json::Bool(row.supported),
+            "{}",
+            row.feature
+        );
+        assert_eq!(j.get("evidence").str(), row.evidence);
+        assert_eq!(j.get("group").str(), group);
+    }
+    let devices = json.get("devices");
+    let kvm = devices.get("kvm");
+    assert_eq!(kvm.get("path").str(), report.kvm.path.to_str().unwrap());
+    assert_eq!(kvm.get("ok"), &Json::Bool(report.kvm.failure.is_none()));
+    match &report.kvm.failure {
+        None => assert_eq!(kvm.get("error"), &Json::Null),
+        Some(f) => {
+            assert_eq!(kvm.get("stage").str(), f.stage.as_str());
+            if let Some(os) = &f.os {
+                assert_eq!(kvm.get("error").get("errno").u64(), os.errno as u64);
+            }
+        }
+    }
+    let uffd_path = report.uffd.path.to_str().unwrap();
+    assert_eq!(devices.get("userfaultfd").get("path").str(), uffd_path);
+    assert_eq!(json.get("userfaultfd").get("path").str(), uffd_path);
+    if let Some(Ok(api)) = &report.uffd.api {
+        let f = json.get("userfaultfd").get("api").get("features");
+        assert_eq!(f.get("value").u64(), api.features);
+    }
+    match &report.kernel {
+        Ok(k) => assert_eq!(json.get("kernel").get("release").str(), k.release),
+        Err(_) => assert_eq!(json.get("kernel").get("ok"), &Json::Bool(false)),
+    }
+    assert_eq!(json.get("problems").items().len(), report.problems().len());
+    json
+}
+
+fn row<'a>(report: &'a report::Report, feature: &str) -> &'a kvm_gmem::Row {
+    report
+        .rows()
+        .map(|(_, r)| r)
+        .find(|r| r.feature == feature)
+        .unwrap_or_else(|| panic!("no row {feature:?}"))
+}
+
+#[test]
+fn typed_rows_equal_capabilities_query() {
+    let _g = lock();
+    if !device(
+        "typed_rows_equal_capabilities_query",
+        probe::DEFAULT_KVM_PATH,
+    ) {
+        return;
+    }
+    let report = typed();
+    assert_eq!(report.kvm.failure, None);
+
+    // An independent query, on a Kvm and VM of the test's own.
+    let kvm = Kvm::open().expect("open /dev/kvm");
+    let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT).expect("Capabilities::query");
+    assert_eq!(
+        report.kvm_rows,
+        caps.rows(),
+        "the KVM rows are the crate's rows"
+    );
+
+    // The fallback rows (printed when KVM cannot be queried) name the
+    // crate's features, in order.
+    let fallback: Vec<(&str, &str)> = Capabilities::unavailable_rows("x")
+        .iter()
+        .map(|r| (r.feature, r.origin))
+        .collect();
+    let crate_features: Vec<(&str, &str)> =
+        caps.rows().iter().map(|r| (r.feature, r.origin)).collect();
+    assert_eq!(fallback, crate_features);
+
+    // The userfaultfd rows follow, in the documented order.
+    let uffd: Vec<&str> = report.uffd_rows.iter().map(|r| r.feature).collect();
+    assert_eq!(
+        uffd,
+        [
+            "userfaultfd",
+            "userfaultfd MINOR on shmem",
+            "userfaultfd RWP (Linux 7.3)",
+            "userfaultfd MOVE",
+            "userfaultfd POISON",
+            "userfaultfd on guest_memfd",
+        ]
+    );
+
+    let table = check_typed_table(&report);
+    assert!(
+        table.contains(&format!("kernel        {}", caps.kernel_release)),
+        "{table}"
+    );
+    check_typed_json(&report);
+}
+
+#[test]
+fn typed_userfaultfd_rows_match_uffdio_api() {
+    let _g = lock();
+    if !device(
+        "typed_userfaultfd_rows_match_uffdio_api",
+        probe::DEFAULT_UFFD_PATH,
+    ) {
+        return;
+    }
+    let report = typed();
+    let (features, _) = direct_uffd_features();
+    let uffd = row(&report, report::UFFD);
+    assert!(uffd.supported);
+    assert_eq!(
+        uffd.evidence,
+        format!("features {features:#x} via {}", probe::DEFAULT_UFFD_PATH)
+    );
+    // Bit numbers as literals: this test does not take them from the code
+    // it checks.
+    for (feature, bit) in [
+        ("userfaultfd MINOR on shmem", 10),
+        ("userfaultfd RWP (Linux 7.3)", 17),
+        ("userfaultfd MOVE", 16),
+        ("userfaultfd POISON", 14),
+    ] {
+        let r = row(&report, feature);
+        let set = features & (1 << bit) != 0;
+        assert_eq!(r.supported, set, "{feature} vs features {features:#x}");
+        let says = if set { "set" } else { "not set" };
+        assert!(
+            r.evidence.contains(&format!(
+                "(bit {bit}) {says} in UFFDIO_API features {features:#x}"
+            )),
+            "{feature}: {}",
+            r.evidence
+        );
+    }
+    check_typed_table(&report);
+    check_typed_json(&report);
+}
+
+/// `UFFDIO_REGISTER` (MISSING) of a one-page guest_memfd mapping with a
+/// userfaultfd of the test's own: the errno, or `Ok` (then unregistered).
+/// `None` when no such mapping can be made on this kernel.
+fn independent_register() -> Option<Result<(), i32>> {
+    let kvm = Kvm::open().expect("open /dev/kvm");
+    let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    let gmem = GuestMemfd::builder(kvm_gmem::page_size())
+        .mmap(true)
+        .init_shared(true)
+        .create(&vm)
+        .ok()?;
+    let map = gmem.map().ok()?;
+    let (uffd, _, _) = direct_uffd();
+    let range = sys::uffdio_range {
+        start: map.addr(),
+        len: map.len() as u64,
+    };
+    let mut reg = sys::uffdio_register {
+        range,
+        mode: sys::UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: `reg` is a live, exclusively borrowed uffdio_register (the type
+    // UFFDIO_REGISTER encodes); its range is `map`, which outlives `uffd`'s
+    // registration and is never accessed while registered.
+    let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), sys::UFFDIO_REGISTER as _, &raw mut reg) };
+    if ret < 0 {
+        return Some(Err(std::io::Error::last_os_error().raw_os_error().unwrap()));
+    }
+    let mut unreg = range;
+    // SAFETY: `unreg` is a live, exclusively borrowed uffdio_range (the type
+    // UFFDIO_UNREGISTER encodes) naming the range registered above.
+    let ret = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            sys::UFFDIO_UNREGISTER as _,
+            &raw mut unreg,
+        )
+    };
+    assert_eq!(
+        ret,
+        0,
+        "UFFDIO_UNREGISTER: {}",
+        std::io::Error::last_os_error()
+    );
+    Some(Ok(()))
+}
+
+#[test]
+fn userfaultfd_on_guest_memfd_matches_independent_register() {
+    let _g = lock();
+    let name = "userfaultfd_on_guest_memfd_matches_independent_register";
+    if !device(name, probe::DEFAULT_KVM_PATH) || !device(name, probe::DEFAULT_UFFD_PATH) {
+        return;
+    }
+    let report = typed();
+    let r = row(&report, report::UFFD_ON_GMEM);
+    match independent_register() {
+        None => {
+            assert!(!r.supported, "{r:?}");
+            assert!(r.evidence.starts_with("not probed: "), "{r:?}");
+        }
+        Some(Ok(())) => {
+            assert!(r.supported, "{r:?}");
+            assert!(
+                r.evidence
+                    .starts_with("UFFDIO_REGISTER (MISSING) on a guest_memfd mapping succeeded"),
+                "{r:?}"
+            );
+        }
+        Some(Err(errno)) => {
+            assert!(!r.supported, "{r:?}");
+            let name = probe::errno_name(errno).map_or(format!("errno {errno}"), str::to_string);
+            assert_eq!(
+                r.evidence,
+                format!("UFFDIO_REGISTER on a guest_memfd mapping answered {name}")
+            );
+            if errno == libc::EINVAL {
+                assert!(r.evidence.contains("EINVAL"));
+            }
+        }
+    }
+    let table = check_typed_table(&report);
+    assert!(table.contains(&r.evidence), "{table}");
+}
+
+#[test]
+fn typed_report_of_missing_devices() {
+    let _g = lock();
+    let report = report::collect(Path::new(MISSING_KVM), Path::new(MISSING_UFFD));
+    let f = report
+        .kvm
+        .failure
+        .as_ref()
+        .expect("a missing /dev/kvm opened");
+    assert_eq!(f.stage, report::KvmStage::Open);
+    let os = f.os.as_ref().expect("an errno");
+    assert_eq!((os.errno, os.name.as_str()), (libc::ENOENT, "ENOENT"));
+    assert!(os.hint.unwrap().contains("not a KVM host"));
+
+    // Every KVM row, not supported, naming the open error.
+    let features = Capabilities::unavailable_rows("");
+    assert_eq!(report.kvm_rows.len(), features.len());
+    let cause = format!(
+        "not probed: {MISSING_KVM}: cannot open: ENOENT (errno 2): No such file or directory"
+    );
+    for (r, f) in report.kvm_rows.iter().zip(&features) {
+        assert_eq!((r.feature, r.origin), (f.feature, f.origin));
+        assert!(!r.supported, "{r:?}");
+        assert_eq!(r.evidence, cause);
+    }
+    let gmem = row(&report, report::UFFD_ON_GMEM);
+    assert!(!gmem.supported);
+    assert_eq!(gmem.evidence, cause);
+
+    // userfaultfd: the device is missing; the syscall may stand in.
+    let uffd = row(&report, report::UFFD);
+    assert_eq!(uffd.supported, matches!(report.uffd.api, Some(Ok(_))));
+    if uffd.supported {
+        assert!(
+            uffd.evidence.ends_with("via the userfaultfd(2) syscall"),
+            "{uffd:?}"
+        );
+    } else {
+        assert!(uffd.evidence.contains(MISSING_UFFD), "{uffd:?}");
+        for r in &report.uffd_rows[1..] {
+            assert!(
+                !r.supported && r.evidence.starts_with("not probed: "),
+                "{r:?}"
+            );
+        }
+    }
+
+    let problems = report.problems();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].contains(MISSING_KVM) && problems[0].contains("ENOENT"));
+    assert!(problems[1].contains(MISSING_UFFD) && problems[1].contains("ENOENT"));
+
+    let table = check_typed_table(&report);
+    assert!(words(&table).contains("not a KVM host"), "{table}");
+    let json = check_typed_json(&report);
+    let error = json.get("devices").get("kvm").get("error");
+    assert_eq!(error.get("errno_name").str(), "ENOENT");
+    assert!(error.get("hint").str().contains("not a KVM host"));
+}
+
+#[test]
+fn typed_report_of_a_wrong_device_node() {
+    let _g = lock();
+    // /dev/null opens but answers no ioctl: KVM_CREATE_VM gives ENOTTY.
+    let report = report::collect(Path::new("/dev/null"), Path::new("/dev/null"));
+    let f = report.kvm.failure.as_ref().expect("/dev/null is no KVM");
+    assert_eq!(f.stage, report::KvmStage::CreateVm);
+    assert_eq!(f.os.as_ref().unwrap().errno, libc::ENOTTY);
+    assert!(report.rows().all(|(_, r)| !r.supported));
+    for r in &report.kvm_rows {
+        assert!(
+            r.evidence.contains("KVM_CREATE_VM (type 0) failed: ENOTTY"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(report.problems().len(), 2);
+    let table = check_typed_table(&report);
+    assert!(words(&table).contains("it is not a KVM device"), "{table}");
+    check_typed_json(&report);
+}
+
+#[test]
+fn typed_json_escapes_paths() {
+    let _g = lock();
+    let odd = "/nonexistent/q\"uote\\back\nline\ttab\u{1}ctl\u{7f}del-é";
+    let report = report::collect(Path::new(odd), Path::new(odd));
+    let text = report::render_json(&report);
+    assert!(!text.contains('\t') && !text.contains('\u{1}'));
+    let json = check_typed_json(&report);
+    assert_eq!(json.get("devices").get("kvm").get("path").str(), odd);
+    assert!(
+        json.get("rows").items()[0]
+            .get("evidence")
+            .str()
+            .contains(odd)
+    );
+}
+
+#[test]
+fn wrap_splits_at_spaces() {
+    let _g = lock();
+    assert_eq!(report::wrap("", 10), [""]);
+    assert_eq!(report::wrap("a bb ccc", 4), ["a bb", "ccc"]);
+    assert_eq!(report::wrap("a  bb", 80), ["a bb"]);
+    // A word longer than the width keeps a line of its own, unbroken.
+    assert_eq!(
+        report::wrap("x 0123456789abc y", 5),
+        ["x", "0123456789abc", "y"]
+    );
+    let text = "KVM_CAP_GUEST_MEMFD_FLAGS = MMAP|INIT_SHARED (0x3) lacks bit 2; \
+                KVM_CREATE_GUEST_MEMFD with flags 0x4 gave EINVAL";
+    for w in [20, 40, 60] {
+        let lines = report::wrap(text, w);
+        assert!(
+            lines.iter().all(|l| l.len() <= w || !l.contains(' ')),
+            "{lines:?}"
+        );
+        assert_eq!(lines.join(" "), text);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -868,31 +1344,75 @@ fn command_line() {
     let _g = lock();
     let missing = ["--kvm", MISSING_KVM, "--userfaultfd", MISSING_UFFD];
 
-    // A report: exit 0 even when both devices are missing.
+    // The typed report: exit 0 even when both devices are missing, every
+    // KVM row not supported with the open error as evidence.
     let out = gmem(&[&["probe"][..], &missing].concat());
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(words(&stdout).contains("not a KVM host"), "{stdout}");
+    assert!(
+        stdout.starts_with("gmem probe: KVM guest_memfd"),
+        "{stdout}"
+    );
+    let expected = report::collect(Path::new(MISSING_KVM), Path::new(MISSING_UFFD));
+    let rows = table_rows(&stdout, &expected);
+    for (row, evidence) in expected.kvm_rows.iter().zip(&rows) {
+        assert!(!row.supported);
+        assert!(
+            evidence.contains(&format!("{MISSING_KVM}: cannot open: ENOENT (errno 2)")),
+            "{}: {evidence}",
+            row.feature
+        );
+    }
+
+    // The raw table, as before.
+    let out = gmem(&[&["probe", "--raw"][..], &missing].concat());
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("not a KVM host"), "{stdout}");
     assert!(stdout.contains("\nuserfaultfd ("), "{stdout}");
 
-    // --strict: exit 1, naming both devices on stderr.
-    let out = gmem(&[&["probe", "--strict"][..], &missing].concat());
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        stderr.contains(MISSING_KVM) && stderr.contains(MISSING_UFFD),
-        "{stderr}"
-    );
+    // --strict: exit 1, naming both devices on stderr, typed or raw.
+    for raw in [&[][..], &["--raw"]] {
+        let out = gmem(&[&["probe", "--strict"][..], raw, &missing].concat());
+        assert_eq!(out.status.code(), Some(1), "{raw:?}: {out:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.contains(MISSING_KVM) && stderr.contains(MISSING_UFFD),
+            "{raw:?}: {stderr}"
+        );
+    }
 
-    // --json (and the default command).
+    // --json (and the default command): the typed report.
     let out = gmem(&[&["--json"][..], &missing].concat());
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let json = Parser::parse(std::str::from_utf8(&out.stdout).unwrap()).expect("valid JSON");
-    assert_eq!(json.get("kvm").get("path").str(), MISSING_KVM);
+    assert_eq!(json.get("report").str(), "typed");
+    let kvm = json.get("devices").get("kvm");
+    assert_eq!(kvm.get("path").str(), MISSING_KVM);
+    assert_eq!(kvm.get("stage").str(), "open");
+    assert_eq!(kvm.get("error").get("errno").u64(), libc::ENOENT as u64);
+    assert_eq!(json.get("rows").items().len(), expected.rows().count());
     assert_eq!(json.get("problems").items().len(), 2);
 
-    // No arguments: the probe of the real devices, exit 0 whatever the host.
+    // --raw --json: the raw report.
+    let out = gmem(&[&["probe", "--raw", "--json"][..], &missing].concat());
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let json = Parser::parse(std::str::from_utf8(&out.stdout).unwrap()).expect("valid JSON");
+    assert_eq!(json.get("kvm").get("path").str(), MISSING_KVM);
+    assert_eq!(json.get("kvm").get("caps").items().len(), 10);
+    assert_eq!(json.get("problems").items().len(), 2);
+
+    // No arguments: the typed probe of the real devices, exit 0 whatever the
+    // host; --raw: the raw one.
     let out = gmem(&[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for f in Capabilities::unavailable_rows("") {
+        assert!(stdout.contains(f.feature), "no {:?} in:\n{stdout}", f.feature);
+    }
+    assert!(stdout.contains(report::UFFD_ON_GMEM), "{stdout}");
+    let out = gmem(&["probe", "--raw"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(
         String::from_utf8(out.stdout)
@@ -914,6 +1434,8 @@ fn command_line() {
         &["frob"],
         &["probe", "--kvm"],
         &["probe", "extra"],
+        &["probe", "--raw", "extra"],
+        &["probe", "--userfaultfd"],
     ] {
         let out = gmem(bad);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
@@ -936,6 +1458,9 @@ fn strict_passes_on_a_working_host() {
     }
     let report = real();
     assert_eq!(report.problems(), Vec::<String>::new());
-    let out = gmem(&["probe", "--strict"]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(typed().problems(), Vec::<String>::new());
+    for args in [&["probe", "--strict"][..], &["probe", "--strict", "--raw"]] {
+        let out = gmem(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+    }
 }

@@ -110,13 +110,19 @@ impl Capabilities {
     /// [`crate::Error::Kernel`] if `KVM_CHECK_EXTENSION` itself fails.
     pub fn query(kvm: &Kvm, vm: &impl AsFd, vm_type: VmType) -> Result<Capabilities> {
         let vm_cap = |c: Cap| check_extension(vm, c);
-        let flags = GuestMemfdFlags::from_bits_retain(vm_cap(Cap::GUEST_MEMFD_FLAGS)?.max(0) as u64);
+        let flags =
+            GuestMemfdFlags::from_bits_retain(vm_cap(Cap::GUEST_MEMFD_FLAGS)?.max(0) as u64);
         let scratch = kvm.create_vm(vm_type).ok();
         Ok(Capabilities {
             kernel_release: release(),
             user_memory2: Support::cap("KVM_CAP_USER_MEMORY2", vm_cap(Cap::USER_MEMORY2)?),
-            memory_fault_info: Support::cap("KVM_CAP_MEMORY_FAULT_INFO", vm_cap(Cap::MEMORY_FAULT_INFO)?),
-            memory_attributes: MemoryAttributes::from_bits_retain(vm_cap(Cap::MEMORY_ATTRIBUTES)?.max(0) as u64),
+            memory_fault_info: Support::cap(
+                "KVM_CAP_MEMORY_FAULT_INFO",
+                vm_cap(Cap::MEMORY_FAULT_INFO)?,
+            ),
+            memory_attributes: MemoryAttributes::from_bits_retain(
+                vm_cap(Cap::MEMORY_ATTRIBUTES)?.max(0) as u64,
+            ),
             memory_attributes_system: MemoryAttributes::from_bits_retain(
                 kvm.check_extension(Cap::MEMORY_ATTRIBUTES)?.max(0) as u64,
             ),
@@ -125,14 +131,20 @@ impl Capabilities {
                 0 => 1,
                 v => v as u64,
             },
-            pre_fault_memory: Support::cap("KVM_CAP_PRE_FAULT_MEMORY", vm_cap(Cap::PRE_FAULT_MEMORY)?),
+            pre_fault_memory: Support::cap(
+                "KVM_CAP_PRE_FAULT_MEMORY",
+                vm_cap(Cap::PRE_FAULT_MEMORY)?,
+            ),
             guest_memfd_flags: flags,
             nr_memslots: vm_cap(Cap::NR_MEMSLOTS)?.max(0) as u32,
             rfc: RfcSupport {
                 populate: probe::populate(vm),
                 gmem_write: probe::gmem_write(scratch.as_ref(), flags),
                 no_direct_map: probe::no_direct_map(scratch.as_ref(), flags),
-                kvm_userfault: probe::kvm_userfault(scratch.as_ref(), check_extension(vm, Cap(245)).unwrap_or(0)),
+                kvm_userfault: probe::kvm_userfault(
+                    scratch.as_ref(),
+                    check_extension(vm, Cap(245)).unwrap_or(0),
+                ),
             },
         })
     }
@@ -149,7 +161,12 @@ impl Capabilities {
         let mut types = Vec::new();
         for t in 0..64 {
             if self.vm_types & (1 << t) != 0 {
-                types.push(VmType(t).name().map(str::to_string).unwrap_or(format!("type {t}")));
+                types.push(
+                    VmType(t)
+                        .name()
+                        .map(str::to_string)
+                        .unwrap_or(format!("type {t}")),
+                );
             }
         }
         vec![
@@ -174,7 +191,9 @@ impl Capabilities {
             Row {
                 feature: "guest_memfd shared by default (GUEST_MEMFD_FLAG_INIT_SHARED)",
                 origin: "Linux 6.18",
-                supported: self.guest_memfd_flags.contains(GuestMemfdFlags::INIT_SHARED),
+                supported: self
+                    .guest_memfd_flags
+                    .contains(GuestMemfdFlags::INIT_SHARED),
                 evidence: format!("KVM_CAP_GUEST_MEMFD_FLAGS = {}", self.guest_memfd_flags),
             },
             Row {
@@ -231,6 +250,40 @@ impl Capabilities {
             },
         ]
     }
+
+    /// The rows of a report that could not be made (no `/dev/kvm`, no VM):
+    /// every feature of [`Capabilities::rows`], not supported, with `reason`
+    /// as the evidence.
+    pub fn unavailable_rows(reason: &str) -> Vec<Row> {
+        let no = || Support::no(reason);
+        let blank = Capabilities {
+            kernel_release: release(),
+            user_memory2: no(),
+            memory_fault_info: no(),
+            memory_attributes: MemoryAttributes::empty(),
+            memory_attributes_system: MemoryAttributes::empty(),
+            guest_memfd: no(),
+            vm_types: 0,
+            pre_fault_memory: no(),
+            guest_memfd_flags: GuestMemfdFlags::empty(),
+            nr_memslots: 0,
+            rfc: RfcSupport {
+                populate: no(),
+                gmem_write: no(),
+                no_direct_map: no(),
+                kvm_userfault: no(),
+            },
+        };
+        blank
+            .rows()
+            .into_iter()
+            .map(|r| Row {
+                supported: false,
+                evidence: reason.to_string(),
+                ..r
+            })
+            .collect()
+    }
 }
 
 impl fmt::Display for Capabilities {
@@ -241,7 +294,11 @@ impl fmt::Display for Capabilities {
                 f,
                 "{:<62} {:<13} {:<34} {}",
                 r.feature,
-                if r.supported { "supported" } else { "not supported" },
+                if r.supported {
+                    "supported"
+                } else {
+                    "not supported"
+                },
                 r.origin,
                 r.evidence
             )?;
@@ -257,7 +314,9 @@ mod probe {
     use crate::kvm::Vm;
 
     fn errno_text(e: Errno) -> String {
-        e.name().map(str::to_string).unwrap_or_else(|| format!("errno {}", e.0))
+        e.name()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("errno {}", e.0))
     }
 
     /// `KVM_GUEST_MEMFD_POPULATE` with size 0: POPULATE kernels succeed,
@@ -270,7 +329,10 @@ mod probe {
             Err(Errno(libc::EINVAL)) => Support::no(
                 "ioctl 0x4020aed6 with size 0 answered EINVAL: the number is Firecracker's KVM_ASYNC_PF on this kernel",
             ),
-            Err(e) => Support::no(format!("ioctl 0x4020aed6 with size 0 answered {}", errno_text(e))),
+            Err(e) => Support::no(format!(
+                "ioctl 0x4020aed6 with size 0 answered {}",
+                errno_text(e)
+            )),
         }
     }
 
@@ -286,7 +348,10 @@ mod probe {
             .flags(GuestMemfdFlags::from_bits_retain(flags))
             .create_unchecked(vm)
             .map_err(|e| match e.errno() {
-                Some(n) => format!("KVM_CREATE_GUEST_MEMFD with flags {flags:#x} gave {}", errno_text(n)),
+                Some(n) => format!(
+                    "KVM_CREATE_GUEST_MEMFD with flags {flags:#x} gave {}",
+                    errno_text(n)
+                ),
                 None => e.to_string(),
             })
     }
@@ -309,13 +374,20 @@ mod probe {
                      the write() v7 numbering, which this crate does not use"
                 ));
             }
-            return Support::no(format!("KVM_CAP_GUEST_MEMFD_FLAGS = {offered} lacks bit 3 (WRITE)"));
+            return Support::no(format!(
+                "KVM_CAP_GUEST_MEMFD_FLAGS = {offered} lacks bit 3 (WRITE)"
+            ));
         }
         match try_create(scratch, BIT3) {
             Err(e) => Support::no(format!("bit 3 offered, but {e}")),
             Ok(g) => match pwrite_works(&g) {
-                Ok(()) => Support::yes("bit 3 offered; pwrite of one page on such a guest_memfd succeeded"),
-                Err(e) => Support::no(format!("bit 3 offered, but pwrite answered {}", errno_text(e))),
+                Ok(()) => Support::yes(
+                    "bit 3 offered; pwrite of one page on such a guest_memfd succeeded",
+                ),
+                Err(e) => Support::no(format!(
+                    "bit 3 offered, but pwrite answered {}",
+                    errno_text(e)
+                )),
             },
         }
     }
@@ -327,13 +399,15 @@ mod probe {
                 Err(e) => format!("; {e}"),
                 Ok(_) => "; yet creating with bit 2 succeeded".into(),
             };
-            return Support::no(format!("KVM_CAP_GUEST_MEMFD_FLAGS = {offered} lacks bit 2{refused}"));
+            return Support::no(format!(
+                "KVM_CAP_GUEST_MEMFD_FLAGS = {offered} lacks bit 2{refused}"
+            ));
         }
         match try_create(scratch, BIT2) {
             Err(e) => Support::no(format!("bit 2 offered, but {e}")),
-            Ok(g) if pwrite_works(&g).is_ok() => {
-                Support::no("bit 2 offered, but it enables pwrite: it is write() v7's WRITE, not NO_DIRECT_MAP")
-            }
+            Ok(g) if pwrite_works(&g).is_ok() => Support::no(
+                "bit 2 offered, but it enables pwrite: it is write() v7's WRITE, not NO_DIRECT_MAP",
+            ),
             Ok(_) => Support::yes("bit 2 offered and a guest_memfd with it was created"),
         }
     }
@@ -344,7 +418,9 @@ mod probe {
         };
         let cap = format!("cap 245 = {cap245} (a number only, not evidence)");
         match crate::sys::probe_userfault_memslot(vm) {
-            Ok(()) => Support::yes(format!("a memslot with KVM_MEM_USERFAULT and a bitmap was accepted; {cap}")),
+            Ok(()) => Support::yes(format!(
+                "a memslot with KVM_MEM_USERFAULT and a bitmap was accepted; {cap}"
+            )),
             Err(e) => Support::no(format!(
                 "KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_USERFAULT (1 << 3) answered {}; {cap}",
                 errno_text(e)
