@@ -2,9 +2,11 @@
 //!
 //! `gmem probe` prints the typed support report, one row per feature (see
 //! `report.rs`, built on `kvm_gmem::Capabilities`); `gmem probe --raw` the
-//! raw table of what the kernel answers (see `probe.rs`). `gmem` alone runs
-//! `gmem probe`.
+//! raw table of what the kernel answers (see `probe.rs`); `gmem demo` the
+//! end-to-end story (see `demo.rs`). `gmem` alone runs `gmem probe`, then
+//! `gmem demo`; options without a command apply to `probe`.
 
+mod demo;
 mod probe;
 mod report;
 
@@ -20,8 +22,15 @@ Commands:
   probe    Print which KVM guest_memfd / userfaultfd features the host
            supports, one row per feature (upstream and RFC) with its origin
            and the evidence: a capability value or what a behavioural probe
-           got (the default command)
+           got
+  demo     Run a real-mode guest whose memory is a guest_memfd populated by
+           a separate process, plus a region restored lazily by the
+           userfaultfd fault server; print pages populated, faults served
+           and time per fault
   help     Print this help
+
+Without a command, gmem runs probe and then demo; options without a command
+apply to probe.
 
 Options of probe:
       --raw                Print the raw table instead: the kernel's answers
@@ -53,14 +62,35 @@ struct ProbeArgs {
 enum Command {
     Help,
     Probe(ProbeArgs),
+    Demo,
+    /// `gmem` alone: probe, then demo.
+    Default,
+    /// The demo's populator process (internal).
+    DemoChild(String),
 }
 
 fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     let mut args = args.into_iter().peekable();
-    if let Some(first) = args.peek() {
+    let Some(first) = args.peek() else {
+        return Ok(Command::Default);
+    };
+    {
         match first.to_str() {
             Some("probe") => {
                 args.next();
+            }
+            Some("demo") => {
+                args.next();
+                return match args.next() {
+                    None => Ok(Command::Demo),
+                    Some(a) if a == "-h" || a == "--help" => Ok(Command::Help),
+                    Some(a) => Err(format!("unexpected argument {a:?}")),
+                };
+            }
+            Some(demo::CHILD_ARG) => {
+                args.next();
+                let fd = args.next().ok_or("missing descriptor")?;
+                return Ok(Command::DemoChild(fd.to_string_lossy().into_owned()));
             }
             Some("help") => return Ok(Command::Help),
             Some(a) if a.starts_with('-') => {}
@@ -110,8 +140,36 @@ fn print(text: &str) -> bool {
     }
 }
 
+fn run_demo() -> ExitCode {
+    match demo::run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            let _ = writeln!(std::io::stderr(), "gmem demo: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match parse(std::env::args_os().skip(1)) {
+        Ok(Command::Demo) => run_demo(),
+        Ok(Command::DemoChild(fd)) => match demo::child(&fd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                let _ = writeln!(std::io::stderr(), "gmem demo (populator): {msg}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(Command::Default) => {
+            let report = report::collect(
+                std::path::Path::new(probe::DEFAULT_KVM_PATH),
+                std::path::Path::new(probe::DEFAULT_UFFD_PATH),
+            );
+            if !print(&report::render_table(&report)) || !print("\n") {
+                return ExitCode::FAILURE;
+            }
+            run_demo()
+        }
         Err(msg) => {
             let _ = write!(std::io::stderr(), "gmem: {msg}\n\n{USAGE}");
             ExitCode::from(2)

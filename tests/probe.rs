@@ -1403,15 +1403,22 @@ fn command_line() {
     assert_eq!(json.get("kvm").get("caps").items().len(), 10);
     assert_eq!(json.get("problems").items().len(), 2);
 
-    // No arguments: the typed probe of the real devices, exit 0 whatever the
-    // host; --raw: the raw one.
+    // No arguments: the typed probe of the real devices, then the demo, which
+    // needs /dev/kvm and a userfaultfd: exit 0 with the demo's "OK" where they
+    // work, exit 1 with the demo's error where they do not. --raw: the raw one.
     let out = gmem(&[]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
     for f in Capabilities::unavailable_rows("") {
         assert!(stdout.contains(f.feature), "no {:?} in:\n{stdout}", f.feature);
     }
     assert!(stdout.contains(report::UFFD_ON_GMEM), "{stdout}");
+    if Kvm::open().is_ok() {
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert!(stdout.contains("gmem demo:") && stdout.contains(": OK"), "{stdout}");
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("gmem demo:"), "{out:?}");
+    }
     let out = gmem(&["probe", "--raw"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(

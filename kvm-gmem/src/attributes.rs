@@ -36,10 +36,14 @@ pub fn supported_attributes(vm: &impl AsFd) -> Result<MemoryAttributes> {
 /// not support every requested attribute (or any, when clearing);
 /// [`Error::Kernel`] otherwise.
 #[doc(alias = "KVM_SET_MEMORY_ATTRIBUTES")]
-pub fn set_memory_attributes(vm: &impl AsFd, range: Range<u64>, attributes: MemoryAttributes) -> Result<()> {
+pub fn set_memory_attributes(
+    vm: &impl AsFd,
+    range: Range<u64>,
+    attributes: MemoryAttributes,
+) -> Result<()> {
     let op = "KVM_SET_MEMORY_ATTRIBUTES";
     let page = page_size();
-    if range.start >= range.end || range.start % page != 0 || range.end % page != 0 {
+    if range.start >= range.end || !range.start.is_multiple_of(page) || !range.end.is_multiple_of(page) {
         return Err(Error::invalid(
             op,
             format!(

@@ -122,7 +122,7 @@ impl GuestMemfdBuilder {
         if self.size == 0 {
             return Err(Error::invalid(op, "size must be non-zero"));
         }
-        if self.size % page != 0 {
+        if !self.size.is_multiple_of(page) {
             return Err(Error::invalid(
                 op,
                 format!(
@@ -225,7 +225,7 @@ impl GuestMemfd {
                 format!("empty range {:#x}..{:#x}", range.start, range.end),
             ));
         }
-        if range.start % page != 0 || range.end % page != 0 {
+        if !range.start.is_multiple_of(page) || !range.end.is_multiple_of(page) {
             return Err(Error::invalid(
                 op,
                 format!(

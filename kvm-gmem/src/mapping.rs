@@ -68,7 +68,8 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(Error::kernel(op, Errno::last()));
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::invalid(op, "mmap returned NULL"))?;
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::invalid(op, "mmap returned NULL"))?;
         Ok(Mapping { ptr, len })
     }
 
@@ -135,9 +136,9 @@ impl Mapping {
     /// [`Error::Invalid`] if the range leaves the mapping.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         let off = self.check("Mapping::write_at", offset, data.len())?;
-        // SAFETY: as in `read_at`, with the roles of source and destination
-        // swapped; `data` cannot overlap the mapping's pages as a Rust slice
-        // borrowed from elsewhere could only come from another mapping.
+        // SAFETY: `off + data.len()` is inside the mapping (checked), which is
+        // valid and writable (MMAP + INIT_SHARED) for `self`'s lifetime;
+        // `data` is readable for its length.
         unsafe { volatile_copy(data.as_ptr(), self.ptr.as_ptr().add(off), data.len()) };
         Ok(())
     }
@@ -176,12 +177,21 @@ impl Mapping {
         let op = "madvise(MADV_POPULATE_WRITE)";
         let off = self.check(op, offset, len)?;
         let page = crate::sys::page_size() as usize;
-        if off % page != 0 {
-            return Err(Error::invalid(op, format!("offset {offset:#x} is not page aligned")));
+        if !off.is_multiple_of(page) {
+            return Err(Error::invalid(
+                op,
+                format!("offset {offset:#x} is not page aligned"),
+            ));
         }
         // SAFETY: the range lies inside our mapping (checked); MADV_POPULATE_WRITE
         // only faults pages in, it changes no contents.
-        let r = unsafe { libc::madvise(self.ptr.as_ptr().add(off).cast(), len, libc::MADV_POPULATE_WRITE) };
+        let r = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(off).cast(),
+                len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
         if r < 0 {
             return Err(Error::kernel(op, Errno::last()));
         }
@@ -197,33 +207,30 @@ impl Drop for Mapping {
     }
 }
 
-/// Copies `len` bytes with volatile accesses: 8-byte words where both sides
-/// allow, bytes at the edges. Never forms a reference to either side.
+/// Copies `len` bytes with volatile accesses: 8-byte words when source and
+/// destination can be aligned together (the usual case: page-aligned guest
+/// memory and heap buffers), single bytes otherwise. Never forms a reference
+/// to either side.
 ///
 /// # Safety
 ///
 /// `src` must be valid for reads and `dst` for writes of `len` bytes.
 pub(crate) unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
     let mut i = 0;
-    // Bytes until the destination is word aligned.
-    while i < len && (dst as usize + i) % 8 != 0 {
-        // SAFETY: i < len, within the caller's ranges.
-        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
-        i += 1;
-    }
-    while i + 8 <= len {
-        // SAFETY: i + 8 <= len; the destination is 8-aligned; the source may
-        // not be, hence the unaligned read (volatile per word is preserved by
-        // reading into a register first).
-        unsafe {
-            let w = if (src as usize + i) % 8 == 0 {
-                src.add(i).cast::<u64>().read_volatile()
-            } else {
-                src.add(i).cast::<u64>().read_unaligned()
-            };
-            dst.add(i).cast::<u64>().write_volatile(w);
+    if (src as usize ^ dst as usize).is_multiple_of(8) {
+        while i < len && !(dst as usize + i).is_multiple_of(8) {
+            // SAFETY: i < len, within the caller's ranges.
+            unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+            i += 1;
         }
-        i += 8;
+        while i + 8 <= len {
+            // SAFETY: i + 8 <= len, and both sides are 8-aligned here.
+            unsafe {
+                let w = src.add(i).cast::<u64>().read_volatile();
+                dst.add(i).cast::<u64>().write_volatile(w);
+            }
+            i += 8;
+        }
     }
     while i < len {
         // SAFETY: i < len.
@@ -240,7 +247,7 @@ pub(crate) unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
 unsafe fn volatile_fill(dst: *mut u8, byte: u8, len: usize) {
     let word = u64::from_ne_bytes([byte; 8]);
     let mut i = 0;
-    while i < len && (dst as usize + i) % 8 != 0 {
+    while i < len && !(dst as usize + i).is_multiple_of(8) {
         // SAFETY: i < len.
         unsafe { dst.add(i).write_volatile(byte) };
         i += 1;

@@ -6,6 +6,7 @@ use crate::gmem::GuestMemfd;
 use crate::mapping::Mapping;
 use crate::sys::{ioctl_ptr, page_size};
 use kvm_gmem_sys as sys;
+use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd};
 
 bitflags::bitflags! {
@@ -27,9 +28,14 @@ bitflags::bitflags! {
 }
 
 /// A memory slot description for `KVM_SET_USER_MEMORY_REGION2`, validated.
+///
+/// It borrows the [`GuestMemfd`] whose descriptor it names (`'a`), so the fd
+/// cannot be closed, and its number reused, before the slot is set; once set,
+/// KVM holds its own reference to the file.
 #[derive(Clone, Copy, Debug)]
-pub struct MemoryRegion2 {
+pub struct MemoryRegion2<'a> {
     raw: Raw,
+    _gmem: PhantomData<&'a GuestMemfd>,
 }
 
 /// The 160-byte argument: upstream's layout, or the KVM Userfault RFC's
@@ -41,14 +47,15 @@ type Raw = sys::rfc::kvm_userfault::kvm_userspace_memory_region2;
 
 static_assertions::assert_eq_size!(Raw, sys::kvm_userspace_memory_region2);
 
-impl MemoryRegion2 {
+impl MemoryRegion2<'_> {
     /// A builder for slot `slot` mapping `size` bytes at guest physical
     /// address `gpa`.
     ///
     /// Bits 16..31 of `slot` select the address space where the VM has
     /// several (`KVM_CAP_MULTI_ADDRESS_SPACE`).
-    pub fn builder(slot: u32, gpa: u64, size: u64) -> MemoryRegion2Builder {
+    pub fn builder(slot: u32, gpa: u64, size: u64) -> MemoryRegion2Builder<'static> {
         MemoryRegion2Builder {
+            _gmem: PhantomData,
             slot,
             gpa,
             size,
@@ -152,7 +159,8 @@ pub fn delete_memory_region(vm: &impl AsFd, slot: u32) -> Result<()> {
 /// Builds a [`MemoryRegion2`].
 #[derive(Clone, Copy, Debug)]
 #[must_use = "a builder does nothing until build() is called"]
-pub struct MemoryRegion2Builder {
+pub struct MemoryRegion2Builder<'a> {
+    _gmem: PhantomData<&'a GuestMemfd>,
     slot: u32,
     gpa: u64,
     size: u64,
@@ -164,12 +172,19 @@ pub struct MemoryRegion2Builder {
     bitmap: Option<(u64, u64)>,
 }
 
-impl MemoryRegion2Builder {
+impl<'a> MemoryRegion2Builder<'a> {
     /// Backs the slot with `gmem` from `offset` (sets `KVM_MEM_GUEST_MEMFD`).
-    pub fn guest_memfd(mut self, gmem: &GuestMemfd, offset: u64) -> Self {
-        self.gmem = Some((gmem.as_raw_fd(), offset, gmem.size()));
-        self.flags |= RegionFlags::GUEST_MEMFD;
-        self
+    /// The region borrows `gmem` until it is set.
+    pub fn guest_memfd<'b>(self, gmem: &'b GuestMemfd, offset: u64) -> MemoryRegion2Builder<'b>
+    where
+        'a: 'b,
+    {
+        MemoryRegion2Builder {
+            _gmem: PhantomData,
+            gmem: Some((gmem.as_raw_fd(), offset, gmem.size())),
+            flags: self.flags | RegionFlags::GUEST_MEMFD,
+            ..self
+        }
     }
 
     /// The shared view: the slot's `userspace_addr` is `map`'s start.
@@ -209,34 +224,45 @@ impl MemoryRegion2Builder {
     /// guest address page aligned; guest_memfd offset page aligned and the
     /// range inside the file; a mapping given with [`Self::userspace`] at
     /// least `size` long; a userfault bitmap covering every page.
-    pub fn build(self) -> Result<MemoryRegion2> {
+    pub fn build(self) -> Result<MemoryRegion2<'a>> {
         let op = "KVM_SET_USER_MEMORY_REGION2";
         let page = page_size();
         let bad = |rule: String| Err(Error::invalid(op, rule));
         if self.size == 0 {
             return bad("size must be non-zero (use delete_memory_region to delete a slot)".into());
         }
-        if self.size % page != 0 {
-            return bad(format!("size {:#x} is not a multiple of the page size", self.size));
+        if !self.size.is_multiple_of(page) {
+            return bad(format!(
+                "size {:#x} is not a multiple of the page size",
+                self.size
+            ));
         }
-        if self.gpa % page != 0 {
+        if !self.gpa.is_multiple_of(page) {
             return bad(format!("guest address {:#x} is not page aligned", self.gpa));
         }
         if self.gpa.checked_add(self.size).is_none() {
             return bad("guest address + size overflows".into());
         }
-        if self.userspace_addr % page != 0 {
-            return bad(format!("userspace address {:#x} is not page aligned", self.userspace_addr));
+        if !self.userspace_addr.is_multiple_of(page) {
+            return bad(format!(
+                "userspace address {:#x} is not page aligned",
+                self.userspace_addr
+            ));
         }
         if let Some(len) = self.userspace_len
             && len < self.size
         {
-            return bad(format!("the mapping ({len:#x} bytes) is smaller than the slot ({:#x})", self.size));
+            return bad(format!(
+                "the mapping ({len:#x} bytes) is smaller than the slot ({:#x})",
+                self.size
+            ));
         }
         let (fd, offset) = match self.gmem {
             Some((fd, offset, file_size)) => {
-                if offset % page != 0 {
-                    return bad(format!("guest_memfd offset {offset:#x} is not page aligned"));
+                if !offset.is_multiple_of(page) {
+                    return bad(format!(
+                        "guest_memfd offset {offset:#x} is not page aligned"
+                    ));
                 }
                 match offset.checked_add(self.size) {
                     Some(end) if end <= file_size => {}
@@ -272,7 +298,10 @@ impl MemoryRegion2Builder {
             }
             raw.userfault_bitmap = addr;
         }
-        Ok(MemoryRegion2 { raw })
+        Ok(MemoryRegion2 {
+            raw,
+            _gmem: PhantomData,
+        })
     }
 }
 
@@ -298,7 +327,9 @@ impl UserfaultBitmap {
         let n = pages.div_ceil(64) as usize;
         let init = if all_set { u64::MAX } else { 0 };
         UserfaultBitmap {
-            words: (0..n).map(|_| std::sync::atomic::AtomicU64::new(init)).collect(),
+            words: (0..n)
+                .map(|_| std::sync::atomic::AtomicU64::new(init))
+                .collect(),
             pages,
         }
     }
@@ -316,20 +347,24 @@ impl UserfaultBitmap {
     /// Marks page `i` as trapping.
     pub fn set(&self, i: u64) {
         if i < self.pages {
-            self.words[(i / 64) as usize].fetch_or(1 << (i % 64), std::sync::atomic::Ordering::AcqRel);
+            self.words[(i / 64) as usize]
+                .fetch_or(1 << (i % 64), std::sync::atomic::Ordering::AcqRel);
         }
     }
 
     /// Marks page `i` as resolved, with release ordering.
     pub fn clear(&self, i: u64) {
         if i < self.pages {
-            self.words[(i / 64) as usize].fetch_and(!(1 << (i % 64)), std::sync::atomic::Ordering::Release);
+            self.words[(i / 64) as usize]
+                .fetch_and(!(1 << (i % 64)), std::sync::atomic::Ordering::Release);
         }
     }
 
     /// Whether page `i` traps.
     pub fn is_set(&self, i: u64) -> bool {
         i < self.pages
-            && self.words[(i / 64) as usize].load(std::sync::atomic::Ordering::Acquire) & (1 << (i % 64)) != 0
+            && self.words[(i / 64) as usize].load(std::sync::atomic::Ordering::Acquire)
+                & (1 << (i % 64))
+                != 0
     }
 }

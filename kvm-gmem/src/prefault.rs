@@ -43,7 +43,10 @@ impl PreFault {
 pub fn pre_fault_memory(vcpu: &impl AsFd, range: Range<u64>) -> Result<PreFault> {
     let op = "KVM_PRE_FAULT_MEMORY";
     let page = page_size();
-    if range.start >= range.end || range.start % page != 0 || range.end % page != 0 {
+    if range.start >= range.end
+        || !range.start.is_multiple_of(page)
+        || !range.end.is_multiple_of(page)
+    {
         return Err(Error::invalid(
             op,
             format!(
@@ -66,19 +69,55 @@ pub fn pre_fault_memory(vcpu: &impl AsFd, range: Range<u64>) -> Result<PreFault>
         let done = arg.gpa - range.start;
         match r {
             Ok(_) if arg.size == 0 => {
-                return Ok(PreFault { done, remaining, stopped: None });
+                return Ok(PreFault {
+                    done,
+                    remaining,
+                    stopped: None,
+                });
             }
             // A positive return with size left: keep going from where it stopped.
             Ok(_) => retries = 0,
             Err(Errno(libc::EINTR | libc::EAGAIN)) if retries < 1000 => retries += 1,
-            Err(e @ Errno(libc::ENOTTY | libc::EOPNOTSUPP)) if done == 0 => {
-                return Err(Error::Unsupported {
-                    op,
-                    capability: "KVM_CAP_PRE_FAULT_MEMORY",
-                    evidence: format!("the ioctl answered {e}"),
+            Err(e) if done == 0 && !matches!(e.0, libc::EINTR | libc::EAGAIN) => {
+                // Kernels without pre-fault answer variously (ENOTTY,
+                // EOPNOTSUPP, ENOSPC without a memslot): ask the capability.
+                if let Some(cap) = system_cap() {
+                    if cap == 0 {
+                        return Err(Error::Unsupported {
+                            op,
+                            capability: "KVM_CAP_PRE_FAULT_MEMORY",
+                            evidence: format!(
+                                "KVM_CAP_PRE_FAULT_MEMORY = 0; the ioctl answered {e}"
+                            ),
+                        });
+                    }
+                } else if matches!(e.0, libc::ENOTTY | libc::EOPNOTSUPP) {
+                    return Err(Error::Unsupported {
+                        op,
+                        capability: "KVM_CAP_PRE_FAULT_MEMORY",
+                        evidence: format!("the ioctl answered {e}"),
+                    });
+                }
+                return Ok(PreFault {
+                    done,
+                    remaining,
+                    stopped: Some(e),
                 });
             }
-            Err(e) => return Ok(PreFault { done, remaining, stopped: Some(e) }),
+            Err(e) => {
+                return Ok(PreFault {
+                    done,
+                    remaining,
+                    stopped: Some(e),
+                });
+            }
         }
     }
+}
+
+/// `KVM_CHECK_EXTENSION(KVM_CAP_PRE_FAULT_MEMORY)` on `/dev/kvm`, when it
+/// can be opened (only on the error path: a vCPU fd cannot answer it).
+fn system_cap() -> Option<i32> {
+    let kvm = crate::Kvm::open().ok()?;
+    kvm.check_extension(crate::Cap::PRE_FAULT_MEMORY).ok()
 }

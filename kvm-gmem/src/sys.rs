@@ -19,7 +19,11 @@ pub(crate) fn ioctl_val(fd: BorrowedFd<'_>, request: u32, value: u64) -> Result<
 /// `request` must encode an argument of type `T` (its size is `size_of::<T>()`
 /// and the kernel reads or writes at most that much), and any user pointers
 /// *inside* `arg` must satisfy what that ioctl requires of them.
-pub(crate) unsafe fn ioctl_ptr<T>(fd: BorrowedFd<'_>, request: u32, arg: &mut T) -> Result<i32, Errno> {
+pub(crate) unsafe fn ioctl_ptr<T>(
+    fd: BorrowedFd<'_>,
+    request: u32,
+    arg: &mut T,
+) -> Result<i32, Errno> {
     // SAFETY: `arg` is a valid, exclusive `T` for the call; the caller
     // guarantees `request` describes a `T` and the pointers inside it.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg as *mut T) };
@@ -120,7 +124,13 @@ pub(crate) fn probe_userfault_memslot(vm: &crate::kvm::Vm) -> Result<(), Errno> 
     raw.pad2[0] = bitmap.as_ptr() as u64;
     // SAFETY: the request encodes this struct; `mem` and `bitmap` stay valid
     // until the slot is deleted below, before either is released.
-    let r = unsafe { ioctl_ptr(vm.as_fd(), kvm_gmem_sys::KVM_SET_USER_MEMORY_REGION2, &mut raw) };
+    let r = unsafe {
+        ioctl_ptr(
+            vm.as_fd(),
+            kvm_gmem_sys::KVM_SET_USER_MEMORY_REGION2,
+            &mut raw,
+        )
+    };
     if r.is_ok() {
         let _ = crate::memslot::delete_memory_region(vm, 0);
     }

@@ -36,7 +36,9 @@ pub enum Error {
         evidence: String,
     },
     /// `UFFDIO_API`: features the kernel does not offer.
-    #[error("UFFDIO_API: features {missing:?} are not offered by this kernel (it offers {supported:?})")]
+    #[error(
+        "UFFDIO_API: features {missing:?} are not offered by this kernel (it offers {supported:?})"
+    )]
     MissingFeatures {
         /// Requested but not offered.
         missing: Features,
@@ -45,7 +47,9 @@ pub enum Error {
     },
     /// `EEXIST`: the page is already present. The faulting thread is *not*
     /// woken: issue [`crate::Uffd::wake`] for the range.
-    #[error("{op}: page already present at {addr:#x} (EEXIST) after {done} bytes; the faulter still needs UFFDIO_WAKE")]
+    #[error(
+        "{op}: page already present at {addr:#x} (EEXIST) after {done} bytes; the faulter still needs UFFDIO_WAKE"
+    )]
     Exists {
         /// The operation.
         op: &'static str,
@@ -56,7 +60,9 @@ pub enum Error {
     },
     /// `EAGAIN`: the address space is changing (a `REMOVE`, `REMAP` or
     /// `UNMAP` event is queued); read events, then retry the rest.
-    #[error("{op}: the address space is changing (EAGAIN) after {done} bytes; read events and retry")]
+    #[error(
+        "{op}: the address space is changing (EAGAIN) after {done} bytes; read events and retry"
+    )]
     Again {
         /// The operation.
         op: &'static str,
@@ -91,12 +97,18 @@ impl Error {
     }
 
     pub(crate) fn invalid(op: &'static str, rule: impl Into<String>) -> Error {
-        Error::Invalid { op, rule: rule.into() }
+        Error::Invalid {
+            op,
+            rule: rule.into(),
+        }
     }
 
     /// Whether the kernel lacks the feature.
     pub fn is_unsupported(&self) -> bool {
-        matches!(self, Error::Unsupported { .. } | Error::MissingFeatures { .. })
+        matches!(
+            self,
+            Error::Unsupported { .. } | Error::MissingFeatures { .. }
+        )
     }
 
     /// The errno, when the kernel returned one.

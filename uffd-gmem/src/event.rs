@@ -136,10 +136,23 @@ impl Msg {
                 }
             }
             sys::UFFD_EVENT_FORK => Msg::Fork { ufd: a(0) as u32 },
-            sys::UFFD_EVENT_REMAP => Msg::Remap { from: a(0), to: a(1), len: a(2) },
-            sys::UFFD_EVENT_REMOVE => Msg::Remove { start: a(0), end: a(1) },
-            sys::UFFD_EVENT_UNMAP => Msg::Unmap { start: a(0), end: a(1) },
-            _ => Msg::Unknown { event: b[0], raw: *b },
+            sys::UFFD_EVENT_REMAP => Msg::Remap {
+                from: a(0),
+                to: a(1),
+                len: a(2),
+            },
+            sys::UFFD_EVENT_REMOVE => Msg::Remove {
+                start: a(0),
+                end: a(1),
+            },
+            sys::UFFD_EVENT_UNMAP => Msg::Unmap {
+                start: a(0),
+                end: a(1),
+            },
+            _ => Msg::Unknown {
+                event: b[0],
+                raw: *b,
+            },
         })
     }
 }
@@ -202,12 +215,24 @@ static_assertions::assert_impl_all!(Event: Send);
 impl Event {
     fn own(msg: Msg) -> Event {
         match msg {
-            Msg::Pagefault { kind, access, address, thread_id } => Event::Pagefault { kind, access, address, thread_id },
+            Msg::Pagefault {
+                kind,
+                access,
+                address,
+                thread_id,
+            } => Event::Pagefault {
+                kind,
+                access,
+                address,
+                thread_id,
+            },
             Msg::Fork { ufd } => {
                 // SAFETY: the kernel installed this descriptor in our table for
                 // the event we just read; nothing else owns it.
                 let fd = unsafe { OwnedFd::from_raw_fd(ufd as i32) };
-                Event::Fork { uffd: Uffd::from_initialized(fd) }
+                Event::Fork {
+                    uffd: Uffd::from_initialized(fd),
+                }
             }
             Msg::Remap { from, to, len } => Event::Remap { from, to, len },
             Msg::Remove { start, end } => Event::Remove { start, end },
@@ -228,14 +253,18 @@ impl EventBuffer {
     /// Room for `n` records per read (at least 1).
     pub fn with_capacity(n: usize) -> EventBuffer {
         let n = n.max(1);
-        EventBuffer { raw: vec![0; n * MSG_SIZE], events: Vec::with_capacity(n) }
+        EventBuffer {
+            raw: vec![0; n * MSG_SIZE],
+            events: Vec::with_capacity(n),
+        }
     }
 
     pub(crate) fn fill(&mut self, fd: BorrowedFd<'_>, thread_id: bool) -> Result<()> {
         self.events.clear();
         let n = loop {
             // SAFETY: `raw` is a writable buffer of `raw.len()` bytes.
-            let n = unsafe { libc::read(fd.as_raw_fd(), self.raw.as_mut_ptr().cast(), self.raw.len()) };
+            let n =
+                unsafe { libc::read(fd.as_raw_fd(), self.raw.as_mut_ptr().cast(), self.raw.len()) };
             if n >= 0 {
                 break n as usize;
             }
@@ -245,7 +274,7 @@ impl EventBuffer {
                 e => return Err(Error::kernel("read(userfaultfd)", e)),
             }
         };
-        if n % MSG_SIZE != 0 {
+        if !n.is_multiple_of(MSG_SIZE) {
             return Err(Error::Protocol {
                 op: "read(userfaultfd)",
                 what: format!("read returned {n} bytes, not a multiple of {MSG_SIZE}"),
@@ -285,17 +314,46 @@ mod tests {
         let pf = rec(0x12, [1 | 4, 0x7000, 42]);
         assert_eq!(
             Msg::decode(&pf, true).unwrap(),
-            Msg::Pagefault { kind: FaultKind::Minor, access: Access::Write, address: 0x7000, thread_id: Some(42) }
+            Msg::Pagefault {
+                kind: FaultKind::Minor,
+                access: Access::Write,
+                address: 0x7000,
+                thread_id: Some(42)
+            }
         );
         assert_eq!(
             Msg::decode(&rec(0x12, [0, 0x1000, 7]), false).unwrap(),
-            Msg::Pagefault { kind: FaultKind::Missing, access: Access::Read, address: 0x1000, thread_id: None }
+            Msg::Pagefault {
+                kind: FaultKind::Missing,
+                access: Access::Read,
+                address: 0x1000,
+                thread_id: None
+            }
         );
-        assert_eq!(Msg::decode(&rec(0x14, [1, 2, 3]), false).unwrap(), Msg::Remap { from: 1, to: 2, len: 3 });
-        assert_eq!(Msg::decode(&rec(0x15, [4, 5, 0]), false).unwrap(), Msg::Remove { start: 4, end: 5 });
-        assert_eq!(Msg::decode(&rec(0x16, [6, 7, 0]), false).unwrap(), Msg::Unmap { start: 6, end: 7 });
-        assert_eq!(Msg::decode(&rec(0x13, [9, 0, 0]), false).unwrap(), Msg::Fork { ufd: 9 });
-        assert!(matches!(Msg::decode(&rec(0x99, [0; 3]), false).unwrap(), Msg::Unknown { event: 0x99, .. }));
+        assert_eq!(
+            Msg::decode(&rec(0x14, [1, 2, 3]), false).unwrap(),
+            Msg::Remap {
+                from: 1,
+                to: 2,
+                len: 3
+            }
+        );
+        assert_eq!(
+            Msg::decode(&rec(0x15, [4, 5, 0]), false).unwrap(),
+            Msg::Remove { start: 4, end: 5 }
+        );
+        assert_eq!(
+            Msg::decode(&rec(0x16, [6, 7, 0]), false).unwrap(),
+            Msg::Unmap { start: 6, end: 7 }
+        );
+        assert_eq!(
+            Msg::decode(&rec(0x13, [9, 0, 0]), false).unwrap(),
+            Msg::Fork { ufd: 9 }
+        );
+        assert!(matches!(
+            Msg::decode(&rec(0x99, [0; 3]), false).unwrap(),
+            Msg::Unknown { event: 0x99, .. }
+        ));
     }
 
     #[test]

@@ -37,6 +37,7 @@
 mod error;
 mod event;
 mod flags;
+pub mod firecracker;
 pub mod serve;
 mod sys;
 mod uffd;

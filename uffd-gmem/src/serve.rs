@@ -297,8 +297,9 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    /// The value below which `q` (0..=1) of the samples fall (upper bucket
-    /// bound), or `None` without samples.
+    /// The value below which `q` (0..=1) of the samples fall (the upper
+    /// bound of its log2 bucket), or `None` without samples. See
+    /// [`Stats::latency_quantile`] for a bound clamped to the maximum seen.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
         let total: u64 = self.buckets.iter().sum();
         if total == 0 {
@@ -358,6 +359,12 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// [`Histogram::quantile`] of the latencies, clamped to the longest one
+    /// seen (a bucket's upper bound can exceed it).
+    pub fn latency_quantile(&self, q: f64) -> Option<Duration> {
+        self.latency.quantile(q).map(|d| d.min(self.max_latency))
+    }
+
     /// The recorded working set: distinct faulting source offsets in first
     /// touch order, for [`ServerBuilder::prefetch`] on the next run.
     pub fn working_set(&self) -> Vec<u64> {
@@ -386,6 +393,7 @@ pub struct ServerBuilder {
     record: bool,
     busy_poll: bool,
     watch: Option<OwnedFd>,
+    page_size: Option<u64>,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -481,6 +489,14 @@ impl ServerBuilder {
         self
     }
 
+    /// The unit in which faults are resolved: the base page size by default;
+    /// the huge page size for hugetlbfs regions (e.g. 2 MiB), where
+    /// `UFFDIO_COPY` must cover whole huge pages.
+    pub fn page_size(mut self, bytes: u64) -> Self {
+        self.page_size = Some(bytes);
+        self
+    }
+
     /// Validates the configuration and starts the workers.
     ///
     /// # Errors
@@ -491,7 +507,14 @@ impl ServerBuilder {
     /// or a thread cannot be started.
     pub fn spawn(self) -> Result<Server> {
         let op = "serve::spawn";
-        let page = kvm_gmem::page_size();
+        let base = kvm_gmem::page_size();
+        let page = self.page_size.unwrap_or(base);
+        if !page.is_power_of_two() || !page.is_multiple_of(base) {
+            return Err(Error::invalid(
+                op,
+                format!("page size {page:#x} must be a power of two and a multiple of {base:#x}"),
+            ));
+        }
         let source = self
             .source
             .ok_or_else(|| Error::invalid(op, "no page source was set"))?;
@@ -504,7 +527,7 @@ impl ServerBuilder {
         let mut sorted: Vec<&Region> = self.regions.iter().collect();
         sorted.sort_by_key(|r| r.host);
         for (i, r) in sorted.iter().enumerate() {
-            if r.len == 0 || r.host % page != 0 || r.len % page != 0 || r.source_offset % page != 0
+            if r.len == 0 || !r.host.is_multiple_of(page) || !r.len.is_multiple_of(page) || !r.source_offset.is_multiple_of(page)
             {
                 return Err(Error::invalid(
                     op,
@@ -567,6 +590,7 @@ impl ServerBuilder {
                     removed: Bitmap::new(pages),
                     next_seq: AtomicU64::new(u64::MAX),
                     window: AtomicU64::new(window_pages),
+                    reset: RwLock::new(()),
                 }
             })
             .map(Arc::new)
@@ -658,6 +682,7 @@ impl Server {
             record: false,
             busy_poll: false,
             watch: None,
+            page_size: None,
         }
     }
 
@@ -772,6 +797,12 @@ struct RegionState {
     next_seq: AtomicU64,
     /// The current window, in pages.
     window: AtomicU64,
+    /// Held shared by a fill from its claim to its bookkeeping, and
+    /// exclusively by the `ZeroOnNextFault` reset after `REMOVE`, so that a
+    /// reset never lands between a fill's ioctl (which already woke the
+    /// faulter, who may drop the page again at once) and its marking the
+    /// page done, nor between a fault's claim check and its done check.
+    reset: RwLock<()>,
 }
 
 #[derive(Default)]
@@ -909,6 +940,12 @@ impl Shared {
                         buf.resize(len as usize, 0);
                         if let Err(e) = self.source.read_at(src_off, &mut buf[..len as usize]) {
                             self.error(format!("page source read at {src_off:#x}+{len:#x}: {e}"));
+                            // Release the claims, or later faults on these
+                            // pages are taken for fills in progress and never
+                            // resolved.
+                            for i in first..first + count {
+                                r.claimed.clear(i);
+                            }
                             return (Fill::Failed, 0);
                         }
                         buf.as_ptr()
@@ -921,6 +958,9 @@ impl Shared {
             Resolve::Continue(backing) => {
                 if let Err(msg) = self.fill_page_cache(r, backing, first, count, zero, buf) {
                     self.error(msg);
+                    for i in first..first + count {
+                        r.claimed.clear(i);
+                    }
                     return (Fill::Failed, 0);
                 }
                 self.uffd.r#continue(addr..addr + len, Mode::empty())
@@ -1064,6 +1104,7 @@ impl Shared {
             self.wake_page(addr);
             return Fill::Done;
         }
+        let reset = r.reset.read().unwrap_or_else(|p| p.into_inner());
         let result = if r.claimed.set(idx) {
             if r.done.get(idx) {
                 // Late or duplicate fault on a filled page.
@@ -1074,6 +1115,7 @@ impl Shared {
         } else {
             self.fill(&r, idx, 1, buf, false).0
         };
+        drop(reset);
         if let Fill::Done = result {
             self.record_latency(started.elapsed());
             self.fault_around(&r, idx, buf);
@@ -1122,6 +1164,7 @@ impl Shared {
                 continue;
             }
             // Claim a run of unclaimed pages.
+            let reset = r.reset.read().unwrap_or_else(|p| p.into_inner());
             let first = i;
             while i < end && !r.removed.get(i) && !r.claimed.set(i) {
                 i += 1;
@@ -1130,7 +1173,19 @@ impl Shared {
                 i += 1;
                 continue;
             }
-            match self.fill(r, first, i - first, buf, prefetch) {
+            let (outcome, n) = self.fill(r, first, i - first, buf, prefetch);
+            drop(reset);
+            if first + n < i {
+                // Part of the run was released unfilled (EAGAIN, EEXIST, an
+                // error). A fault on it that arrived while it was claimed was
+                // taken for a fill in progress and dropped: wake those
+                // faulters so that they fault again.
+                let (a, b) = (r.host + (first + n) * self.page, r.host + i * self.page);
+                if let Err(e) = self.uffd.wake(a..b) {
+                    self.error(format!("UFFDIO_WAKE {a:#x}..{b:#x}: {e}"));
+                }
+            }
+            match (outcome, n) {
                 (Fill::Done, n) => total += n,
                 (Fill::Again, _) => return None,
                 (Fill::Failed, _) => return Some(total),
@@ -1206,6 +1261,7 @@ impl Shared {
                     }
                 }
                 RemovePolicy::ZeroOnNextFault => {
+                    let _reset = r.reset.write().unwrap_or_else(|p| p.into_inner());
                     for i in (s - r.host) / page..(e - r.host).div_ceil(page) {
                         r.removed.set(i);
                         r.done.clear(i);
@@ -1339,6 +1395,7 @@ fn sub_region(r: &RegionState, a: u64, b: u64, page: u64) -> RegionState {
         removed: copy_bits(&r.removed),
         next_seq: AtomicU64::new(u64::MAX),
         window: AtomicU64::new(r.window.load(Ordering::Relaxed)),
+        reset: RwLock::new(()),
     }
 }
 

@@ -54,10 +54,11 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), Errno> {
     if fl < 0 {
         return Err(Errno::last());
     }
-    // SAFETY: as above.
-    if fl & libc::O_NONBLOCK == 0
-        && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
-    {
+    if fl & libc::O_NONBLOCK != 0 {
+        return Ok(());
+    }
+    // SAFETY: F_SETFL writes only the descriptor's status flags.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
         return Err(Errno::last());
     }
     Ok(())

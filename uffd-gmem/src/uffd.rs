@@ -80,16 +80,21 @@ impl UffdBuilder {
     fn open_raw(&self) -> Result<(OwnedFd, Origin)> {
         let flags = self.flags();
         let device = match open_device(&self.device) {
-            Ok(dev) => match crate::sys::ioctl_val(dev.as_fd(), sys::USERFAULTFD_IOC_NEW, flags as u64) {
-                Ok(raw) => {
-                    // SAFETY: USERFAULTFD_IOC_NEW returned a new descriptor.
-                    return Ok((unsafe { OwnedFd::from_raw_fd(raw) }, Origin::Device));
+            Ok(dev) => {
+                match crate::sys::ioctl_val(dev.as_fd(), sys::USERFAULTFD_IOC_NEW, flags as u64) {
+                    Ok(raw) => {
+                        // SAFETY: USERFAULTFD_IOC_NEW returned a new descriptor.
+                        return Ok((unsafe { OwnedFd::from_raw_fd(raw) }, Origin::Device));
+                    }
+                    Err(e) => e,
                 }
-                Err(e) => e,
-            },
+            }
             Err(e) => e,
         };
-        if !matches!(device.0, libc::ENOENT | libc::EACCES | libc::EPERM | libc::ENODEV | libc::ENXIO) {
+        if !matches!(
+            device.0,
+            libc::ENOENT | libc::EACCES | libc::EPERM | libc::ENODEV | libc::ENXIO
+        ) {
             return Err(Error::kernel("USERFAULTFD_IOC_NEW", device));
         }
         // SAFETY: userfaultfd(2) takes only flags.
@@ -136,10 +141,13 @@ impl UffdBuilder {
             }),
             Err(e) if e.0 == libc::EINVAL && !self.features.is_empty() => {
                 // Which features were missing? Ask a second, throwaway fd.
-                let supported = UffdBuilder { features: Features::empty(), ..self }
-                    .create()?
-                    .supported_features()
-                    .unwrap_or_default();
+                let supported = UffdBuilder {
+                    features: Features::empty(),
+                    ..self
+                }
+                .create()?
+                .supported_features()
+                .unwrap_or_default();
                 let missing = self.features.difference(supported);
                 if missing.is_empty() {
                     Err(Error::kernel("UFFDIO_API", e))
@@ -175,7 +183,7 @@ pub struct Uffd {
 
 fn check_range(op: &'static str, range: &Range<u64>) -> Result<u64> {
     let page = kvm_gmem::page_size();
-    if range.start >= range.end || range.start % page != 0 || range.end % page != 0 {
+    if range.start >= range.end || !range.start.is_multiple_of(page) || !range.end.is_multiple_of(page) {
         return Err(Error::invalid(
             op,
             format!(
@@ -252,7 +260,13 @@ impl Uffd {
 
     /// Fails with [`Error::Unsupported`] / [`Error::Invalid`] when a feature
     /// the operation needs is known to be absent or not enabled.
-    fn need(&self, op: &'static str, feature: Features, name: &'static str, must_enable: bool) -> Result<()> {
+    fn need(
+        &self,
+        op: &'static str,
+        feature: Features,
+        name: &'static str,
+        must_enable: bool,
+    ) -> Result<()> {
         if let Some(supported) = self.supported
             && !supported.contains(feature)
         {
@@ -296,13 +310,19 @@ impl Uffd {
         let op = "UFFDIO_REGISTER";
         let len = check_range(op, &range)?;
         if mode.is_empty() {
-            return Err(Error::invalid(op, "the mode must name at least one of MISSING, WP, MINOR, RWP"));
+            return Err(Error::invalid(
+                op,
+                "the mode must name at least one of MISSING, WP, MINOR, RWP",
+            ));
         }
         if mode.contains(RegisterMode::RWP) {
             self.need(op, Features::RWP, "UFFD_FEATURE_RWP (Linux 7.3)", false)?;
         }
         let mut arg = sys::uffdio_register {
-            range: sys::uffdio_range { start: range.start, len },
+            range: sys::uffdio_range {
+                start: range.start,
+                len,
+            },
             mode: mode.bits(),
             ioctls: 0,
         };
@@ -320,14 +340,21 @@ impl Uffd {
     /// [`Error::Unsupported`] when the kernel refuses userfaultfd on
     /// guest_memfd (`EINVAL`: every release up to Linux 7.3; the guest_memfd
     /// userfaultfd series adds it); otherwise as [`Uffd::register`].
-    pub fn register_guest_memfd(&self, map: &kvm_gmem::Mapping, mode: RegisterMode) -> Result<Ioctls> {
+    pub fn register_guest_memfd(
+        &self,
+        map: &kvm_gmem::Mapping,
+        mode: RegisterMode,
+    ) -> Result<Ioctls> {
         let range = map.addr()..map.addr() + map.len() as u64;
         // SAFETY: a guest_memfd mapping is guest memory: the crate never hands
         // out references into it, it stays mapped while `map` lives, and the
         // caller keeps `map` alive while registered (unregistering on drop of
         // the mapping is done by the kernel).
         match unsafe { self.register(range, mode) } {
-            Err(Error::Kernel { errno: Errno(libc::EINVAL), .. }) => Err(Error::Unsupported {
+            Err(Error::Kernel {
+                errno: Errno(libc::EINVAL),
+                ..
+            }) => Err(Error::Unsupported {
                 op: "UFFDIO_REGISTER",
                 what: "userfaultfd on guest_memfd",
                 evidence: format!(
@@ -348,7 +375,10 @@ impl Uffd {
     pub fn unregister(&self, range: Range<u64>) -> Result<()> {
         let op = "UFFDIO_UNREGISTER";
         let len = check_range(op, &range)?;
-        let mut arg = sys::uffdio_range { start: range.start, len };
+        let mut arg = sys::uffdio_range {
+            start: range.start,
+            len,
+        };
         // SAFETY: the request encodes `uffdio_range`; no memory changes.
         unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_UNREGISTER, &mut arg) }
             .map_err(|e| Error::kernel(op, e))?;
@@ -365,7 +395,10 @@ impl Uffd {
     pub fn wake(&self, range: Range<u64>) -> Result<()> {
         let op = "UFFDIO_WAKE";
         let len = check_range(op, &range)?;
-        let mut arg = sys::uffdio_range { start: range.start, len };
+        let mut arg = sys::uffdio_range {
+            start: range.start,
+            len,
+        };
         // SAFETY: the request encodes `uffdio_range`; waking changes no memory.
         unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_WAKE, &mut arg) }
             .map_err(|e| Error::kernel(op, e))?;
@@ -392,7 +425,10 @@ impl Uffd {
         let op = "UFFDIO_COPY";
         check_range(op, &(dst..dst.wrapping_add(len)))?;
         if !(Mode::DONTWAKE | Mode::WP).contains(mode) {
-            return Err(Error::invalid(op, "only DONTWAKE and WP apply to UFFDIO_COPY"));
+            return Err(Error::invalid(
+                op,
+                "only DONTWAKE and WP apply to UFFDIO_COPY",
+            ));
         }
         let mut bits = 0;
         if mode.contains(Mode::DONTWAKE) {
@@ -401,7 +437,13 @@ impl Uffd {
         if mode.contains(Mode::WP) {
             bits |= sys::UFFDIO_COPY_MODE_WP;
         }
-        let mut arg = sys::uffdio_copy { dst, src: src as u64, len, mode: bits, copy: 0 };
+        let mut arg = sys::uffdio_copy {
+            dst,
+            src: src as u64,
+            len,
+            mode: bits,
+            copy: 0,
+        };
         // SAFETY: the request encodes `uffdio_copy`; the caller guarantees
         // `src` is readable for `len` bytes.
         let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_COPY, &mut arg) };
@@ -419,11 +461,21 @@ impl Uffd {
         let op = "UFFDIO_ZEROPAGE";
         let len = check_range(op, &range)?;
         if !Mode::DONTWAKE.contains(mode) {
-            return Err(Error::invalid(op, "only DONTWAKE applies to UFFDIO_ZEROPAGE"));
+            return Err(Error::invalid(
+                op,
+                "only DONTWAKE applies to UFFDIO_ZEROPAGE",
+            ));
         }
         let mut arg = sys::uffdio_zeropage {
-            range: sys::uffdio_range { start: range.start, len },
-            mode: if mode.contains(Mode::DONTWAKE) { sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE } else { 0 },
+            range: sys::uffdio_range {
+                start: range.start,
+                len,
+            },
+            mode: if mode.contains(Mode::DONTWAKE) {
+                sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE
+            } else {
+                0
+            },
             zeropage: 0,
         };
         // SAFETY: the request encodes `uffdio_zeropage`; it writes zero pages
@@ -444,7 +496,10 @@ impl Uffd {
         let op = "UFFDIO_CONTINUE";
         let len = check_range(op, &range)?;
         if !(Mode::DONTWAKE | Mode::WP).contains(mode) {
-            return Err(Error::invalid(op, "only DONTWAKE and WP apply to UFFDIO_CONTINUE"));
+            return Err(Error::invalid(
+                op,
+                "only DONTWAKE and WP apply to UFFDIO_CONTINUE",
+            ));
         }
         let mut bits = 0;
         if mode.contains(Mode::DONTWAKE) {
@@ -454,7 +509,10 @@ impl Uffd {
             bits |= sys::UFFDIO_CONTINUE_MODE_WP;
         }
         let mut arg = sys::uffdio_continue {
-            range: sys::uffdio_range { start: range.start, len },
+            range: sys::uffdio_range {
+                start: range.start,
+                len,
+            },
             mode: bits,
             mapped: 0,
         };
@@ -475,14 +533,24 @@ impl Uffd {
         let op = "UFFDIO_WRITEPROTECT";
         let len = check_range(op, &range)?;
         if !Mode::DONTWAKE.contains(mode) {
-            return Err(Error::invalid(op, "only DONTWAKE applies to UFFDIO_WRITEPROTECT"));
+            return Err(Error::invalid(
+                op,
+                "only DONTWAKE applies to UFFDIO_WRITEPROTECT",
+            ));
         }
-        let mut bits = if protect { sys::UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
+        let mut bits = if protect {
+            sys::UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        };
         if mode.contains(Mode::DONTWAKE) {
             bits |= sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
         }
         let mut arg = sys::uffdio_writeprotect {
-            range: sys::uffdio_range { start: range.start, len },
+            range: sys::uffdio_range {
+                start: range.start,
+                len,
+            },
             mode: bits,
         };
         // SAFETY: the request encodes `uffdio_writeprotect`; protection
@@ -504,13 +572,25 @@ impl Uffd {
     pub fn poison(&self, range: Range<u64>, mode: Mode) -> Result<u64> {
         let op = "UFFDIO_POISON";
         let len = check_range(op, &range)?;
-        self.need(op, Features::POISON, "UFFD_FEATURE_POISON (Linux 6.6)", true)?;
+        self.need(
+            op,
+            Features::POISON,
+            "UFFD_FEATURE_POISON (Linux 6.6)",
+            true,
+        )?;
         if !Mode::DONTWAKE.contains(mode) {
             return Err(Error::invalid(op, "only DONTWAKE applies to UFFDIO_POISON"));
         }
         let mut arg = sys::uffdio_poison {
-            range: sys::uffdio_range { start: range.start, len },
-            mode: if mode.contains(Mode::DONTWAKE) { sys::UFFDIO_POISON_MODE_DONTWAKE } else { 0 },
+            range: sys::uffdio_range {
+                start: range.start,
+                len,
+            },
+            mode: if mode.contains(Mode::DONTWAKE) {
+                sys::UFFDIO_POISON_MODE_DONTWAKE
+            } else {
+                0
+            },
             updated: 0,
         };
         // SAFETY: the request encodes `uffdio_poison`; it affects only
@@ -538,7 +618,10 @@ impl Uffd {
         check_range(op, &(src..src.wrapping_add(len)))?;
         self.need(op, Features::MOVE, "UFFD_FEATURE_MOVE (Linux 6.8)", true)?;
         if !(Mode::DONTWAKE | Mode::ALLOW_SRC_HOLES).contains(mode) {
-            return Err(Error::invalid(op, "only DONTWAKE and ALLOW_SRC_HOLES apply to UFFDIO_MOVE"));
+            return Err(Error::invalid(
+                op,
+                "only DONTWAKE and ALLOW_SRC_HOLES apply to UFFDIO_MOVE",
+            ));
         }
         let mut bits = 0;
         if mode.contains(Mode::DONTWAKE) {
@@ -547,7 +630,13 @@ impl Uffd {
         if mode.contains(Mode::ALLOW_SRC_HOLES) {
             bits |= sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES;
         }
-        let mut arg = sys::uffdio_move { dst, src, len, mode: bits, move_: 0 };
+        let mut arg = sys::uffdio_move {
+            dst,
+            src,
+            len,
+            mode: bits,
+            move_: 0,
+        };
         // SAFETY: the request encodes `uffdio_move`; the caller guarantees
         // the source pages may be taken away.
         let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_MOVE, &mut arg) };
@@ -568,14 +657,24 @@ impl Uffd {
         let len = check_range(op, &range)?;
         self.need(op, Features::RWP, "UFFD_FEATURE_RWP (Linux 7.3)", true)?;
         if !Mode::DONTWAKE.contains(mode) {
-            return Err(Error::invalid(op, "only DONTWAKE applies to UFFDIO_RWPROTECT"));
+            return Err(Error::invalid(
+                op,
+                "only DONTWAKE applies to UFFDIO_RWPROTECT",
+            ));
         }
-        let mut bits = if protect { sys::UFFDIO_RWPROTECT_MODE_RWP } else { 0 };
+        let mut bits = if protect {
+            sys::UFFDIO_RWPROTECT_MODE_RWP
+        } else {
+            0
+        };
         if mode.contains(Mode::DONTWAKE) {
             bits |= sys::UFFDIO_RWPROTECT_MODE_DONTWAKE;
         }
         let mut arg = sys::uffdio_rwprotect {
-            range: sys::uffdio_range { start: range.start, len },
+            range: sys::uffdio_range {
+                start: range.start,
+                len,
+            },
             mode: bits,
         };
         // SAFETY: the request encodes `uffdio_rwprotect`; protection changes
@@ -598,12 +697,23 @@ impl Uffd {
     pub fn set_mode(&self, enable: Features, disable: Features) -> Result<()> {
         let op = "UFFDIO_SET_MODE";
         if enable.intersects(disable) {
-            return Err(Error::invalid(op, "a feature cannot be both enabled and disabled"));
+            return Err(Error::invalid(
+                op,
+                "a feature cannot be both enabled and disabled",
+            ));
         }
         if !Features::RWP_ASYNC.contains(enable | disable) {
-            return Err(Error::invalid(op, "only RWP_ASYNC can be switched at run time"));
+            return Err(Error::invalid(
+                op,
+                "only RWP_ASYNC can be switched at run time",
+            ));
         }
-        self.need(op, Features::RWP_ASYNC, "UFFD_FEATURE_RWP_ASYNC (Linux 7.3)", false)?;
+        self.need(
+            op,
+            Features::RWP_ASYNC,
+            "UFFD_FEATURE_RWP_ASYNC (Linux 7.3)",
+            false,
+        )?;
         let mut arg = sys::uffdio_set_mode {
             enable: enable.bits(),
             disable: disable.bits(),
@@ -624,7 +734,11 @@ impl Uffd {
     /// the crate cannot decode (never for an unknown event type, which
     /// becomes [`Event::Unknown`]).
     pub fn read_events<'b>(&self, buf: &'b mut EventBuffer) -> Result<std::vec::Drain<'b, Event>> {
-        buf.fill(self.fd.as_fd(), self.enabled.is_some_and(|f| f.contains(Features::THREAD_ID)))?;
+        buf.fill(
+            self.fd.as_fd(),
+            self.enabled
+                .is_some_and(|f| f.contains(Features::THREAD_ID)),
+        )?;
         Ok(buf.drain())
     }
 
@@ -646,7 +760,8 @@ impl Uffd {
     /// [`Error::Kernel`] if `poll` fails (other than `EINTR`, which reports
     /// "not readable").
     pub fn poll_readable(&self, timeout: std::time::Duration) -> Result<bool> {
-        crate::sys::poll_in(self.fd.as_fd(), timeout).map_err(|e| Error::kernel("poll(userfaultfd)", e))
+        crate::sys::poll_in(self.fd.as_fd(), timeout)
+            .map_err(|e| Error::kernel("poll(userfaultfd)", e))
     }
 }
 
@@ -674,12 +789,32 @@ mod tests {
 
     #[test]
     fn negative_result_fields_are_never_byte_counts() {
-        let eagain = outcome("UFFDIO_COPY", Err(Errno(libc::EAGAIN)), -(libc::EAGAIN as i64), 0x1000);
-        assert!(matches!(eagain, Err(Error::Again { done: 0, .. })), "{eagain:?}");
+        let eagain = outcome(
+            "UFFDIO_COPY",
+            Err(Errno(libc::EAGAIN)),
+            -(libc::EAGAIN as i64),
+            0x1000,
+        );
+        assert!(
+            matches!(eagain, Err(Error::Again { done: 0, .. })),
+            "{eagain:?}"
+        );
         let partial = outcome("UFFDIO_COPY", Err(Errno(libc::EAGAIN)), 8192, 0x1000);
         assert!(matches!(partial, Err(Error::Again { done: 8192, .. })));
-        let exists = outcome("UFFDIO_CONTINUE", Err(Errno(libc::EEXIST)), -(libc::EEXIST as i64), 0x2000);
-        assert!(matches!(exists, Err(Error::Exists { addr: 0x2000, done: 0, .. })));
+        let exists = outcome(
+            "UFFDIO_CONTINUE",
+            Err(Errno(libc::EEXIST)),
+            -(libc::EEXIST as i64),
+            0x2000,
+        );
+        assert!(matches!(
+            exists,
+            Err(Error::Exists {
+                addr: 0x2000,
+                done: 0,
+                ..
+            })
+        ));
         let fault = outcome("UFFDIO_COPY", Err(Errno(libc::EFAULT)), 4096, 0);
         assert!(matches!(fault, Err(Error::Partial { done: 4096, .. })));
         let ok = outcome("UFFDIO_COPY", Ok(0), 4096, 0);

@@ -1,0 +1,405 @@
+#!/usr/bin/env bash
+# The kernel lane: run the workspace's kernel tests on a second kernel, Linux
+# 7.3.4 (Debian trixie-backports), booted under QEMU (TCG, `-cpu max`: nested
+# SVM with NPT), and write the kernel matrix (docs/kernel-matrix.md) from what
+# tests/kernel_matrix.rs reports on the host kernel and on that kernel.
+#
+#   scripts/kernel-lane.sh                run; compare the matrix with the docs (notice only)
+#   scripts/kernel-lane.sh --check-docs   run; fail if the matrix's statuses differ from the docs (CI)
+#   scripts/kernel-lane.sh --update-docs  run; write docs/kernel-matrix.md
+#
+# Steps:
+#  1. system packages (installed if missing, as root): qemu-system-x86,
+#     busybox-static, xz-utils, cpio, jq;
+#  2. the kernel: `linux-binary-<abi>` (vmlinuz) and `linux-modules-<abi>`
+#     (irqbypass, ccp, kvm, kvm-amd), fetched with a private apt configuration
+#     exactly like scripts/fetch-linux-libc-dev.sh (apt verifies the Release
+#     signature against the Debian archive keyring and the package hashes as
+#     usual); nothing is installed: the files are unpacked into
+#     target/kernel-lane/kernel/<version>/ (cached; the modules decompressed);
+#  3. `cargo test --workspace --no-run --message-format=json`: the test
+#     executables of the kernel-test packages (gmem, kvm-gmem, uffd-gmem,
+#     kvm-gmem-sys; not gmem-gen, and not the root package's `abi` and
+#     `headers_readme`, which need the source tree and host compilers);
+#  4. the host run of tests/kernel_matrix.rs (its GMEM-MATRIX lines);
+#  5. an initramfs: busybox, scripts/lane-init.sh as /init, the modules, the
+#     test executables and the gmem command at their host paths, and their ldd
+#     libraries;
+#  6. QEMU boots it; /init runs every test executable with --test-threads=1
+#     (CI=true, GMEM_KERNEL_LANE=1) between LANE-BEGIN/LANE-END markers and
+#     powers off; the serial console is streamed to the terminal and to
+#     target/kernel-lane/serial.log;
+#  7. a summary per executable; the matrix (target/kernel-lane/kernel-matrix.md).
+#
+# Exits non-zero when a test executable fails (or is killed by the per-binary
+# limit), a marker is missing, the guest does not power off in time, or (with
+# --check-docs) the matrix differs from docs/kernel-matrix.md.
+#
+# Environment: GMEM_LANE_TIMEOUT (seconds for the whole guest run, default
+# 900), GMEM_LANE_TEST_TIMEOUT (per test executable, default 300),
+# GMEM_LANE_MEMORY (guest memory, default 4G), GMEM_LANE_FILTER (an extended
+# regex: run only the test executables whose "<package>::<target>" label
+# matches), GMEM_LANE_BUILD_ARGS (what `cargo test` builds, default
+# --workspace; e.g. "-p gmem --test kernel_matrix" to iterate on one test).
+#
+# To bump the kernel: set KERNEL_ABI and KERNEL_VERSION below to the new
+# trixie-backports upload (`apt-cache policy linux-binary-<abi>` through the
+# same private configuration, or https://packages.debian.org/trixie-backports/
+# linux-binary-amd64 lists it), check the module paths in MODULES still exist
+# (`dpkg-deb -c` of the modules package), run `scripts/kernel-lane.sh
+# --update-docs`, and commit docs/kernel-matrix.md with the bump. Debian
+# removes superseded backports from the mirror, so a stale pin fails at
+# `apt-get download` with "Version ... was not found": bump it then.
+set -euo pipefail
+
+KERNEL_ABI="${GMEM_LANE_KERNEL_ABI:-7.3.4+deb13-amd64}"
+KERNEL_VERSION="${GMEM_LANE_KERNEL_VERSION:-7.3.4-1~bpo13+1}"
+SUITE="trixie-backports"
+MIRROR="http://deb.debian.org/debian"
+KEYRING="/usr/share/keyrings/debian-archive-keyring.gpg"
+# In load order: kvm needs irqbypass; kvm-amd needs kvm and ccp (SEV).
+MODULES=(
+    "irqbypass kernel/virt/lib/irqbypass.ko.xz"
+    "ccp kernel/drivers/crypto/ccp/ccp.ko.xz"
+    "kvm kernel/arch/x86/kvm/kvm.ko.xz"
+    "kvm-amd kernel/arch/x86/kvm/kvm-amd.ko.xz"
+)
+# Test executables that cannot run in the guest: they read the source tree
+# (CARGO_MANIFEST_DIR) and run the host's C compilers.
+EXCLUDE_TESTS_RE='^(abi|headers_readme)$'
+EXCLUDE_PACKAGES_RE='^(gmem-gen)$'
+MATRIX_TEST="kernel_matrix"
+
+LANE_TIMEOUT="${GMEM_LANE_TIMEOUT:-900}"
+TEST_TIMEOUT="${GMEM_LANE_TEST_TIMEOUT:-300}"
+MEMORY="${GMEM_LANE_MEMORY:-4G}"
+FILTER="${GMEM_LANE_FILTER:-}"
+BUILD_ARGS="${GMEM_LANE_BUILD_ARGS:---workspace}"
+
+mode="notice"
+case "${1:-}" in
+    "") ;;
+    --check-docs) mode="check" ;;
+    --update-docs) mode="update" ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "usage: $0 [--check-docs | --update-docs]" >&2
+        exit 2
+        ;;
+esac
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+lane="$root/target/kernel-lane"
+mkdir -p "$lane"
+SECONDS=0
+elapsed() { printf '%dm%02ds' $((SECONDS / 60)) $((SECONDS % 60)); }
+say() { echo "==> [kernel-lane $(elapsed)] $*"; }
+
+# ---------------------------------------------------------------------------
+say "1. system packages"
+packages=(qemu-system-x86 busybox-static xz-utils cpio jq)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "installing: ${missing[*]}"
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "error: installing packages needs root (or install: ${missing[*]})" >&2
+        exit 1
+    fi
+    apt-get -qq update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# ---------------------------------------------------------------------------
+say "2. kernel $KERNEL_ABI ($KERNEL_VERSION, $SUITE)"
+kdir="$lane/kernel/$KERNEL_VERSION"
+stamp="$kdir/.complete"
+if [[ -f "$stamp" && -f "$kdir/vmlinuz" ]]; then
+    echo "cached in $kdir"
+else
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/etc/preferences.d"
+    echo "deb [signed-by=$KEYRING] $MIRROR $SUITE main" >"$work/sources.list"
+    : >"$work/status"
+    opts=(
+        -o "Dir::Etc::SourceList=$work/sources.list"
+        -o "Dir::Etc::SourceParts=-"
+        -o "Dir::Etc::Preferences=$work/etc/preferences"
+        -o "Dir::Etc::PreferencesParts=$work/etc/preferences.d"
+        -o "Dir::State::Lists=$work/lists"
+        -o "Dir::State::Status=$work/status"
+        -o "Dir::Cache=$work/cache"
+        -o "APT::Architecture=amd64"
+        -o "APT::Architectures=amd64"
+        -o "Debug::NoLocking=1"
+        -o "APT::Sandbox::User=root"
+    )
+    apt-get "${opts[@]}" -qq update
+    (cd "$work" && apt-get "${opts[@]}" -qq download \
+        "linux-binary-$KERNEL_ABI=$KERNEL_VERSION" \
+        "linux-modules-$KERNEL_ABI=$KERNEL_VERSION")
+    rm -rf "$kdir"
+    mkdir -p "$kdir/unpacked" "$kdir/modules"
+    dpkg-deb --fsys-tarfile "$work"/linux-binary-"$KERNEL_ABI"_*.deb |
+        tar -x -C "$kdir/unpacked" "./usr/lib/modules/$KERNEL_ABI/vmlinuz"
+    paths=()
+    for m in "${MODULES[@]}"; do
+        paths+=("./usr/lib/modules/$KERNEL_ABI/${m#* }")
+    done
+    dpkg-deb --fsys-tarfile "$work"/linux-modules-"$KERNEL_ABI"_*.deb |
+        tar -x -C "$kdir/unpacked" "${paths[@]}"
+    mv "$kdir/unpacked/usr/lib/modules/$KERNEL_ABI/vmlinuz" "$kdir/vmlinuz"
+    for m in "${MODULES[@]}"; do
+        xz -dc "$kdir/unpacked/usr/lib/modules/$KERNEL_ABI/${m#* }" >"$kdir/modules/${m%% *}.ko"
+    done
+    rm -rf "$kdir/unpacked" "$work"
+    trap - EXIT
+    echo "$KERNEL_ABI $KERNEL_VERSION" >"$stamp"
+    echo "unpacked into $kdir"
+fi
+
+# ---------------------------------------------------------------------------
+say "3. cargo test $BUILD_ARGS --no-run"
+# shellcheck disable=SC2086 # the build arguments are split on purpose
+cargo test $BUILD_ARGS --no-run --message-format=json >"$lane/build.json"
+# "<package> <target name> <executable>" for every test executable.
+# package_id is a package id spec: "path+file:///dir/kvm-gmem#0.1.0", or
+# "path+file:///dir#gmem@0.1.0" when the directory is named otherwise.
+jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test)
+       | (.package_id | split("#")) as $p
+       | (if ($p[1] | contains("@")) then ($p[1] | split("@")[0])
+          else ($p[0] | split("/") | last) end) as $pkg
+       | "\($pkg) \(.target.name) \(.executable)"' "$lane/build.json" |
+    sort -u >"$lane/executables.all"
+gmem_bin="$(jq -r 'select(.reason == "compiler-artifact" and .target.kind == ["bin"]
+                    and .target.name == "gmem" and (.profile.test | not)) | .executable' \
+    "$lane/build.json" | tail -n 1)"
+: >"$lane/tests.list"
+while read -r pkg name exe; do
+    [[ "$pkg" =~ $EXCLUDE_PACKAGES_RE ]] && continue
+    [[ "$name" =~ $EXCLUDE_TESTS_RE ]] && continue
+    label="$pkg::$name"
+    [[ -n "$FILTER" && ! "$label" =~ $FILTER ]] && continue
+    echo "$label $exe" >>"$lane/tests.list"
+done <"$lane/executables.all"
+matrix_exe="$(awk -v t="$MATRIX_TEST" '$2 == t {print $3}' "$lane/executables.all" | tail -n 1)"
+if [[ -z "$matrix_exe" ]]; then
+    echo "error: no test executable named $MATRIX_TEST (tests/$MATRIX_TEST.rs)" >&2
+    exit 1
+fi
+echo "guest runs $(wc -l <"$lane/tests.list") test executable(s):"
+sed 's/^/    /' "$lane/tests.list"
+
+# ---------------------------------------------------------------------------
+say "4. host run of $MATRIX_TEST (kernel $(uname -r))"
+host_rc=0
+"$matrix_exe" --test-threads=1 >"$lane/host.log" 2>&1 || host_rc=$?
+grep -E '^GMEM-MATRIX ' "$lane/host.log" || true
+tail -n 3 "$lane/host.log"
+if [[ $host_rc -ne 0 ]]; then
+    cat "$lane/host.log"
+    echo "error: $MATRIX_TEST failed on the host (exit $host_rc)" >&2
+fi
+
+# ---------------------------------------------------------------------------
+say "5. initramfs"
+stage="$lane/initramfs"
+rm -rf "$stage"
+mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run,lane/modules}
+cp /bin/busybox "$stage/bin/busybox"
+install -m 0755 scripts/lane-init.sh "$stage/init"
+for m in "${MODULES[@]}"; do
+    name="${m%% *}"
+    cp "$kdir/modules/$name.ko" "$stage/lane/modules/"
+    echo "$name" >>"$stage/lane/modules.list"
+done
+echo "$TEST_TIMEOUT" >"$stage/lane/timeout"
+# Each executable (and the gmem command) at its host path, with its libraries.
+copy_with_libs() {
+    local f="$1" lib
+    mkdir -p "$stage$(dirname "$f")"
+    cp -L "$f" "$stage$f"
+    for lib in $(ldd "$f" 2>/dev/null | grep -oE '/[^ ]+' || true); do
+        if [[ -e "$lib" && ! -e "$stage$lib" ]]; then
+            mkdir -p "$stage$(dirname "$lib")"
+            cp -L "$lib" "$stage$lib"
+        fi
+    done
+}
+: >"$stage/lane/tests.list"
+while read -r label exe; do
+    copy_with_libs "$exe"
+    echo "$label $exe" >>"$stage/lane/tests.list"
+done <"$lane/tests.list"
+[[ -n "$gmem_bin" && -x "$gmem_bin" ]] && copy_with_libs "$gmem_bin"
+initrd="$lane/initramfs.cpio"
+(cd "$stage" && find . -print0 | cpio --null -o -H newc --quiet) >"$initrd"
+echo "$initrd: $(du -h "$initrd" | cut -f1)"
+
+# ---------------------------------------------------------------------------
+say "6. boot $KERNEL_ABI under QEMU (TCG, -cpu max, -m $MEMORY; limit ${LANE_TIMEOUT}s)"
+boot_start=$SECONDS
+qemu_rc=0
+timeout -k 10 "$LANE_TIMEOUT" qemu-system-x86_64 \
+    -accel tcg,thread=multi -cpu max -smp 1 -m "$MEMORY" \
+    -nodefaults -display none -monitor none -no-reboot \
+    -serial stdio \
+    -kernel "$kdir/vmlinuz" -initrd "$initrd" \
+    -append "console=ttyS0 panic=-1 loglevel=4 rdinit=/init" \
+    </dev/null 2>"$lane/qemu.stderr" | tr -d '\r' | tee "$lane/serial.log" || qemu_rc=${PIPESTATUS[0]}
+boot_secs=$((SECONDS - boot_start))
+if [[ -s "$lane/qemu.stderr" ]]; then
+    echo "--- qemu stderr:"
+    cat "$lane/qemu.stderr"
+fi
+
+# ---------------------------------------------------------------------------
+say "7. results"
+log="$lane/serial.log"
+failed=0
+problems=()
+if [[ $qemu_rc -eq 124 || $qemu_rc -eq 137 ]]; then
+    problems+=("the guest did not power off within ${LANE_TIMEOUT}s (QEMU killed)")
+elif [[ $qemu_rc -ne 0 ]]; then
+    problems+=("QEMU exited with $qemu_rc")
+fi
+grep -q '^LANE-DONE' "$log" || problems+=("no LANE-DONE marker: the guest did not finish")
+while read -r err; do
+    problems+=("guest: $err")
+done < <(grep -E '^LANE-ERROR' "$log" || true)
+guest_kernel="$(sed -n 's/^LANE-KERNEL //p' "$log" | head -n 1)"
+printf '%-40s %-6s %s\n' "test executable" "exit" "result"
+while read -r label exe; do
+    if ! grep -qxF "LANE-BEGIN $label" "$log"; then
+        printf '%-40s %-6s %s\n' "$label" "-" "not started"
+        problems+=("$label: not started")
+        continue
+    fi
+    end="$(grep -E "^LANE-END $label rc=" "$log" | head -n 1 || true)"
+    # The test-result lines between this executable's markers.
+    summary="$(awk -v b="LANE-BEGIN $label" -v e="LANE-END $label rc=" '
+        $0 == b {on = 1; next}
+        on && index($0, e) == 1 {on = 0}
+        on && /^test result:/ {sub(/; finished in.*/, ""); print}' "$log" | tail -n 1)"
+    if [[ -z "$end" ]]; then
+        printf '%-40s %-6s %s\n' "$label" "-" "no LANE-END (the guest stopped in it)"
+        problems+=("$label: did not finish")
+        continue
+    fi
+    rc="${end##*rc=}"
+    printf '%-40s %-6s %s\n' "$label" "$rc" "${summary:-no test result line}"
+    if [[ "$rc" != 0 ]]; then
+        failed=$((failed + 1))
+        if [[ "$rc" == 137 ]]; then
+            problems+=("$label: killed after ${TEST_TIMEOUT}s")
+        else
+            problems+=("$label: exit $rc")
+        fi
+    fi
+done <"$lane/tests.list"
+[[ $host_rc -ne 0 ]] && problems+=("$MATRIX_TEST on the host: exit $host_rc")
+
+# ---------------------------------------------------------------------------
+say "8. kernel matrix"
+gen="$lane/kernel-matrix.md"
+host_release="$(uname -r)"
+host_desc="host $host_release"
+if [[ -d /sys/module/kvm_pvm ]]; then host_desc="$host_desc (PVM)"; fi
+lane_desc="${guest_kernel:-$KERNEL_ABI} (QEMU TCG, nested SVM+NPT)"
+{
+    echo "# Kernel matrix"
+    echo
+    echo "Generated by \`scripts/kernel-lane.sh --update-docs\` from the \`GMEM-MATRIX\` lines that"
+    echo "[\`tests/kernel_matrix.rs\`](../tests/kernel_matrix.rs) prints on each kernel. Do not edit"
+    echo "by hand: CI (\`.ci/run\`) regenerates it and fails when a status differs."
+    echo
+    echo "- generated: $(date -u +%Y-%m-%d) (UTC)"
+    echo "- host: Linux $host_release, the machine's own \`/dev/kvm\`"
+    echo "- lane: Linux ${guest_kernel:-$KERNEL_ABI} (Debian \`linux-binary-$KERNEL_ABI\` $KERNEL_VERSION),"
+    echo "  booted by QEMU $(qemu-system-x86_64 --version | sed -n '1s/^QEMU emulator version //p') with TCG and \`-cpu max\`: KVM runs on nested SVM with NPT"
+    echo
+    echo "**verified**: the test exercised the feature through the crates and asserted its effect;"
+    echo "**unsupported**: the kernel says no, and the test asserted that the crates report it so;"
+    echo "**n/a**: not applicable (a prerequisite is missing). Evidence for every cell follows the table."
+    echo
+    awk -v hd="$host_desc" -v ld="$lane_desc" -v hlog="$lane/host.log" -v glog="$log" '
+        function esc(s) { gsub(/\|/, "\\|", s); return s }
+        FILENAME == hlog && /^GMEM-MATRIX-FEATURE / {
+            id = $2; d = $0; sub(/^GMEM-MATRIX-FEATURE [^ ]+ /, "", d)
+            if (!(id in desc)) { order[++n] = id; desc[id] = d }
+        }
+        /^GMEM-MATRIX / {
+            id = $2; st = $3; ev = $0; sub(/^GMEM-MATRIX [^ ]+ [^ ]+ ?/, "", ev)
+            if (FILENAME == hlog) { hs[id] = st; he[id] = ev } else { gs[id] = st; ge[id] = ev }
+            if (!(id in seen)) { seen[id] = 1; if (!(id in desc)) { order[++n] = id; desc[id] = "" } }
+        }
+        END {
+            print "<!-- kernel-matrix:begin -->"
+            print "| feature | what | " hd " | " ld " |"
+            print "| --- | --- | --- | --- |"
+            for (i = 1; i <= n; i++) {
+                id = order[i]
+                h = (id in hs) ? hs[id] : "missing"; g = (id in gs) ? gs[id] : "missing"
+                print "| `" id "` | " esc(desc[id]) " | " h " | " g " |"
+            }
+            print "<!-- kernel-matrix:end -->"
+            print ""
+            print "## Evidence"
+            for (i = 1; i <= n; i++) {
+                id = order[i]
+                print ""
+                print "### `" id "`"
+                print ""
+                print "- host: " ((id in hs) ? "**" hs[id] "**: " he[id] : "no result")
+                print "- lane: " ((id in gs) ? "**" gs[id] "**: " ge[id] : "no result")
+            }
+        }' "$lane/host.log" "$log"
+} >"$gen"
+rows() { grep -E '^\| `' "$1" 2>/dev/null || true; }
+if ! grep -q '^| `' "$gen"; then
+    problems+=("no GMEM-MATRIX lines: the matrix is empty")
+fi
+if grep -qE '^\| `.*\| missing' "$gen"; then
+    problems+=("the matrix has features without a result on one kernel (see $gen)")
+fi
+sed -n '/kernel-matrix:begin/,/kernel-matrix:end/p' "$gen" | sed '1d;$d'
+case "$mode" in
+    update)
+        if [[ ${#problems[@]} -eq 0 ]]; then
+            mkdir -p docs
+            cp "$gen" docs/kernel-matrix.md
+            echo "wrote docs/kernel-matrix.md"
+        else
+            echo "not writing docs/kernel-matrix.md: the lane failed (below); the run's matrix is $gen"
+        fi
+        ;;
+    check | notice)
+        if [[ "$(rows "$gen")" == "$(rows docs/kernel-matrix.md)" ]]; then
+            echo "docs/kernel-matrix.md is up to date (statuses match)"
+        else
+            diff <(rows docs/kernel-matrix.md) <(rows "$gen") || true
+            msg="docs/kernel-matrix.md differs from this run (diff above: < docs, > run); run 'scripts/kernel-lane.sh --update-docs' and commit it"
+            if [[ "$mode" == check ]]; then
+                problems+=("$msg")
+            else
+                echo "notice: $msg"
+            fi
+        fi
+        ;;
+esac
+
+echo
+echo "guest: ${guest_kernel:-unknown kernel}; boot to power-off ${boot_secs}s; lane wall time $(elapsed)"
+if [[ ${#problems[@]} -gt 0 ]]; then
+    echo "kernel lane FAILED:" >&2
+    printf '  - %s\n' "${problems[@]}" >&2
+    exit 1
+fi
+echo "kernel lane passed: $(wc -l <"$lane/tests.list") test executable(s) on ${guest_kernel:-the lane kernel}"

@@ -1,0 +1,78 @@
+#!/bin/busybox sh
+# shellcheck shell=dash
+# /init of the kernel lane's initramfs (PID 1 inside the QEMU guest).
+#
+# scripts/kernel-lane.sh copies this file to /init of the initramfs, next to:
+#   /bin/busybox                  busybox-static (every applet linked at boot)
+#   /lane/modules/<name>.ko       the KVM modules, decompressed, in load order
+#   /lane/modules.list            their names, one a line, in load order
+#   /lane/tests.list              "<name> <absolute path> [extra args]" per test binary
+#   the test binaries and the gmem command at their host paths (so the
+#   CARGO_BIN_EXE_* paths compiled into the tests resolve), and their ldd
+#   libraries and dynamic loader.
+#
+# It prints, on the serial console, markers that the host parses:
+#   LANE-KERNEL <release>
+#   LANE-BEGIN <name>  ...test output...  LANE-END <name> rc=<n>
+#   LANE-DONE
+# then powers the guest off. Any setup failure prints LANE-ERROR <what>; the
+# host treats a missing LANE-DONE (or a LANE-ERROR) as a failed lane.
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+mkdir -p /proc /sys /dev /tmp /run
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs tmpfs /run
+
+# The per-binary time limit (seconds) is written by the host.
+per_test_timeout=300
+[ -f /lane/timeout ] && per_test_timeout="$(cat /lane/timeout)"
+
+echo "LANE-KERNEL $(uname -r)"
+
+while read -r mod; do
+    [ -n "$mod" ] || continue
+    if ! insmod "/lane/modules/$mod.ko"; then
+        echo "LANE-ERROR insmod $mod"
+    fi
+done < /lane/modules.list
+
+# A misc device node: devtmpfs creates it, unless the driver registered
+# before devtmpfs was mounted without one; then make it from sysfs.
+misc_node() {
+    name="$1"
+    [ -e "/dev/$name" ] && return 0
+    if [ -r "/sys/class/misc/$name/dev" ]; then
+        majmin="$(cat "/sys/class/misc/$name/dev")"
+        mknod -m 0666 "/dev/$name" c "${majmin%%:*}" "${majmin##*:}"
+        echo "lane: made /dev/$name ($majmin) from sysfs"
+    fi
+    [ -e "/dev/$name" ] || echo "LANE-ERROR no /dev/$name"
+}
+misc_node kvm
+misc_node userfaultfd
+
+echo "lane: $(grep -c ^processor /proc/cpuinfo) cpu(s)," \
+    "$(awk '/MemTotal/ {print $2 " kB"}' /proc/meminfo) memory," \
+    "svm=$(grep -qw svm /proc/cpuinfo && echo yes || echo no)," \
+    "npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null || echo ?)," \
+    "tdp_mmu=$(cat /sys/module/kvm/parameters/tdp_mmu 2>/dev/null || echo ?)"
+
+export CI=true GMEM_KERNEL_LANE=1 RUST_BACKTRACE=1 HOME=/tmp TMPDIR=/tmp
+cd /tmp || echo "LANE-ERROR cd /tmp"
+
+while read -r name path args; do
+    [ -n "$name" ] || continue
+    echo "LANE-BEGIN $name"
+    # shellcheck disable=SC2086 # args are split on purpose
+    timeout -s KILL "$per_test_timeout" "$path" --test-threads=1 $args
+    rc=$?
+    echo "LANE-END $name rc=$rc"
+done < /lane/tests.list
+
+echo "LANE-DONE"
+sync
+poweroff -f

@@ -1,0 +1,1435 @@
+//! The kernel matrix: one test that probes every guest_memfd and
+//! userfaultfd feature the crates cover and, where the kernel supports it,
+//! **exercises** it through the crates and asserts its effect.
+//!
+//! It prints one line per feature on standard output (written directly, so
+//! libtest does not capture it):
+//!
+//! ```text
+//! GMEM-MATRIX-FEATURE <id> <what the feature is>
+//! GMEM-MATRIX <id> <verified|unsupported|n/a> <evidence>
+//! ```
+//!
+//! - `verified`: the feature was used through `kvm-gmem` / `uffd-gmem` and
+//!   its effect asserted (a guest read the host's data, a fault arrived with
+//!   the right kind, a pre-fault reported exact progress, ...);
+//! - `unsupported`: the kernel says no, and the test asserted that the crates
+//!   say so too, consistently with [`kvm_gmem::Capabilities`] (a capability
+//!   of 0 whose ioctl then succeeds is a failure, and so is a supported
+//!   capability whose ioctl fails);
+//! - `n/a`: a prerequisite is missing (e.g. no guest_memfd mmap to fill a
+//!   guest_memfd from the host), so the feature cannot be tried.
+//!
+//! `scripts/kernel-lane.sh` runs this test on the host kernel and on Linux
+//! 7.3 under QEMU and writes `docs/kernel-matrix.md` from the two sets of
+//! lines. A feature whose check panics is printed as `FAILED` and fails the
+//! test after every other feature has been reported.
+//!
+//! Without `/dev/kvm` the test prints `SKIP` and passes, and without
+//! userfaultfd the userfaultfd rows are `n/a`; under `CI=true` either absence
+//! is a failure.
+//!
+//! The guests are 16-bit real-mode programs assembled by hand (below): the
+//! vCPU starts at 0x1000 in an ordinary memory slot, with `ds` and `es` based
+//! at the data slot (0x20000).
+
+use std::any::Any;
+use std::io::Write as _;
+use std::ops::Range;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use kvm_bindings::kvm_regs;
+use kvm_gmem::interop::{vcpu_fd, vm_fd};
+use kvm_gmem::populate::{Populate, Source, Strategy};
+use kvm_gmem::{
+    Cap, Capabilities, Errno, GuestMemfd, GuestMemfdFlags, Kvm, MemoryAttributes, MemoryFault,
+    MemoryRegion2, UserfaultBitmap, VmType, pre_fault_memory, set_memory_attributes,
+    supported_attributes,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use uffd_gmem::{Event, FaultKind, Features, Ioctls, Mode, RegisterMode, Uffd};
+
+const PAGE: u64 = 4096;
+/// The code slot (slot 0): guest physical 0..64 KiB, the program at 0x1000.
+const CODE_SLOT_SIZE: u64 = 0x10000;
+const CODE_GPA: u64 = 0x1000;
+/// The data slot (slot 1): 64 KiB at 0x20000; the guest reads and writes
+/// its first page through `ds`/`es`.
+const DATA_GPA: u64 = 0x20000;
+const DATA_SIZE: u64 = 0x10000;
+const PORT: u16 = 0x10;
+const GUEST_OK: u8 = 1;
+const GUEST_MISMATCH: u8 = 2;
+/// What the host writes for the guest to check, and what the guest writes
+/// back.
+const HOST_BYTE: u8 = 0xaa;
+const GUEST_BYTE: u8 = 0xff;
+
+/// The guest: checks that the 4 KiB at ds:0 are all 0xaa, fills them with
+/// 0xff, and reports 1 (or 2 at the first mismatch, without writing) on port
+/// 0x10 (`objdump -D -b binary -mi8086` shows it as below).
+#[rustfmt::skip]
+const GUEST_CODE: [u8; 31] = [
+    0x31, 0xf6,       //  0: xor si, si
+    0xb9, 0x00, 0x10, //  2: mov cx, 0x1000
+    0xac,             //  5: lodsb                ; al = ds:[si++]
+    0x3c, 0xaa,       //  6: cmp al, 0xaa         ; HOST_BYTE
+    0x75, 0x10,       //  8: jne 26
+    0xe2, 0xf9,       // 10: loop 5
+    0x31, 0xff,       // 12: xor di, di
+    0xb9, 0x00, 0x10, // 14: mov cx, 0x1000
+    0xb0, 0xff,       // 17: mov al, 0xff         ; GUEST_BYTE
+    0xf3, 0xaa,       // 19: rep stosb            ; es:[di++] = al
+    0xb0, 0x01,       // 21: mov al, 1            ; GUEST_OK
+    0xe6, 0x10,       // 23: out 0x10, al
+    0xf4,             // 25: hlt
+    0xb0, 0x02,       // 26: mov al, 2            ; GUEST_MISMATCH
+    0xe6, 0x10,       // 28: out 0x10, al
+    0xf4,             // 30: hlt
+];
+
+/// The features, in the matrix's order: id and what is checked.
+const FEATURES: &[(&str, &str, Check)] = &[
+    (
+        "guest_memfd",
+        "KVM_CREATE_GUEST_MEMFD (6.8): create, fstat, fallocate allocate and punch",
+        guest_memfd,
+    ),
+    (
+        "guest_memfd_mmap",
+        "GUEST_MEMFD_FLAG_MMAP + INIT_SHARED (6.18): host mapping; a punched page reads zero",
+        guest_memfd_mmap,
+    ),
+    (
+        "memslot_v2",
+        "KVM_SET_USER_MEMORY_REGION2 (6.8): a real-mode guest runs from such slots and exchanges data with the host",
+        memslot_v2,
+    ),
+    (
+        "gmem_memslot_with_userspace_guest",
+        "guest_memfd memslot whose userspace_addr is the guest_memfd mapping: guest and host see each other's writes",
+        gmem_memslot_with_userspace_guest,
+    ),
+    (
+        "gmem_only_memslot_guest",
+        "guest_memfd-only memslot (userspace_addr 0): KVM faults guest memory from guest_memfd alone",
+        gmem_only_memslot_guest,
+    ),
+    (
+        "pre_fault",
+        "KVM_PRE_FAULT_MEMORY (6.11) over a memslot completes; the guest then runs on it",
+        pre_fault,
+    ),
+    (
+        "pre_fault_partial",
+        "KVM_PRE_FAULT_MEMORY across a slot's end stops with ENOENT after exactly the in-slot part",
+        pre_fault_partial,
+    ),
+    (
+        "memory_attributes_vm_fd",
+        "KVM_CAP_MEMORY_ATTRIBUTES on a default VM fd; KVM_SET_MEMORY_ATTRIBUTES(PRIVATE)",
+        memory_attributes_vm_fd,
+    ),
+    (
+        "memory_attributes_dev_kvm",
+        "KVM_CAP_MEMORY_ATTRIBUTES on /dev/kvm, reported apart from the VM's answer",
+        memory_attributes_dev_kvm,
+    ),
+    (
+        "uffd",
+        "userfaultfd MISSING fault on anonymous memory, resolved with UFFDIO_COPY",
+        uffd_missing,
+    ),
+    (
+        "uffd_minor_shmem",
+        "userfaultfd MINOR fault on shmem (5.14), resolved with UFFDIO_CONTINUE",
+        uffd_minor_shmem,
+    ),
+    (
+        "uffd_rwp",
+        "UFFD_FEATURE_RWP (7.3): UFFDIO_RWPROTECT makes a touch fault with kind ReadWriteProtect",
+        uffd_rwp,
+    ),
+    (
+        "uffd_rwp_async",
+        "UFFD_FEATURE_RWP_ASYNC (7.3): UFFDIO_SET_MODE switches to faults resolved without events, and back",
+        uffd_rwp_async,
+    ),
+    (
+        "uffd_on_guest_memfd",
+        "UFFDIO_REGISTER (MINOR) on a guest_memfd mapping (the guest_memfd userfaultfd series)",
+        uffd_on_guest_memfd,
+    ),
+    (
+        "rfc_populate",
+        "KVM_GUEST_MEMFD_POPULATE (RFC 0/4, Oct 2024) through Populate with Strategy::PopulateIoctl",
+        rfc_populate,
+    ),
+    (
+        "rfc_gmem_write",
+        "GUEST_MEMFD_FLAG_WRITE, pwrite() on guest_memfd (RFC v7 / Firecracker 6.18), through Strategy::Write",
+        rfc_gmem_write,
+    ),
+    (
+        "rfc_no_direct_map",
+        "GUEST_MEMFD_FLAG_NO_DIRECT_MAP (RFC v9 / Firecracker 6.18)",
+        rfc_no_direct_map,
+    ),
+    (
+        "rfc_kvm_userfault",
+        "KVM_MEM_USERFAULT with a bitmap (RFC v3 / Firecracker 6.18): a vCPU fault exits with the USERFAULT flag",
+        rfc_kvm_userfault,
+    ),
+];
+
+// ---------------------------------------------------------------------------
+// The test
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Verified,
+    Unsupported,
+    NotApplicable,
+}
+
+impl Status {
+    fn word(self) -> &'static str {
+        match self {
+            Status::Verified => "verified",
+            Status::Unsupported => "unsupported",
+            Status::NotApplicable => "n/a",
+        }
+    }
+}
+
+type Row = (Status, String);
+type Check = fn(&Ctx) -> Row;
+
+/// What every check shares: the crates' view of the kernel, queried once.
+struct Ctx {
+    kvm: Kvm,
+    kvm_io: kvm_ioctls::Kvm,
+    caps: Capabilities,
+    /// Why userfaultfd cannot be used, if it cannot.
+    uffd_missing: Option<String>,
+}
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// One line on standard output, past libtest's capture.
+fn line(text: &str) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").expect("stdout");
+    out.flush().expect("stdout");
+}
+
+fn panic_text(p: &(dyn Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+#[test]
+fn kernel_matrix() {
+    let kvm = match Kvm::open() {
+        Ok(kvm) => kvm,
+        Err(e) => {
+            assert!(
+                !ci(),
+                "kernel_matrix: /dev/kvm is required under CI=true but cannot be opened: {e}"
+            );
+            eprintln!(
+                "SKIP kernel_matrix: /dev/kvm cannot be opened ({e}); run on a KVM host as a user with access to it"
+            );
+            return;
+        }
+    };
+    let kvm_io = kvm_ioctls::Kvm::new().expect("kvm-ioctls: open /dev/kvm");
+    let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT).expect("Capabilities::query");
+    drop(vm);
+    let uffd_missing = match Uffd::builder().create() {
+        Ok(_) => None,
+        Err(e) => {
+            assert!(
+                !ci(),
+                "kernel_matrix: userfaultfd is required under CI=true but cannot be created: {e}"
+            );
+            eprintln!("kernel_matrix: userfaultfd unavailable ({e}); its rows are n/a");
+            Some(format!("userfaultfd unavailable: {e}"))
+        }
+    };
+    let cx = Ctx {
+        kvm,
+        kvm_io,
+        caps,
+        uffd_missing,
+    };
+    // A newline first: libtest has printed "test kernel_matrix ... " without one.
+    line(&format!("\nGMEM-MATRIX-KERNEL {}", cx.caps.kernel_release));
+    let mut failed = Vec::new();
+    for &(id, what, check) in FEATURES {
+        line(&format!("GMEM-MATRIX-FEATURE {id} {what}"));
+        match catch_unwind(AssertUnwindSafe(|| check(&cx))) {
+            Ok((status, evidence)) => {
+                let evidence = evidence.replace('\n', " ");
+                line(&format!("GMEM-MATRIX {id} {} {evidence}", status.word()))
+            }
+            Err(p) => {
+                let why = panic_text(p.as_ref()).replace('\n', " ");
+                line(&format!("GMEM-MATRIX {id} FAILED {why}"));
+                failed.push(format!("{id}: {why}"));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} feature check(s) failed:\n  {}",
+        failed.len(),
+        failed.join("\n  ")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Memory the tests map themselves
+// ---------------------------------------------------------------------------
+
+/// An anonymous or shared mapping, unmapped on drop. Held by address only,
+/// never by reference: the guest, the kernel and other threads change it.
+struct RawMap {
+    addr: usize,
+    len: usize,
+}
+
+impl RawMap {
+    fn new(len: u64, flags: i32, fd: i32) -> RawMap {
+        let len = len as usize;
+        // SAFETY: a fresh mapping at an address the kernel picks; it replaces
+        // nothing, and `fd` (if any) is open for the call.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        assert!(
+            p != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        RawMap {
+            addr: p as usize,
+            len,
+        }
+    }
+
+    fn anon(len: u64) -> RawMap {
+        RawMap::new(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+    }
+
+    fn shared(fd: &OwnedFd, len: u64) -> RawMap {
+        use std::os::fd::AsRawFd;
+        RawMap::new(len, libc::MAP_SHARED, fd.as_raw_fd())
+    }
+
+    fn addr(&self) -> u64 {
+        self.addr as u64
+    }
+
+    fn range(&self) -> Range<u64> {
+        self.addr()..self.addr() + self.len as u64
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        assert!(offset as usize + data.len() <= self.len);
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: inside the mapping (asserted above), which lives as long
+            // as `self`; a volatile store, no reference formed.
+            unsafe { ((self.addr + offset as usize + i) as *mut u8).write_volatile(*b) };
+        }
+    }
+
+    fn fill(&self, offset: u64, len: u64, byte: u8) {
+        self.write(offset, &vec![byte; len as usize]);
+    }
+
+    fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+        assert!((offset + len) as usize <= self.len);
+        (0..len as usize)
+            // SAFETY: inside the mapping (asserted above); a volatile load.
+            .map(|i| unsafe { ((self.addr + offset as usize + i) as *const u8).read_volatile() })
+            .collect()
+    }
+}
+
+impl Drop for RawMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; nothing refers into it (only
+        // addresses are handed out, and their users are gone by now).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Whether every byte of `bytes` is `b`; else the first offset that is not.
+fn all(bytes: &[u8], b: u8) -> Result<(), String> {
+    match bytes.iter().position(|&x| x != b) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "byte {i:#x} is {:#04x}, expected {b:#04x}",
+            bytes[i]
+        )),
+    }
+}
+
+fn read_map(map: &kvm_gmem::Mapping, offset: u64, len: u64) -> Vec<u8> {
+    let mut buf = vec![0; len as usize];
+    map.read_at(offset, &mut buf).expect("Mapping::read_at");
+    buf
+}
+
+fn memfd(len: u64) -> OwnedFd {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags.
+    let fd = unsafe { libc::memfd_create(c"gmem-kernel-matrix".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let file = std::fs::File::from(fd);
+    file.set_len(len).expect("ftruncate(memfd)");
+    OwnedFd::from(file)
+}
+
+fn tdp_mmu() -> String {
+    std::fs::read_to_string("/sys/module/kvm/parameters/tdp_mmu")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+// ---------------------------------------------------------------------------
+// The real-mode guest
+// ---------------------------------------------------------------------------
+
+/// How a run of the guest ended.
+#[derive(Debug)]
+enum GuestExit {
+    /// The guest wrote this byte to `PORT`.
+    Port(u8),
+    /// The guest touched `gpa` and KVM found no memory there.
+    Mmio { gpa: u64, write: bool },
+    /// `KVM_EXIT_MEMORY_FAULT`.
+    MemoryFault(MemoryFault),
+    /// Anything else (read through `Debug` in the failure messages).
+    Other(#[allow(dead_code)] String),
+}
+
+/// A VM with one vCPU about to run `GUEST_CODE`. Field order matters: the
+/// vCPU and the VM are dropped before the memory the slots point at.
+struct Guest {
+    vcpu: VcpuFd,
+    vm: VmFd,
+    /// The memory behind the slots' userspace addresses.
+    keep: Vec<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Guest {
+    fn new(kvm: &kvm_ioctls::Kvm) -> Guest {
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        // Intel needs a TSS for real mode; others ignore it.
+        let _ = vm.set_tss_address(0xfffb_d000);
+        let code = RawMap::anon(CODE_SLOT_SIZE);
+        code.write(CODE_GPA, &GUEST_CODE);
+        let code_addr = code.addr();
+        let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let mut g = Guest {
+            vcpu,
+            vm,
+            keep: Vec::new(),
+        };
+        let region = MemoryRegion2::builder(0, 0, CODE_SLOT_SIZE)
+            .userspace_addr(code_addr)
+            .build()
+            .expect("code slot");
+        g.set_slot(region, Some(Arc::new(code)))
+            .expect("KVM_SET_USER_MEMORY_REGION2 (code slot)");
+        let mut sregs = g.vcpu.get_sregs().expect("KVM_GET_SREGS");
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        for seg in [&mut sregs.ds, &mut sregs.es] {
+            seg.base = DATA_GPA;
+            seg.selector = (DATA_GPA >> 4) as u16;
+        }
+        g.vcpu.set_sregs(&sregs).expect("KVM_SET_SREGS");
+        let regs = kvm_regs {
+            rip: CODE_GPA,
+            rflags: 2,
+            ..Default::default()
+        };
+        g.vcpu.set_regs(&regs).expect("KVM_SET_REGS");
+        g
+    }
+
+    /// Installs `region`; `backing` is the memory behind its userspace
+    /// address (none for a guest_memfd-only slot), kept until the VM is gone.
+    fn set_slot(
+        &mut self,
+        region: MemoryRegion2,
+        backing: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> kvm_gmem::Result<()> {
+        if let Some(b) = backing {
+            self.keep.push(b);
+        }
+        // SAFETY: the memory behind the region's userspace address (if any)
+        // is `backing`, now in `self.keep`, which is dropped after `self.vm`
+        // (field order), so the slot never points at unmapped memory.
+        unsafe { region.set(&vm_fd(&self.vm)) }
+    }
+
+    fn run(&mut self) -> GuestExit {
+        for _ in 0..1000 {
+            let exit = match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(PORT, data)) => GuestExit::Port(data[0]),
+                Ok(VcpuExit::MmioRead(gpa, _)) => GuestExit::Mmio { gpa, write: false },
+                Ok(VcpuExit::MmioWrite(gpa, _)) => GuestExit::Mmio { gpa, write: true },
+                Ok(ref e @ VcpuExit::MemoryFault { .. }) => GuestExit::MemoryFault(
+                    MemoryFault::from_vcpu_exit(e).expect("a memory-fault exit"),
+                ),
+                Ok(other) => GuestExit::Other(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => GuestExit::Other(format!("KVM_RUN: {e}")),
+            };
+            return exit;
+        }
+        GuestExit::Other("KVM_RUN kept answering EINTR/EAGAIN".into())
+    }
+}
+
+/// A data slot of `DATA_SIZE` in anonymous memory, first page = HOST_BYTE.
+fn anon_data_slot(g: &mut Guest) -> Arc<RawMap> {
+    let data = Arc::new(RawMap::anon(DATA_SIZE));
+    data.fill(0, PAGE, HOST_BYTE);
+    let region = MemoryRegion2::builder(1, DATA_GPA, DATA_SIZE)
+        .userspace_addr(data.addr())
+        .build()
+        .expect("data slot");
+    g.set_slot(region, Some(data.clone()))
+        .expect("KVM_SET_USER_MEMORY_REGION2 (data slot)");
+    data
+}
+
+/// Runs the guest and asserts that it read HOST_BYTE and wrote GUEST_BYTE
+/// into the first data page, which `read` returns.
+fn assert_guest_exchanges(g: &mut Guest, read: impl Fn() -> Vec<u8>) {
+    match g.run() {
+        GuestExit::Port(GUEST_OK) => {}
+        GuestExit::Port(GUEST_MISMATCH) => {
+            panic!("the guest did not read {HOST_BYTE:#x} in its data page")
+        }
+        other => panic!("the guest ended with {other:?}"),
+    }
+    if let Err(e) = all(&read(), GUEST_BYTE) {
+        panic!("after the guest ran, the host's view of the data page: {e}");
+    }
+}
+
+fn shared_flags() -> GuestMemfdFlags {
+    GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED
+}
+
+/// Why a guest_memfd filled from the host cannot be had, if it cannot.
+fn shared_gmem_missing(cx: &Ctx) -> Option<String> {
+    if !cx.caps.guest_memfd.supported {
+        return Some(format!(
+            "needs guest_memfd ({})",
+            cx.caps.guest_memfd.evidence
+        ));
+    }
+    if !cx.caps.guest_memfd_flags.contains(shared_flags()) {
+        return Some(format!(
+            "needs MMAP|INIT_SHARED to fill the guest_memfd from the host (KVM_CAP_GUEST_MEMFD_FLAGS = {})",
+            cx.caps.guest_memfd_flags
+        ));
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------
+// guest_memfd
+// ---------------------------------------------------------------------------
+
+fn guest_memfd(cx: &Ctx) -> Row {
+    let vm = cx.kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    let size = 4 * PAGE;
+    let created = GuestMemfd::builder(size).create(&vm);
+    if !cx.caps.guest_memfd.supported {
+        let e = created.expect_err("Capabilities says no guest_memfd, yet creating one succeeded");
+        assert!(e.is_unsupported(), "expected Error::Unsupported, got {e}");
+        return (
+            Status::Unsupported,
+            format!("{}; GuestMemfd::create: {e}", cx.caps.guest_memfd.evidence),
+        );
+    }
+    let gmem = created.expect("KVM_CREATE_GUEST_MEMFD");
+    let file = std::fs::File::from(gmem.as_fd().try_clone_to_owned().expect("dup"));
+    let meta = file.metadata().expect("fstat(guest_memfd)");
+    assert_eq!(meta.len(), size, "fstat size of the guest_memfd");
+    gmem.allocate(0..size).expect("fallocate(KEEP_SIZE)");
+    gmem.punch_hole(PAGE..2 * PAGE)
+        .expect("fallocate(PUNCH_HOLE)");
+    (
+        Status::Verified,
+        format!(
+            "{}; a {size}-byte guest_memfd: fstat size {size}, allocate 0..{size:#x} and punch_hole {PAGE:#x}..{:#x} succeeded",
+            cx.caps.guest_memfd.evidence,
+            2 * PAGE
+        ),
+    )
+}
+
+fn guest_memfd_mmap(cx: &Ctx) -> Row {
+    if !cx.caps.guest_memfd.supported {
+        return (Status::NotApplicable, "needs guest_memfd".into());
+    }
+    let vm = cx.kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    let size = 4 * PAGE;
+    let created = GuestMemfd::builder(size).flags(shared_flags()).create(&vm);
+    let offered = cx.caps.guest_memfd_flags;
+    if !offered.contains(shared_flags()) {
+        let e = created.expect_err("MMAP|INIT_SHARED not offered, yet creating succeeded");
+        assert!(e.is_unsupported(), "expected UnsupportedFlags, got {e}");
+        return (
+            Status::Unsupported,
+            format!("KVM_CAP_GUEST_MEMFD_FLAGS = {offered}; GuestMemfd::create: {e}"),
+        );
+    }
+    let gmem = created.expect("KVM_CREATE_GUEST_MEMFD(MMAP|INIT_SHARED)");
+    let map = gmem.map().expect("GuestMemfd::map");
+    map.fill(0, size as usize, HOST_BYTE).expect("fill");
+    all(&read_map(&map, 0, size), HOST_BYTE).expect("read back");
+    gmem.punch_hole(0..PAGE).expect("punch_hole");
+    all(&read_map(&map, 0, PAGE), 0).expect("a punched page reads zero");
+    all(&read_map(&map, PAGE, 3 * PAGE), HOST_BYTE).expect("the other pages keep their data");
+    map.fill(0, PAGE as usize, HOST_BYTE).expect("refill");
+    all(&read_map(&map, 0, PAGE), HOST_BYTE).expect("the punched page refaults");
+    (
+        Status::Verified,
+        format!(
+            "KVM_CAP_GUEST_MEMFD_FLAGS = {offered}; mapped a 4-page guest_memfd, wrote and read it back; after punch_hole page 0 read zero, pages 1-3 kept {HOST_BYTE:#x}, page 0 refaulted"
+        ),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Guests on memslots
+// ---------------------------------------------------------------------------
+
+fn memslot_v2(cx: &Ctx) -> Row {
+    if !cx.caps.user_memory2.supported {
+        let data = RawMap::anon(DATA_SIZE);
+        let vm = cx.kvm_io.create_vm().expect("KVM_CREATE_VM");
+        let region = MemoryRegion2::builder(1, DATA_GPA, DATA_SIZE)
+            .userspace_addr(data.addr())
+            .build()
+            .expect("slot");
+        // SAFETY: `data` is declared before `vm`, so it is unmapped only
+        // after the VM is gone.
+        let r = unsafe { region.set(&vm_fd(&vm)) };
+        let e = r.expect_err("KVM_CAP_USER_MEMORY2 = 0, yet the ioctl succeeded");
+        return (
+            Status::Unsupported,
+            format!(
+                "{}; KVM_SET_USER_MEMORY_REGION2: {e}",
+                cx.caps.user_memory2.evidence
+            ),
+        );
+    }
+    let mut g = Guest::new(&cx.kvm_io);
+    let data = anon_data_slot(&mut g);
+    assert_guest_exchanges(&mut g, || data.read(0, PAGE));
+    all(&data.read(PAGE, PAGE), 0).expect("the guest touched only its page");
+    (
+        Status::Verified,
+        format!(
+            "{}; a real-mode guest ran from a region2 slot at 0 and, through a second one at {DATA_GPA:#x} (anonymous memory), read the host's {HOST_BYTE:#x} page and wrote {GUEST_BYTE:#x} that the host read back",
+            cx.caps.user_memory2.evidence
+        ),
+    )
+}
+
+/// The guest on a guest_memfd data slot; with `userspace` the slot's
+/// userspace_addr is the guest_memfd's own mapping, else 0.
+fn gmem_guest(cx: &Ctx, userspace: bool) -> Row {
+    if let Some(why) = shared_gmem_missing(cx) {
+        return (Status::NotApplicable, why);
+    }
+    let mut g = Guest::new(&cx.kvm_io);
+    let gmem = GuestMemfd::builder(DATA_SIZE)
+        .flags(shared_flags())
+        .create(&vm_fd(&g.vm))
+        .expect("KVM_CREATE_GUEST_MEMFD");
+    let map = Arc::new(gmem.map().expect("GuestMemfd::map"));
+    map.fill(0, PAGE as usize, HOST_BYTE).expect("fill");
+    let mut region = MemoryRegion2::builder(1, DATA_GPA, DATA_SIZE).guest_memfd(&gmem, 0);
+    if userspace {
+        region = region.userspace(&map);
+    }
+    let region = region.build().expect("guest_memfd slot");
+    g.set_slot(
+        region,
+        userspace.then(|| map.clone() as Arc<dyn Any + Send + Sync>),
+    )
+    .expect("KVM_SET_USER_MEMORY_REGION2 (KVM_MEM_GUEST_MEMFD)");
+    let mut pre = String::new();
+    if cx.caps.pre_fault_memory.supported {
+        let pf = pre_fault_memory(&vcpu_fd(&g.vcpu), DATA_GPA..DATA_GPA + DATA_SIZE)
+            .expect("KVM_PRE_FAULT_MEMORY over the guest_memfd slot");
+        assert!(
+            pf.is_complete(),
+            "pre-fault of the guest_memfd slot: {pf:?}"
+        );
+        pre = format!(
+            "; KVM_PRE_FAULT_MEMORY of the slot completed ({:#x} bytes) first",
+            pf.done
+        );
+    }
+    let shape = if userspace {
+        "KVM_MEM_GUEST_MEMFD slot with userspace_addr = the guest_memfd mapping"
+    } else {
+        "guest_memfd-only slot (userspace_addr 0)"
+    };
+    match g.run() {
+        GuestExit::Port(GUEST_OK) => {}
+        GuestExit::Mmio { gpa, write }
+            if !userspace && (DATA_GPA..DATA_GPA + PAGE).contains(&gpa) =>
+        {
+            return (
+                Status::Unsupported,
+                format!(
+                    "the guest's first {} of the {shape} at {DATA_GPA:#x} exited KVM_EXIT_MMIO at {gpa:#x}: KVM does not fault guest memory from guest_memfd alone here (kvm.tdp_mmu = {}; shadow paging){pre}",
+                    if write { "write" } else { "read" },
+                    tdp_mmu()
+                ),
+            );
+        }
+        GuestExit::Port(GUEST_MISMATCH) => {
+            panic!("the guest did not read {HOST_BYTE:#x} through the {shape}")
+        }
+        other => panic!("the guest on the {shape} ended with {other:?}"),
+    }
+    all(&read_map(&map, 0, PAGE), GUEST_BYTE).expect("the host sees the guest's write");
+    (
+        Status::Verified,
+        format!(
+            "a real-mode guest read the host's {HOST_BYTE:#x} page through a {shape} at {DATA_GPA:#x} and wrote {GUEST_BYTE:#x}, which the host read back through its mapping{pre}"
+        ),
+    )
+}
+
+fn gmem_memslot_with_userspace_guest(cx: &Ctx) -> Row {
+    gmem_guest(cx, true)
+}
+
+fn gmem_only_memslot_guest(cx: &Ctx) -> Row {
+    gmem_guest(cx, false)
+}
+
+// ---------------------------------------------------------------------------
+// Pre-fault
+// ---------------------------------------------------------------------------
+
+/// `None` when pre-fault is supported; else the row for an unsupported
+/// kernel, after checking that the crate refuses it consistently.
+fn pre_fault_refused(cx: &Ctx, g: &Guest) -> Option<Row> {
+    let r = pre_fault_memory(&vcpu_fd(&g.vcpu), DATA_GPA..DATA_GPA + DATA_SIZE);
+    if cx.caps.pre_fault_memory.supported {
+        return None;
+    }
+    match r {
+        Err(e) if e.is_unsupported() => Some((
+            Status::Unsupported,
+            format!(
+                "{}; pre_fault_memory: {e}",
+                cx.caps.pre_fault_memory.evidence
+            ),
+        )),
+        other => panic!(
+            "{}, yet pre_fault_memory answered {other:?}",
+            cx.caps.pre_fault_memory.evidence
+        ),
+    }
+}
+
+fn pre_fault(cx: &Ctx) -> Row {
+    let mut g = Guest::new(&cx.kvm_io);
+    let data = anon_data_slot(&mut g);
+    if let Some(row) = pre_fault_refused(cx, &g) {
+        return row;
+    }
+    let pf = pre_fault_memory(&vcpu_fd(&g.vcpu), DATA_GPA..DATA_GPA + DATA_SIZE)
+        .expect("KVM_PRE_FAULT_MEMORY");
+    assert!(pf.is_complete(), "pre-fault of the whole slot: {pf:?}");
+    assert_eq!(pf.done, DATA_SIZE);
+    assert_guest_exchanges(&mut g, || data.read(0, PAGE));
+    (
+        Status::Verified,
+        format!(
+            "{}; pre_fault_memory({DATA_GPA:#x}..{:#x}) over a slot completed (done {:#x}); the guest then exchanged data through it",
+            cx.caps.pre_fault_memory.evidence,
+            DATA_GPA + DATA_SIZE,
+            pf.done
+        ),
+    )
+}
+
+fn pre_fault_partial(cx: &Ctx) -> Row {
+    let mut g = Guest::new(&cx.kvm_io);
+    let _data = anon_data_slot(&mut g);
+    if let Some((_, why)) = pre_fault_refused(cx, &g) {
+        return (Status::Unsupported, why);
+    }
+    let end = DATA_GPA + DATA_SIZE;
+    let vcpu = vcpu_fd(&g.vcpu);
+    let half = pre_fault_memory(&vcpu, end - PAGE..end + PAGE).expect("pre-fault across the end");
+    assert_eq!(half.done, PAGE, "{half:?}");
+    assert_eq!(half.remaining, end..end + PAGE, "{half:?}");
+    assert_eq!(half.stopped, Some(Errno(libc::ENOENT)), "{half:?}");
+    let outside =
+        pre_fault_memory(&vcpu, end + PAGE..end + 2 * PAGE).expect("pre-fault outside any slot");
+    assert_eq!(outside.done, 0, "{outside:?}");
+    assert_eq!(outside.remaining, end + PAGE..end + 2 * PAGE, "{outside:?}");
+    assert_eq!(outside.stopped, Some(Errno(libc::ENOENT)), "{outside:?}");
+    (
+        Status::Verified,
+        format!(
+            "pre_fault_memory({:#x}..{:#x}), one page in the slot and one past it: done {:#x}, stopped ENOENT, remaining {:#x}..{:#x}; a range wholly outside: done 0, ENOENT",
+            end - PAGE,
+            end + PAGE,
+            half.done,
+            half.remaining.start,
+            half.remaining.end
+        ),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Memory attributes
+// ---------------------------------------------------------------------------
+
+fn attrs_text(v: i32) -> String {
+    let a = MemoryAttributes::from_bits_retain(v.max(0) as u64);
+    if a.contains(MemoryAttributes::PRIVATE) {
+        format!("{v:#x} (PRIVATE)")
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// The raw answers of /dev/kvm and of a fresh default VM, checked against
+/// what `Capabilities` reported for each.
+fn attribute_answers(cx: &Ctx) -> (i32, i32, kvm_gmem::Vm) {
+    let dev = cx
+        .kvm
+        .check_extension(Cap::MEMORY_ATTRIBUTES)
+        .expect("KVM_CHECK_EXTENSION on /dev/kvm");
+    let vm = cx.kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    let on_vm = vm
+        .check_extension(Cap::MEMORY_ATTRIBUTES)
+        .expect("KVM_CHECK_EXTENSION on the VM");
+    assert_eq!(
+        cx.caps.memory_attributes_system.bits(),
+        dev.max(0) as u64,
+        "Capabilities::memory_attributes_system must be /dev/kvm's answer"
+    );
+    assert_eq!(
+        cx.caps.memory_attributes.bits(),
+        on_vm.max(0) as u64,
+        "Capabilities::memory_attributes must be the VM fd's answer"
+    );
+    assert_eq!(
+        supported_attributes(&vm)
+            .expect("supported_attributes")
+            .bits(),
+        on_vm.max(0) as u64
+    );
+    (dev, on_vm, vm)
+}
+
+fn memory_attributes_vm_fd(cx: &Ctx) -> Row {
+    let (dev, on_vm, vm) = attribute_answers(cx);
+    let range = DATA_GPA..DATA_GPA + PAGE;
+    if MemoryAttributes::from_bits_retain(on_vm.max(0) as u64).contains(MemoryAttributes::PRIVATE) {
+        drop(vm);
+        // Private memory on an ordinary slot: the guest's access must exit
+        // as a private memory fault.
+        let mut g = Guest::new(&cx.kvm_io);
+        let _data = anon_data_slot(&mut g);
+        set_memory_attributes(&vm_fd(&g.vm), range.clone(), MemoryAttributes::PRIVATE)
+            .expect("KVM_SET_MEMORY_ATTRIBUTES(PRIVATE)");
+        match g.run() {
+            GuestExit::MemoryFault(f) if f.is_private() && f.gpa == DATA_GPA => {}
+            other => panic!("expected a private memory fault at {DATA_GPA:#x}, got {other:?}"),
+        }
+        set_memory_attributes(&vm_fd(&g.vm), range, MemoryAttributes::empty())
+            .expect("KVM_SET_MEMORY_ATTRIBUTES(0)");
+        return (
+            Status::Verified,
+            format!(
+                "the VM fd answers {}; with PRIVATE set on an ordinary slot's page the guest's read exited KVM_EXIT_MEMORY_FAULT (PRIVATE) at {DATA_GPA:#x}",
+                attrs_text(on_vm)
+            ),
+        );
+    }
+    let e = set_memory_attributes(&vm, range, MemoryAttributes::PRIVATE)
+        .expect_err("the VM offers no attributes, yet KVM_SET_MEMORY_ATTRIBUTES succeeded");
+    assert!(e.is_unsupported(), "expected Error::Unsupported, got {e}");
+    (
+        Status::Unsupported,
+        format!(
+            "a default VM fd answers {} (/dev/kvm {}; KVM_CAP_VM_TYPES = {:#x}); set_memory_attributes refuses: {e}",
+            attrs_text(on_vm),
+            attrs_text(dev),
+            cx.caps.vm_types
+        ),
+    )
+}
+
+fn memory_attributes_dev_kvm(cx: &Ctx) -> Row {
+    let (dev, on_vm, _vm) = attribute_answers(cx);
+    if dev <= 0 {
+        return (
+            Status::Unsupported,
+            format!(
+                "KVM_CHECK_EXTENSION(KVM_CAP_MEMORY_ATTRIBUTES) on /dev/kvm = {}; Capabilities agrees",
+                attrs_text(dev)
+            ),
+        );
+    }
+    (
+        Status::Verified,
+        format!(
+            "/dev/kvm answers {} and a default VM fd {}: Capabilities reports each fd's own answer (memory_attributes_system, memory_attributes)",
+            attrs_text(dev),
+            attrs_text(on_vm)
+        ),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// userfaultfd
+// ---------------------------------------------------------------------------
+
+/// Reads the byte at `addr` on a new thread, which sends it on the returned
+/// channel once the read completes (a blocked read sends nothing until the
+/// caller resolves or unregisters the fault).
+fn read_on_thread(addr: u64) -> mpsc::Receiver<u8> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: `addr` lies in a mapping that the test keeps until this
+        // thread has sent its byte (every caller waits for it or unblocks
+        // the fault and waits); a volatile load, no reference formed.
+        let b = unsafe { (addr as *const u8).read_volatile() };
+        let _ = tx.send(b);
+    });
+    rx
+}
+
+/// Touches `addr` (in `registered`) on a thread, waits up to 10 s for the
+/// fault on `uffd`, and lets `resolve` resolve it. Returns the fault's kind
+/// and address and the byte the thread read. On any failure the range is
+/// unregistered first, which wakes the thread.
+fn touch_and_serve(
+    uffd: &Uffd,
+    registered: Range<u64>,
+    addr: u64,
+    resolve: impl FnOnce(&Uffd) -> Result<(), String>,
+) -> (FaultKind, u64, u8) {
+    let rx = read_on_thread(addr);
+    let fail = |why: String| -> ! {
+        let _ = uffd.unregister(registered.clone());
+        let _ = rx.recv_timeout(Duration::from_secs(10));
+        panic!("{why}");
+    };
+    match uffd.poll_readable(Duration::from_secs(10)) {
+        Ok(true) => {}
+        Ok(false) => fail(format!(
+            "no userfaultfd event within 10 s of touching {addr:#x}"
+        )),
+        Err(e) => fail(format!("poll: {e}")),
+    }
+    let (kind, address) = match uffd.read_event() {
+        Ok(Some(Event::Pagefault { kind, address, .. })) => (kind, address),
+        other => fail(format!("expected a page fault event, got {other:?}")),
+    };
+    if let Err(e) = resolve(uffd) {
+        fail(format!("resolving the {kind:?} fault at {address:#x}: {e}"));
+    }
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(b) => (kind, address, b),
+        Err(_) => fail(format!(
+            "the {kind:?} fault at {address:#x} was resolved, but the thread did not finish"
+        )),
+    }
+}
+
+fn uffd_or_na(cx: &Ctx) -> Result<(), Row> {
+    match &cx.uffd_missing {
+        Some(why) => Err((Status::NotApplicable, why.clone())),
+        None => Ok(()),
+    }
+}
+
+fn offered() -> Features {
+    Uffd::builder()
+        .create()
+        .expect("userfaultfd")
+        .supported_features()
+        .expect("a handshake reports the offered features")
+}
+
+/// The row for a feature the kernel does not offer, after checking that
+/// asking for it fails with `MissingFeatures` naming it.
+fn feature_refused(feature: Features, name: &str) -> Row {
+    let e = Uffd::builder()
+        .require_features(feature)
+        .create()
+        .expect_err("a feature the kernel does not offer was accepted");
+    let missing = match &e {
+        uffd_gmem::Error::MissingFeatures { missing, .. } => *missing,
+        other => panic!("expected MissingFeatures, got {other}"),
+    };
+    assert!(missing.contains(feature), "{e}");
+    (
+        Status::Unsupported,
+        format!(
+            "UFFDIO_API offers {:#x}, without {name}; require_features({name}) fails with MissingFeatures {{ missing: {:#x} }}",
+            offered().bits(),
+            missing.bits()
+        ),
+    )
+}
+
+fn uffd_missing(cx: &Ctx) -> Row {
+    if let Err(row) = uffd_or_na(cx) {
+        return row;
+    }
+    let mem = RawMap::anon(4 * PAGE);
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .create()
+        .expect("userfaultfd");
+    // SAFETY: `mem` is an anonymous mapping that nothing references (only
+    // its address is used) and that outlives `uffd` (declared before it).
+    let ioctls = unsafe { uffd.register(mem.range(), RegisterMode::MISSING) }
+        .expect("UFFDIO_REGISTER(MISSING)");
+    assert!(ioctls.contains(Ioctls::COPY | Ioctls::WAKE), "{ioctls:?}");
+    let target = mem.addr() + PAGE;
+    let src = vec![0xabu8; PAGE as usize];
+    let (kind, address, byte) = touch_and_serve(&uffd, mem.range(), target, |u| {
+        // SAFETY: `src` is readable for PAGE bytes for the whole call.
+        let n = unsafe { u.copy(target, src.as_ptr(), PAGE, Mode::empty()) }
+            .map_err(|e| e.to_string())?;
+        (n == PAGE).then_some(()).ok_or(format!("copied {n} bytes"))
+    });
+    assert_eq!(kind, FaultKind::Missing);
+    assert_eq!(address, target);
+    assert_eq!(byte, 0xab);
+    (
+        Status::Verified,
+        format!(
+            "origin {:?}; a read of a registered anonymous page faulted (Missing at the page), UFFDIO_COPY of one page resolved it and the reader saw 0xab",
+            uffd.origin()
+        ),
+    )
+}
+
+fn uffd_minor_shmem(cx: &Ctx) -> Row {
+    if let Err(row) = uffd_or_na(cx) {
+        return row;
+    }
+    if !offered().contains(Features::MINOR_SHMEM) {
+        return feature_refused(Features::MINOR_SHMEM, "UFFD_FEATURE_MINOR_SHMEM");
+    }
+    let fd = memfd(4 * PAGE);
+    let view = RawMap::shared(&fd, 4 * PAGE);
+    let alias = RawMap::shared(&fd, 4 * PAGE);
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require_features(Features::MINOR_SHMEM)
+        .create()
+        .expect("userfaultfd with MINOR_SHMEM");
+    alias.fill(PAGE, PAGE, 0xcd);
+    // SAFETY: `view` is a shared mapping that nothing references and that
+    // outlives `uffd` (declared before it).
+    let ioctls = unsafe { uffd.register(view.range(), RegisterMode::MINOR) }
+        .expect("UFFDIO_REGISTER(MINOR) on shmem");
+    assert!(ioctls.contains(Ioctls::CONTINUE), "{ioctls:?}");
+    let target = view.addr() + PAGE;
+    let (kind, address, byte) = touch_and_serve(&uffd, view.range(), target, |u| {
+        let n = u
+            .r#continue(target..target + PAGE, Mode::empty())
+            .map_err(|e| e.to_string())?;
+        (n == PAGE).then_some(()).ok_or(format!("mapped {n} bytes"))
+    });
+    assert_eq!(kind, FaultKind::Minor);
+    assert_eq!(address, target);
+    assert_eq!(byte, 0xcd);
+    (
+        Status::Verified,
+        "a page written through a second shmem mapping faulted Minor when read through the registered one; UFFDIO_CONTINUE resolved it and the reader saw 0xcd".into(),
+    )
+}
+
+fn uffd_rwp(cx: &Ctx) -> Row {
+    if let Err(row) = uffd_or_na(cx) {
+        return row;
+    }
+    if !offered().contains(Features::RWP) {
+        return feature_refused(Features::RWP, "UFFD_FEATURE_RWP");
+    }
+    let mem = RawMap::anon(4 * PAGE);
+    mem.fill(0, 4 * PAGE, 0x5a);
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require_features(Features::RWP)
+        .create()
+        .expect("userfaultfd with RWP");
+    // SAFETY: `mem` is an anonymous mapping that nothing references and that
+    // outlives `uffd` (declared before it).
+    let ioctls =
+        unsafe { uffd.register(mem.range(), RegisterMode::RWP) }.expect("UFFDIO_REGISTER(RWP)");
+    assert!(ioctls.contains(Ioctls::RWPROTECT), "{ioctls:?}");
+    uffd.rwprotect(mem.range(), true, Mode::empty())
+        .expect("UFFDIO_RWPROTECT");
+    let target = mem.addr() + 2 * PAGE;
+    let (kind, address, byte) = touch_and_serve(&uffd, mem.range(), target, |u| {
+        u.rwprotect(target..target + PAGE, false, Mode::empty())
+            .map_err(|e| e.to_string())
+    });
+    assert_eq!(kind, FaultKind::ReadWriteProtect);
+    assert_eq!(address, target);
+    assert_eq!(byte, 0x5a, "read-write protection must keep the contents");
+    (
+        Status::Verified,
+        format!(
+            "UFFDIO_API offers {:#x}; after UFFDIO_RWPROTECT of 4 populated anonymous pages a read faulted with kind ReadWriteProtect at the page; unprotecting it woke the reader, which saw the old 0x5a",
+            offered().bits()
+        ),
+    )
+}
+
+fn uffd_rwp_async(cx: &Ctx) -> Row {
+    if let Err(row) = uffd_or_na(cx) {
+        return row;
+    }
+    let features = offered();
+    if !features.contains(Features::RWP_ASYNC) {
+        if features.contains(Features::RWP) {
+            let uffd = Uffd::builder()
+                .require_features(Features::RWP)
+                .create()
+                .expect("userfaultfd with RWP");
+            let e = uffd
+                .set_mode(Features::RWP_ASYNC, Features::empty())
+                .expect_err("RWP_ASYNC not offered, yet UFFDIO_SET_MODE succeeded");
+            assert!(e.is_unsupported(), "{e}");
+        }
+        return feature_refused(Features::RWP_ASYNC, "UFFD_FEATURE_RWP_ASYNC");
+    }
+    let mem = RawMap::anon(4 * PAGE);
+    mem.fill(0, 4 * PAGE, 0x5a);
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require_features(Features::RWP)
+        .create()
+        .expect("userfaultfd with RWP");
+    // SAFETY: as in `uffd_rwp`: `mem` outlives `uffd` and nothing references it.
+    unsafe { uffd.register(mem.range(), RegisterMode::RWP) }.expect("UFFDIO_REGISTER(RWP)");
+    uffd.set_mode(Features::RWP_ASYNC, Features::empty())
+        .expect("UFFDIO_SET_MODE(enable RWP_ASYNC)");
+    uffd.rwprotect(mem.range(), true, Mode::empty())
+        .expect("UFFDIO_RWPROTECT");
+    let target = mem.addr() + PAGE;
+    let rx = read_on_thread(target);
+    let byte = match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(b) => b,
+        Err(_) => {
+            // Unblock the reader (and let it finish) before `mem` goes away.
+            let _ = uffd.unregister(mem.range());
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+            panic!("in RWP_ASYNC mode a read of a protected page still blocked after 10 s");
+        }
+    };
+    assert_eq!(byte, 0x5a, "async resolution must keep the contents");
+    assert!(
+        !uffd
+            .poll_readable(Duration::from_millis(200))
+            .expect("poll"),
+        "async mode must resolve the fault without an event"
+    );
+    // And back to synchronous faults.
+    uffd.set_mode(Features::empty(), Features::RWP_ASYNC)
+        .expect("UFFDIO_SET_MODE(disable RWP_ASYNC)");
+    uffd.rwprotect(mem.range(), true, Mode::empty())
+        .expect("UFFDIO_RWPROTECT");
+    let target = mem.addr() + 3 * PAGE;
+    let (kind, address, byte) = touch_and_serve(&uffd, mem.range(), target, |u| {
+        u.rwprotect(target..target + PAGE, false, Mode::empty())
+            .map_err(|e| e.to_string())
+    });
+    assert_eq!(kind, FaultKind::ReadWriteProtect);
+    assert_eq!(address, target);
+    assert_eq!(byte, 0x5a);
+    (
+        Status::Verified,
+        "with UFFDIO_SET_MODE(enable RWP_ASYNC) a read of an rw-protected page completed without an event and saw its contents; after disabling it the next read faulted ReadWriteProtect again".into(),
+    )
+}
+
+fn uffd_on_guest_memfd(cx: &Ctx) -> Row {
+    if let Err(row) = uffd_or_na(cx) {
+        return row;
+    }
+    if let Some(why) = shared_gmem_missing(cx) {
+        return (Status::NotApplicable, why);
+    }
+    let vm = cx.kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    let gmem = GuestMemfd::builder(4 * PAGE)
+        .flags(shared_flags())
+        .create(&vm)
+        .expect("KVM_CREATE_GUEST_MEMFD");
+    let view = gmem.map().expect("map");
+    let alias = gmem.map().expect("map");
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .create()
+        .expect("userfaultfd");
+    match uffd.register_guest_memfd(&view, RegisterMode::MINOR) {
+        Err(e) if e.is_unsupported() => {
+            return (
+                Status::Unsupported,
+                format!("register_guest_memfd(MINOR): {e}"),
+            );
+        }
+        Err(e) => panic!("register_guest_memfd(MINOR): {e}"),
+        Ok(_) => {}
+    }
+    alias.fill(PAGE, PAGE as usize, 0xcd).expect("fill");
+    let range = view.addr()..view.addr() + view.len() as u64;
+    let target = view.addr() + PAGE;
+    let (kind, address, byte) = touch_and_serve(&uffd, range, target, |u| {
+        u.r#continue(target..target + PAGE, Mode::empty())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    assert_eq!(kind, FaultKind::Minor);
+    assert_eq!(address, target);
+    assert_eq!(byte, 0xcd);
+    (
+        Status::Verified,
+        "a guest_memfd mapping registered MINOR: a page written through a second mapping faulted Minor, UFFDIO_CONTINUE resolved it and the reader saw 0xcd".into(),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// RFC series
+// ---------------------------------------------------------------------------
+
+fn rfc_populate(cx: &Ctx) -> Row {
+    let probe = &cx.caps.rfc.populate;
+    if !cx.caps.guest_memfd.supported {
+        return (Status::NotApplicable, "needs guest_memfd".into());
+    }
+    let vm = cx.kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    let mmap = cx.caps.guest_memfd_flags.contains(shared_flags());
+    let flags = if mmap {
+        shared_flags()
+    } else {
+        GuestMemfdFlags::empty()
+    };
+    let gmem = GuestMemfd::builder(DATA_SIZE)
+        .flags(flags)
+        .create(&vm)
+        .expect("KVM_CREATE_GUEST_MEMFD");
+    let region = MemoryRegion2::builder(1, DATA_GPA, DATA_SIZE)
+        .guest_memfd(&gmem, 0)
+        .build()
+        .expect("guest_memfd slot");
+    // SAFETY: a guest_memfd-only slot: no userspace address for the kernel
+    // to trust.
+    unsafe { region.set(&vm) }.expect("KVM_SET_USER_MEMORY_REGION2");
+    let src = vec![0x3cu8; 2 * PAGE as usize];
+    let r = Populate::new(&vm, &gmem)
+        .strategy(Strategy::PopulateIoctl)
+        .gpa_base(DATA_GPA)
+        .run(0..2 * PAGE, Source::bytes(&src));
+    if !probe.supported {
+        let e = r.expect_err("the populate probe failed, yet Strategy::PopulateIoctl ran");
+        assert!(e.is_unsupported(), "expected Error::Unsupported, got {e}");
+        return (
+            Status::Unsupported,
+            format!("{}; Populate(PopulateIoctl): {e}", probe.evidence),
+        );
+    }
+    let report = r.expect("Populate(PopulateIoctl)");
+    assert_eq!(report.strategy, Strategy::PopulateIoctl);
+    assert_eq!(report.bytes, 2 * PAGE);
+    let mut seen = "";
+    if mmap {
+        let map = gmem.map().expect("map");
+        all(&read_map(&map, 0, 2 * PAGE), 0x3c).expect("the populated pages");
+        seen = "; the mapping shows the bytes";
+    }
+    (
+        Status::Verified,
+        format!(
+            "{}; Populate with Strategy::PopulateIoctl filled 2 pages at gpa {DATA_GPA:#x}{seen}",
+            probe.evidence
+        ),
+    )
+}
+
+fn rfc_gmem_write(cx: &Ctx) -> Row {
+    let probe = &cx.caps.rfc.gmem_write;
+    if !cx.caps.guest_memfd.supported {
+        return (Status::NotApplicable, "needs guest_memfd".into());
+    }
+    let vm = cx.kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    let src = vec![0x4bu8; 2 * PAGE as usize];
+    if !probe.supported {
+        let created = GuestMemfd::builder(4 * PAGE).write(true).create(&vm);
+        let refused = match created {
+            Err(e) => {
+                assert!(e.is_unsupported(), "expected UnsupportedFlags, got {e}");
+                format!("GuestMemfd::create(WRITE): {e}")
+            }
+            // The bit is offered but pwrite failed in the probe: Strategy::Write must refuse.
+            Ok(g) => {
+                let e = Populate::detached(&g)
+                    .strategy(Strategy::Write)
+                    .run(0..2 * PAGE, Source::bytes(&src))
+                    .expect_err("the probe's pwrite failed, yet Strategy::Write ran");
+                format!("Populate(Write): {e}")
+            }
+        };
+        return (
+            Status::Unsupported,
+            format!("{}; {refused}", probe.evidence),
+        );
+    }
+    let mmap = cx.caps.guest_memfd_flags.contains(shared_flags());
+    let mut b = GuestMemfd::builder(4 * PAGE).write(true);
+    if mmap {
+        b = b.mmap(true).init_shared(true);
+    }
+    let gmem = b.create(&vm).expect("KVM_CREATE_GUEST_MEMFD(WRITE)");
+    let report = Populate::detached(&gmem)
+        .strategy(Strategy::Write)
+        .run(0..2 * PAGE, Source::bytes(&src))
+        .expect("Populate(Write)");
+    assert_eq!(report.strategy, Strategy::Write);
+    let mut seen = "";
+    if mmap {
+        let map = gmem.map().expect("map");
+        all(&read_map(&map, 0, 2 * PAGE), 0x4b).expect("the written pages");
+        seen = "; the mapping shows the bytes";
+    }
+    (
+        Status::Verified,
+        format!(
+            "{}; Populate with Strategy::Write wrote 2 pages{seen}",
+            probe.evidence
+        ),
+    )
+}
+
+fn rfc_no_direct_map(cx: &Ctx) -> Row {
+    let probe = &cx.caps.rfc.no_direct_map;
+    if !cx.caps.guest_memfd.supported {
+        return (Status::NotApplicable, "needs guest_memfd".into());
+    }
+    let vm = cx.kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    if !probe.supported {
+        if !cx
+            .caps
+            .guest_memfd_flags
+            .contains(GuestMemfdFlags::NO_DIRECT_MAP)
+        {
+            let e = GuestMemfd::builder(PAGE)
+                .no_direct_map(true)
+                .create(&vm)
+                .expect_err("NO_DIRECT_MAP not offered, yet creating succeeded");
+            assert!(e.is_unsupported(), "expected UnsupportedFlags, got {e}");
+        }
+        return (Status::Unsupported, probe.evidence.clone());
+    }
+    let mmap = cx.caps.guest_memfd_flags.contains(shared_flags());
+    let mut b = GuestMemfd::builder(4 * PAGE).no_direct_map(true);
+    if mmap {
+        b = b.mmap(true).init_shared(true);
+    }
+    let gmem = b
+        .create(&vm)
+        .expect("KVM_CREATE_GUEST_MEMFD(NO_DIRECT_MAP)");
+    let mut seen = "";
+    if mmap {
+        let map = gmem.map().expect("map");
+        map.fill(0, PAGE as usize, 0x6e).expect("fill");
+        all(&read_map(&map, 0, PAGE), 0x6e).expect("read back");
+        seen = "; its mapping reads back what was written";
+    }
+    (
+        Status::Verified,
+        format!(
+            "{}; created a 4-page NO_DIRECT_MAP guest_memfd{seen}",
+            probe.evidence
+        ),
+    )
+}
+
+fn rfc_kvm_userfault(cx: &Ctx) -> Row {
+    let probe = &cx.caps.rfc.kvm_userfault;
+    let pages = DATA_SIZE / PAGE;
+    let mut g = Guest::new(&cx.kvm_io);
+    let data = Arc::new(RawMap::anon(DATA_SIZE));
+    data.fill(0, PAGE, HOST_BYTE);
+    let bitmap = Arc::new(UserfaultBitmap::new(pages, true));
+    let region = MemoryRegion2::builder(1, DATA_GPA, DATA_SIZE)
+        .userspace_addr(data.addr())
+        .userfault_bitmap(&bitmap)
+        .build()
+        .expect("userfault slot");
+    g.keep.push(bitmap.clone());
+    let r = g.set_slot(region, Some(data.clone()));
+    if !probe.supported {
+        let e =
+            r.expect_err("the userfault probe failed, yet a KVM_MEM_USERFAULT slot was accepted");
+        return (
+            Status::Unsupported,
+            format!("{}; the slot here: {e}", probe.evidence),
+        );
+    }
+    r.expect("KVM_SET_USER_MEMORY_REGION2(KVM_MEM_USERFAULT)");
+    match g.run() {
+        GuestExit::MemoryFault(f) if f.is_userfault() && f.gpa == DATA_GPA => {}
+        other => panic!("expected a USERFAULT memory fault at {DATA_GPA:#x}, got {other:?}"),
+    }
+    bitmap.clear(0);
+    assert_guest_exchanges(&mut g, || data.read(0, PAGE));
+    (
+        Status::Verified,
+        format!(
+            "{}; the guest's first read exited KVM_EXIT_MEMORY_FAULT with USERFAULT at {DATA_GPA:#x}; after clearing the page's bit it ran on",
+            probe.evidence
+        ),
+    )
+}

@@ -1,0 +1,822 @@
+//! Firecracker's UFFD handler handshake, both sides.
+//!
+//! When Firecracker restores a snapshot with a `Uffd` memory backend it
+//! creates guest memory, a userfaultfd on which it has already done
+//! `UFFDIO_API` and registered every region (MISSING mode), connects to the
+//! handler's Unix socket and makes **one `sendmsg`**:
+//!
+//! - payload: a UTF-8 JSON array of [`GuestRegionUffdMapping`], no length
+//!   prefix, no trailing newline;
+//! - ancillary data (`SCM_RIGHTS`): the userfaultfd, and on the
+//!   `feature/secret-hiding` branch, when guest memory is a guest_memfd
+//!   ("secret free" VMs), also the guest_memfd and the KVM userfault bitmap
+//!   memfd: `[uffd, guest_memfd, userfault_bitmap]`.
+//!
+//! [`Handshake::recv`] is the handler's side: it takes ownership of every
+//! received fd at once (so unexpected ones are closed on every error path),
+//! [`parse`]s and validates the regions, checks that the first fd is a
+//! userfaultfd, and adopts it with [`Uffd::from_initialized`] (the VMM did
+//! the API handshake; a second one would fail). [`send`] is the VMM's side,
+//! for tests and demos.
+//!
+//! ```no_run
+//! use std::os::unix::net::UnixListener;
+//! use std::time::Duration;
+//! use uffd_gmem::firecracker::Handshake;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let listener = UnixListener::bind("/run/fc-uffd.sock")?;
+//! let (stream, _) = listener.accept()?;
+//! let hs = Handshake::recv_timeout(&stream, Duration::from_secs(10))?;
+//! hs.validate_against_snapshot(std::fs::metadata("mem.snap")?.len())?;
+//! for r in &hs.regions {
+//!     println!("{:#x}+{:#x} <- file offset {:#x}", r.base_host_virt_addr, r.size, r.offset);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The secret-hiding branch's later traffic on the same socket (bitcode
+//! framed fault requests, the exitless-APF message) is not handled here;
+//! [`Handshake::recv`] reads no further than the handshake itself.
+#![allow(unsafe_code)]
+
+use crate::error::{Errno, Error, Result};
+use crate::uffd::Uffd;
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+/// The operation named in this module's [`Error::Protocol`] errors.
+pub const OP: &str = "firecracker handshake";
+
+/// The largest handshake payload [`Handshake::recv`] accepts, in bytes.
+/// Firecracker's own example handler reads 1 KiB; a few regions take about
+/// 130 bytes each.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// The most fds one handshake may carry (Firecracker sends 1 or 3); more are
+/// received up to this many, closed, and reported.
+pub const MAX_FDS: usize = 8;
+
+/// The smallest page size a region may declare.
+pub const MIN_PAGE_SIZE: u64 = 4096;
+
+/// One guest memory region as Firecracker describes it (`GuestRegionUffdMapping`
+/// in `src/vmm/src/persist.rs`): where the region lives in Firecracker's
+/// address space and where its contents are in the snapshot memory file.
+///
+/// Serialized in Firecracker's field order; the secret-hiding fields are
+/// written only when set, so a main-branch element is byte-identical to
+/// Firecracker's. Unknown fields are ignored when parsing. The deprecated
+/// `page_size_kib` may be absent (Firecracker 2.0 removes it); it then reads
+/// as `page_size`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "RegionWire")]
+pub struct GuestRegionUffdMapping {
+    /// Start of the region in the VMM's address space: where pages must be
+    /// placed (`UFFDIO_COPY` destination).
+    pub base_host_virt_addr: u64,
+    /// Length of the region in bytes.
+    pub size: u64,
+    /// Where the region's contents start in the snapshot memory file (regions
+    /// are laid out back to back in region order).
+    pub offset: u64,
+    /// The region's page size in bytes (4096, or 2097152 for 2 MiB
+    /// hugetlbfs).
+    pub page_size: u64,
+    /// Deprecated by Firecracker (#4948, to be removed in 2.0): the same value
+    /// as `page_size`, **in bytes** despite the name.
+    pub page_size_kib: u64,
+    /// Secret-hiding branch: the region's guest-physical start address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpa_start: Option<u64>,
+    /// Secret-hiding branch: whether the region is backed by the guest_memfd
+    /// sent as the handshake's second fd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_guest_memfd: Option<bool>,
+}
+
+/// The accepted wire form: `page_size_kib` optional.
+#[derive(Deserialize)]
+struct RegionWire {
+    base_host_virt_addr: u64,
+    size: u64,
+    offset: u64,
+    page_size: u64,
+    #[serde(default)]
+    page_size_kib: Option<u64>,
+    #[serde(default)]
+    gpa_start: Option<u64>,
+    #[serde(default)]
+    is_guest_memfd: Option<bool>,
+}
+
+impl From<RegionWire> for GuestRegionUffdMapping {
+    fn from(w: RegionWire) -> Self {
+        GuestRegionUffdMapping {
+            base_host_virt_addr: w.base_host_virt_addr,
+            size: w.size,
+            offset: w.offset,
+            page_size: w.page_size,
+            page_size_kib: w.page_size_kib.unwrap_or(w.page_size),
+            gpa_start: w.gpa_start,
+            is_guest_memfd: w.is_guest_memfd,
+        }
+    }
+}
+
+impl GuestRegionUffdMapping {
+    /// A main-branch region (`page_size_kib` = `page_size`, no secret-hiding
+    /// fields).
+    pub fn new(base_host_virt_addr: u64, size: u64, offset: u64, page_size: u64) -> Self {
+        GuestRegionUffdMapping {
+            base_host_virt_addr,
+            size,
+            offset,
+            page_size,
+            page_size_kib: page_size,
+            gpa_start: None,
+            is_guest_memfd: None,
+        }
+    }
+
+    /// The host address range `base_host_virt_addr .. + size` (saturating; a
+    /// validated region never saturates).
+    pub fn host_range(&self) -> Range<u64> {
+        self.base_host_virt_addr..self.base_host_virt_addr.saturating_add(self.size)
+    }
+
+    /// The snapshot file range `offset .. + size` (saturating, as above).
+    pub fn snapshot_range(&self) -> Range<u64> {
+        self.offset..self.offset.saturating_add(self.size)
+    }
+
+    /// Whether `host_addr` lies in the region.
+    pub fn contains(&self, host_addr: u64) -> bool {
+        host_addr >= self.base_host_virt_addr && host_addr - self.base_host_virt_addr < self.size
+    }
+
+    /// The snapshot file offset holding the byte at `host_addr`, or `None`
+    /// when the address is outside the region.
+    pub fn snapshot_offset(&self, host_addr: u64) -> Option<u64> {
+        if !self.contains(host_addr) {
+            return None;
+        }
+        self.offset
+            .checked_add(host_addr - self.base_host_virt_addr)
+    }
+
+    /// Whether the region uses the secret-hiding guest_memfd.
+    pub fn is_guest_memfd(&self) -> bool {
+        self.is_guest_memfd == Some(true)
+    }
+}
+
+/// The VMM's credentials (`SO_PEERCRED`), e.g. to kill Firecracker when the
+/// handler fails, as Firecracker's documentation recommends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerCred {
+    /// Process id at `connect` time.
+    pub pid: i32,
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id.
+    pub gid: u32,
+}
+
+impl PeerCred {
+    /// `getsockopt(SO_PEERCRED)` on a connected Unix socket.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kernel`] naming `getsockopt(SO_PEERCRED)`.
+    pub fn of(stream: &UnixStream) -> Result<PeerCred> {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` is a writable ucred and `len` its size; the kernel
+        // writes at most `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&raw mut cred).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            return Err(Error::kernel("getsockopt(SO_PEERCRED)", Errno::last()));
+        }
+        Ok(PeerCred {
+            pid: cred.pid,
+            uid: cred.uid,
+            gid: cred.gid,
+        })
+    }
+}
+
+/// A received and validated handshake.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Handshake {
+    /// The regions, in the order Firecracker sent them.
+    pub regions: Vec<GuestRegionUffdMapping>,
+    /// The VMM's userfaultfd, adopted with [`Uffd::from_initialized`].
+    pub uffd: Uffd,
+    /// Secret-hiding: the VM's guest_memfd (second fd).
+    pub guest_memfd: Option<OwnedFd>,
+    /// Secret-hiding: the KVM userfault bitmap memfd (third fd).
+    pub userfault_bitmap: Option<OwnedFd>,
+    /// The VMM's credentials, when `SO_PEERCRED` answered.
+    pub peer: Option<PeerCred>,
+}
+
+impl Handshake {
+    /// Receives the handshake, waiting as long as it takes.
+    ///
+    /// Works on blocking and non-blocking sockets. Reads no further than the
+    /// handshake: the message ends at its JSON array (it is read in one
+    /// `recvmsg` unless it is larger than one socket buffer, in which case
+    /// the rest of the array is read after it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Protocol`] (op [`OP`]) naming the problem: the peer closed
+    /// the socket first; the message is larger than [`MAX_PAYLOAD`] or
+    /// carried more than [`MAX_FDS`] fds; the fd count is not 1 (main) or 3
+    /// (secret-hiding); the first fd is not a userfaultfd; and every rule of
+    /// [`parse`]. [`Error::Kernel`] if `recvmsg` or `poll` fails.
+    pub fn recv(stream: &UnixStream) -> Result<Handshake> {
+        Handshake::recv_inner(stream, None)
+    }
+
+    /// [`Handshake::recv`] with a deadline for the whole handshake.
+    ///
+    /// # Errors
+    ///
+    /// As [`Handshake::recv`], and [`Error::Protocol`] "timed out ..." when
+    /// the handshake is not complete within `timeout`.
+    pub fn recv_timeout(stream: &UnixStream, timeout: Duration) -> Result<Handshake> {
+        Handshake::recv_inner(stream, Some((Instant::now() + timeout, timeout)))
+    }
+
+    fn recv_inner(stream: &UnixStream, deadline: Option<(Instant, Duration)>) -> Result<Handshake> {
+        let (payload, fds) = recv_message(stream.as_fd(), deadline)?;
+        let regions = parse(&payload, fds.len())?;
+        let mut fds = fds.into_iter();
+        let uffd_fd = fds.next().ok_or_else(|| protocol("no fd received"))?;
+        check_is_userfaultfd(uffd_fd.as_fd())?;
+        let guest_memfd = fds.next();
+        let userfault_bitmap = fds.next();
+        Ok(Handshake {
+            regions,
+            uffd: Uffd::from_initialized(uffd_fd),
+            guest_memfd,
+            userfault_bitmap,
+            peer: PeerCred::of(stream).ok(),
+        })
+    }
+
+    /// Whether this is a secret-hiding handshake (guest_memfd and bitmap
+    /// present).
+    pub fn is_secret_hiding(&self) -> bool {
+        self.guest_memfd.is_some()
+    }
+
+    /// The common page size of the regions.
+    pub fn page_size(&self) -> u64 {
+        self.regions.first().map_or(MIN_PAGE_SIZE, |r| r.page_size)
+    }
+
+    /// The region holding `host_addr`.
+    pub fn region_for(&self, host_addr: u64) -> Option<&GuestRegionUffdMapping> {
+        self.regions.iter().find(|r| r.contains(host_addr))
+    }
+
+    /// The sum of the region sizes (validated not to overflow).
+    pub fn total_size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Checks the regions against the snapshot memory file's length: every
+    /// region lies inside it, and the sizes add up to exactly its length (as
+    /// Firecracker's example handler asserts).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Protocol`] naming the region or the two totals.
+    pub fn validate_against_snapshot(&self, snapshot_len: u64) -> Result<()> {
+        validate_against_snapshot(&self.regions, snapshot_len)
+    }
+}
+
+/// [`Handshake::validate_against_snapshot`] on a region list.
+///
+/// # Errors
+///
+/// As there.
+pub fn validate_against_snapshot(
+    regions: &[GuestRegionUffdMapping],
+    snapshot_len: u64,
+) -> Result<()> {
+    let mut total: u64 = 0;
+    for (i, r) in regions.iter().enumerate() {
+        match r.offset.checked_add(r.size) {
+            Some(end) if end <= snapshot_len => {}
+            _ => {
+                return Err(protocol(format!(
+                    "region {i} reads snapshot bytes {:#x}..{:#x}, past the end of the \
+                     {snapshot_len:#x}-byte memory file",
+                    r.offset,
+                    r.offset as u128 + r.size as u128
+                )));
+            }
+        }
+        total = total
+            .checked_add(r.size)
+            .ok_or_else(|| protocol("the region sizes add up to more than 2^64 bytes"))?;
+    }
+    if total != snapshot_len {
+        return Err(protocol(format!(
+            "the region sizes add up to {total:#x} bytes but the memory file is \
+             {snapshot_len:#x} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn protocol(what: impl Into<String>) -> Error {
+    Error::Protocol {
+        op: OP,
+        what: what.into(),
+    }
+}
+
+/// A short, escaped preview of a payload for error messages.
+fn preview(payload: &[u8]) -> String {
+    const N: usize = 48;
+    let head = String::from_utf8_lossy(&payload[..payload.len().min(N)]);
+    let more = if payload.len() > N { "..." } else { "" };
+    format!("\"{}\"{more}", head.escape_debug())
+}
+
+/// Parses and validates a handshake payload that arrived with `fd_count`
+/// fds. Pure: no system calls, for property tests and custom transports.
+///
+/// Rules, each failing with [`Error::Protocol`] (op [`OP`]) that names it:
+/// - the payload is a JSON array of [`GuestRegionUffdMapping`] (unknown
+///   fields ignored), with at least one region;
+/// - `fd_count` is 3 when any region has `is_guest_memfd: true`
+///   (`[uffd, guest_memfd, userfault_bitmap]`), otherwise 1 (`[uffd]`);
+/// - every `page_size` is a power of two >= 4096, the same for all regions,
+///   and equal to `page_size_kib` (bytes, despite the name);
+/// - `size` > 0; `size`, `base_host_virt_addr` and `offset` are multiples of
+///   the page size; `base + size` and `offset + size` do not overflow;
+/// - no two regions overlap in the host address space or in the snapshot
+///   file.
+///
+/// # Errors
+///
+/// As above.
+pub fn parse(payload: &[u8], fd_count: usize) -> Result<Vec<GuestRegionUffdMapping>> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Err(protocol(
+            "the payload is empty (expected a JSON array of regions)",
+        ));
+    }
+    let regions: Vec<GuestRegionUffdMapping> = serde_json::from_slice(payload).map_err(|e| {
+        protocol(format!(
+            "the payload is not a JSON array of GuestRegionUffdMapping: {e} (payload {})",
+            preview(payload)
+        ))
+    })?;
+    if regions.is_empty() {
+        return Err(protocol("the region array is empty"));
+    }
+    let secret_hiding = regions.iter().any(GuestRegionUffdMapping::is_guest_memfd);
+    let want = if secret_hiding { 3 } else { 1 };
+    if fd_count != want {
+        let what = if secret_hiding {
+            "3 fds [uffd, guest_memfd, userfault_bitmap] (a region has is_guest_memfd: true)"
+        } else {
+            "1 fd (the userfaultfd)"
+        };
+        return Err(protocol(format!(
+            "expected {what}, received {fd_count} fd{}",
+            if fd_count == 1 { "" } else { "s" }
+        )));
+    }
+    let page = regions[0].page_size;
+    for (i, r) in regions.iter().enumerate() {
+        let at = || {
+            format!(
+                "region {i} (base_host_virt_addr {:#x}, size {:#x}, offset {:#x})",
+                r.base_host_virt_addr, r.size, r.offset
+            )
+        };
+        if !r.page_size.is_power_of_two() || r.page_size < MIN_PAGE_SIZE {
+            return Err(protocol(format!(
+                "{}: page_size {:#x} must be a power of two >= {MIN_PAGE_SIZE:#x}",
+                at(),
+                r.page_size
+            )));
+        }
+        if r.page_size != page {
+            return Err(protocol(format!(
+                "{}: page_size {:#x} differs from region 0's page_size {page:#x}; all regions \
+                 must share one page size",
+                at(),
+                r.page_size
+            )));
+        }
+        if r.page_size_kib != r.page_size {
+            return Err(protocol(format!(
+                "{}: page_size_kib {:#x} differs from page_size {:#x} (both are bytes)",
+                at(),
+                r.page_size_kib,
+                r.page_size
+            )));
+        }
+        if r.size == 0 {
+            return Err(protocol(format!("{}: size is 0", at())));
+        }
+        for (name, v) in [
+            ("size", r.size),
+            ("base_host_virt_addr", r.base_host_virt_addr),
+            ("offset", r.offset),
+        ] {
+            if !v.is_multiple_of(page) {
+                return Err(protocol(format!(
+                    "{}: {name} {v:#x} is not a multiple of page_size {page:#x}",
+                    at()
+                )));
+            }
+        }
+        if r.base_host_virt_addr.checked_add(r.size).is_none() {
+            return Err(protocol(format!(
+                "{}: base_host_virt_addr + size overflows u64",
+                at()
+            )));
+        }
+        if r.offset.checked_add(r.size).is_none() {
+            return Err(protocol(format!("{}: offset + size overflows u64", at())));
+        }
+    }
+    check_disjoint(&regions, "the host address space", |r| r.host_range())?;
+    check_disjoint(&regions, "the snapshot file", |r| r.snapshot_range())?;
+    Ok(regions)
+}
+
+fn check_disjoint(
+    regions: &[GuestRegionUffdMapping],
+    space: &str,
+    range: impl Fn(&GuestRegionUffdMapping) -> Range<u64>,
+) -> Result<()> {
+    let mut order: Vec<usize> = (0..regions.len()).collect();
+    order.sort_by_key(|&i| range(&regions[i]).start);
+    for w in order.windows(2) {
+        let (a, b) = (range(&regions[w[0]]), range(&regions[w[1]]));
+        if a.end > b.start {
+            let (i, j) = (w[0].min(w[1]), w[0].max(w[1]));
+            return Err(protocol(format!(
+                "regions {i} and {j} overlap in {space} ({:#x}..{:#x} and {:#x}..{:#x})",
+                a.start, a.end, b.start, b.end
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Fails unless `fd` is a userfaultfd (checked through `/proc/self/fd`;
+/// skipped where `/proc` is not mounted).
+fn check_is_userfaultfd(fd: BorrowedFd<'_>) -> Result<()> {
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    match std::fs::read_link(&link) {
+        Ok(target) if target.as_os_str() == "anon_inode:[userfaultfd]" => Ok(()),
+        Ok(target) => Err(protocol(format!(
+            "the first fd is not a userfaultfd (it is {})",
+            target.display()
+        ))),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Waits until `fd` has something to report (data, hang-up or error), up to
+/// the deadline.
+fn wait_readable(fd: BorrowedFd<'_>, deadline: Option<(Instant, Duration)>) -> Result<()> {
+    loop {
+        let ms = match deadline {
+            None => -1,
+            Some((at, total)) => {
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(protocol(format!(
+                        "timed out after {total:?} waiting for the handshake"
+                    )));
+                }
+                // Round up so a sub-millisecond remainder still waits.
+                left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+            }
+        };
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return Ok(());
+        }
+        if r < 0 {
+            match Errno::last() {
+                Errno(libc::EINTR) => continue,
+                e => return Err(Error::kernel("poll(firecracker handshake)", e)),
+            }
+        }
+    }
+}
+
+/// One `recvmsg` into `buf`: the bytes read, whether the control data was
+/// truncated, and every fd received (owned at once).
+fn recvmsg_once(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<(usize, bool)> {
+    // A u64 array keeps the control buffer aligned for cmsghdr.
+    const CTRL_WORDS: usize = 64;
+    let mut ctrl = [0u64; CTRL_WORDS];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<libc::c_int>()) as u32) } as usize;
+    debug_assert!(space <= size_of_val(&ctrl));
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    loop {
+        // SAFETY: msghdr is plain data; all-zero is a valid (empty) value,
+        // and it spares naming the padding fields some targets have.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = ctrl.as_mut_ptr().cast();
+        // Exactly room for MAX_FDS: the kernel closes any beyond it and sets
+        // MSG_CTRUNC.
+        msg.msg_controllen = space as _;
+        // SAFETY: `msg` points at `iov` (describing `buf`) and `ctrl`, both
+        // live and writable for the call, with their true lengths.
+        let n = unsafe {
+            libc::recvmsg(
+                fd.as_raw_fd(),
+                &mut msg,
+                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            match Errno::last() {
+                Errno(libc::EINTR) => continue,
+                e => return Err(Error::kernel("recvmsg(firecracker handshake)", e)),
+            }
+        }
+        // Take ownership of every fd before looking at anything else, so that
+        // each is closed on every path.
+        // SAFETY: `msg` was filled by the kernel; the CMSG_* accessors walk
+        // `ctrl` within msg_controllen.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !cmsg.is_null() {
+            // SAFETY: a non-null header returned by CMSG_FIRSTHDR/NXTHDR lies
+            // inside `ctrl`.
+            let hdr = unsafe { &*cmsg };
+            if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+                // SAFETY: CMSG_LEN only computes a size.
+                let header = unsafe { libc::CMSG_LEN(0) } as usize;
+                let count =
+                    (hdr.cmsg_len as usize).saturating_sub(header) / size_of::<libc::c_int>();
+                // SAFETY: the data of this header holds `count` ints, inside
+                // `ctrl`.
+                let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<libc::c_int>();
+                for k in 0..count {
+                    // SAFETY: `k < count`, inside the data; it may be
+                    // unaligned for c_int, hence read_unaligned.
+                    let raw = unsafe { data.add(k).read_unaligned() };
+                    if raw >= 0 {
+                        // SAFETY: SCM_RIGHTS installed `raw` as a new fd in
+                        // this process; nothing else owns it.
+                        fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                    }
+                }
+            }
+            // SAFETY: as for CMSG_FIRSTHDR; `cmsg` is a header of `msg`.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+        }
+        if msg.msg_flags & libc::MSG_TRUNC != 0 {
+            return Err(protocol(format!(
+                "the handshake is larger than {MAX_PAYLOAD} bytes (MSG_TRUNC)"
+            )));
+        }
+        return Ok((n as usize, msg.msg_flags & libc::MSG_CTRUNC != 0));
+    }
+}
+
+/// Reads one handshake message: the payload and its fds.
+fn recv_message(
+    fd: BorrowedFd<'_>,
+    deadline: Option<(Instant, Duration)>,
+) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+    // One byte more than accepted, so a message of exactly MAX_PAYLOAD is
+    // told apart from a larger one.
+    let mut buf = vec![0u8; MAX_PAYLOAD + 1];
+    let mut len = 0;
+    let mut fds = Vec::new();
+    loop {
+        wait_readable(fd, deadline)?;
+        let (n, ctrunc) = match recvmsg_once(fd, &mut buf[len..], &mut fds) {
+            Err(e) if e.errno() == Some(Errno(libc::EAGAIN)) => continue,
+            r => r?,
+        };
+        if ctrunc {
+            return Err(protocol(format!(
+                "the handshake carried more than {MAX_FDS} fds (MSG_CTRUNC); Firecracker sends 1 or 3"
+            )));
+        }
+        if n == 0 {
+            return Err(if len == 0 {
+                protocol("the peer closed the socket before the handshake")
+            } else {
+                protocol(format!(
+                    "the peer closed the socket in the middle of the handshake, after {len} bytes \
+                     (payload {})",
+                    preview(&buf[..len])
+                ))
+            });
+        }
+        len += n;
+        if len > MAX_PAYLOAD {
+            return Err(protocol(format!(
+                "the handshake is larger than {MAX_PAYLOAD} bytes"
+            )));
+        }
+        // A message larger than one socket buffer arrives in pieces (the fds
+        // with the first). Read on only while the JSON is incomplete: then the
+        // next bytes can only be its continuation, never a later message.
+        match serde_json::from_slice::<serde::de::IgnoredAny>(&buf[..len]) {
+            Err(e) if e.is_eof() => continue,
+            _ => break,
+        }
+    }
+    buf.truncate(len);
+    Ok((buf, fds))
+}
+
+/// The VMM's side: sends `regions` as Firecracker does (one JSON array, the
+/// fds as `SCM_RIGHTS`). Does not validate: the receiver does.
+///
+/// # Errors
+///
+/// As [`send_payload`].
+pub fn send(
+    stream: &UnixStream,
+    regions: &[GuestRegionUffdMapping],
+    fds: &[BorrowedFd<'_>],
+) -> Result<()> {
+    let payload = serde_json::to_vec(regions).map_err(|e| protocol(format!("serialize: {e}")))?;
+    send_payload(stream, &payload, fds)
+}
+
+/// Sends `payload` as-is with `fds` attached to its first byte (one
+/// `sendmsg`, then plain writes if the kernel took only part of it). For
+/// tests of hostile input and for custom encodings.
+///
+/// # Errors
+///
+/// [`Error::Invalid`] for more than 253 fds (`SCM_MAX_FD`) or fds with an
+/// empty payload; [`Error::Kernel`] naming `sendmsg` or `poll`.
+pub fn send_payload(stream: &UnixStream, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+    let op = "sendmsg(firecracker handshake)";
+    if fds.len() > 253 {
+        return Err(Error::invalid(
+            op,
+            "at most 253 fds (SCM_MAX_FD) per message",
+        ));
+    }
+    if payload.is_empty() {
+        if fds.is_empty() {
+            return Ok(());
+        }
+        return Err(Error::invalid(
+            op,
+            "fds need at least one payload byte to ride on",
+        ));
+    }
+    let fd_bytes = size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut ctrl = vec![0u64; space.div_ceil(8)];
+    let mut sent = 0;
+    while sent < payload.len() {
+        let rest = &payload[sent..];
+        let mut iov = libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        // SAFETY: plain data; all-zero is a valid empty msghdr.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if sent == 0 && !fds.is_empty() {
+            msg.msg_control = ctrl.as_mut_ptr().cast();
+            msg.msg_controllen = space as _;
+            // SAFETY: `ctrl` is aligned and `space` bytes long, room for one
+            // header with `fd_bytes` of data: CMSG_FIRSTHDR is non-null and
+            // CMSG_DATA points at `fd_bytes` writable bytes.
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                for (k, fd) in fds.iter().enumerate() {
+                    data.add(k).write_unaligned(fd.as_raw_fd());
+                }
+            }
+        }
+        // SAFETY: `msg` points at `iov` (describing `rest`, read-only for
+        // sendmsg) and `ctrl`, live for the call.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            match Errno::last() {
+                Errno(libc::EINTR) => continue,
+                Errno(libc::EAGAIN) => {
+                    let mut p = libc::pollfd {
+                        fd: stream.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    if unsafe { libc::poll(&mut p, 1, -1) } < 0
+                        && Errno::last() != Errno(libc::EINTR)
+                    {
+                        return Err(Error::kernel("poll(firecracker handshake)", Errno::last()));
+                    }
+                    continue;
+                }
+                e => return Err(Error::kernel(op, e)),
+            }
+        }
+        sent += n as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(base: u64, size: u64, offset: u64) -> GuestRegionUffdMapping {
+        GuestRegionUffdMapping::new(base, size, offset, 4096)
+    }
+
+    #[test]
+    fn serializes_in_firecrackers_field_order() {
+        let json = serde_json::to_string(&[region(0x7f00_0000_0000, 0x1000, 0)]).unwrap();
+        assert_eq!(
+            json,
+            r#"[{"base_host_virt_addr":139637976727552,"size":4096,"offset":0,"page_size":4096,"page_size_kib":4096}]"#
+        );
+        let mut sh = region(0x1000, 0x1000, 0);
+        sh.gpa_start = Some(0);
+        sh.is_guest_memfd = Some(true);
+        let json = serde_json::to_string(&sh).unwrap();
+        assert!(
+            json.ends_with(r#""page_size_kib":4096,"gpa_start":0,"is_guest_memfd":true}"#),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn page_size_kib_may_be_absent() {
+        let r = parse(
+            br#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096}]"#,
+            1,
+        )
+        .unwrap();
+        assert_eq!(r[0].page_size_kib, 4096);
+    }
+
+    #[test]
+    fn lookups() {
+        let r = region(0x10000, 0x2000, 0x3000);
+        assert_eq!(r.snapshot_offset(0x10000), Some(0x3000));
+        assert_eq!(r.snapshot_offset(0x11fff), Some(0x4fff));
+        assert_eq!(r.snapshot_offset(0x12000), None);
+        assert_eq!(r.snapshot_offset(0xffff), None);
+    }
+}
