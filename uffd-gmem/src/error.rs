@@ -17,7 +17,9 @@ pub enum Error {
         /// What the kernel returned.
         errno: Errno,
     },
-    /// The request breaks a rule the kernel would enforce; no call was made.
+    /// The request breaks a rule the kernel enforces, or one this crate
+    /// enforces for portability (e.g. negotiating a feature before using its
+    /// ioctl); no call was made.
     #[error("{op}: {rule}")]
     Invalid {
         /// The operation.

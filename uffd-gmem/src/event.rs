@@ -84,6 +84,10 @@ pub enum Msg {
     },
 }
 
+fn u32_at(b: &[u8; MSG_SIZE], off: usize) -> u32 {
+    u32::from_ne_bytes(b[off..off + 4].try_into().unwrap_or_default())
+}
+
 fn u64_at(b: &[u8; MSG_SIZE], off: usize) -> u64 {
     u64::from_ne_bytes(b[off..off + 8].try_into().unwrap_or_default())
 }
@@ -132,10 +136,10 @@ impl Msg {
                     kind,
                     access,
                     address: a(1),
-                    thread_id: thread_id.then(|| a(2) as u32),
+                    thread_id: thread_id.then(|| u32_at(b, 24)),
                 }
             }
-            sys::UFFD_EVENT_FORK => Msg::Fork { ufd: a(0) as u32 },
+            sys::UFFD_EVENT_FORK => Msg::Fork { ufd: u32_at(b, 8) },
             sys::UFFD_EVENT_REMAP => Msg::Remap {
                 from: a(0),
                 to: a(1),
@@ -201,7 +205,8 @@ pub enum Event {
         /// End.
         end: u64,
     },
-    /// An event this crate does not know.
+    /// An event this crate does not know, or a record it could not decode
+    /// (e.g. a page fault with contradictory flags), with the raw record.
     Unknown {
         /// The event code.
         event: u8,
@@ -281,12 +286,14 @@ impl EventBuffer {
             });
         }
         for rec in self.raw[..n].chunks_exact(MSG_SIZE) {
-            // Decode every record first so that fork descriptors are owned
-            // even if a later record is malformed.
-            match Msg::decode(rec, thread_id) {
-                Ok(m) => self.events.push(Event::own(m)),
-                Err(e) => return Err(e),
-            }
+            // A record the crate cannot decode still reaches the caller, raw,
+            // so that no event (and no fork descriptor) is lost.
+            let msg = Msg::decode(rec, thread_id).unwrap_or_else(|_| {
+                let mut raw = [0u8; MSG_SIZE];
+                raw.copy_from_slice(rec);
+                Msg::Unknown { event: raw[0], raw }
+            });
+            self.events.push(Event::own(msg));
         }
         Ok(())
     }

@@ -36,8 +36,8 @@
 
 mod error;
 mod event;
-mod flags;
 pub mod firecracker;
+mod flags;
 pub mod serve;
 mod sys;
 mod uffd;

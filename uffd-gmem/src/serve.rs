@@ -527,7 +527,10 @@ impl ServerBuilder {
         let mut sorted: Vec<&Region> = self.regions.iter().collect();
         sorted.sort_by_key(|r| r.host);
         for (i, r) in sorted.iter().enumerate() {
-            if r.len == 0 || !r.host.is_multiple_of(page) || !r.len.is_multiple_of(page) || !r.source_offset.is_multiple_of(page)
+            if r.len == 0
+                || !r.host.is_multiple_of(page)
+                || !r.len.is_multiple_of(page)
+                || !r.source_offset.is_multiple_of(page)
             {
                 return Err(Error::invalid(
                     op,
@@ -1224,7 +1227,8 @@ impl Shared {
                 self.on_remap(from, to, len);
             }
             Event::Fork { uffd } => {
-                // The child is not served; closing its fd lets its faults fail.
+                // The child is not served: closing its userfaultfd unregisters
+                // the child's ranges, so its faults are filled normally.
                 self.counters.other.fetch_add(1, Ordering::Relaxed);
                 drop(uffd);
             }

@@ -38,6 +38,7 @@ pub(crate) fn poll_in(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> Resul
     // SAFETY: one valid pollfd.
     let r = unsafe { libc::poll(&mut p, 1, ms) };
     match r {
+        r if r > 0 && p.revents & libc::POLLERR != 0 => Err(Errno(libc::EBADFD)),
         r if r > 0 => Ok(p.revents & libc::POLLIN != 0),
         0 => Ok(false),
         _ => match Errno::last() {

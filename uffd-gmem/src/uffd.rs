@@ -105,8 +105,13 @@ impl UffdBuilder {
                 op: "userfaultfd(2)",
                 what: "userfaultfd",
                 evidence: format!(
-                    "{} gave {device}; the system call gave {e}",
-                    self.device.display()
+                    "{} gave {device}; the system call gave {e}{}",
+                    self.device.display(),
+                    if e.0 == libc::EPERM && !self.user_mode_only {
+                        " (without privilege, the system call allows only user_mode_only(true))"
+                    } else {
+                        ""
+                    }
                 ),
             });
         }
@@ -183,7 +188,10 @@ pub struct Uffd {
 
 fn check_range(op: &'static str, range: &Range<u64>) -> Result<u64> {
     let page = kvm_gmem::page_size();
-    if range.start >= range.end || !range.start.is_multiple_of(page) || !range.end.is_multiple_of(page) {
+    if range.start >= range.end
+        || !range.start.is_multiple_of(page)
+        || !range.end.is_multiple_of(page)
+    {
         return Err(Error::invalid(
             op,
             format!(
@@ -561,8 +569,11 @@ impl Uffd {
     }
 
     /// `ioctl(uffd, UFFDIO_POISON, &{range, mode})`: marks missing pages so
-    /// that any access raises SIGBUS (Linux 6.6; needs
-    /// [`Features::POISON`] enabled); returns the bytes handled.
+    /// that any access raises SIGBUS (Linux 6.6); returns the bytes handled.
+    ///
+    /// The crate requires [`Features::POISON`] to have been negotiated (Linux
+    /// itself only advertises it), so code that works here works on every
+    /// kernel that offers the ioctl.
     ///
     /// # Errors
     ///
@@ -600,8 +611,9 @@ impl Uffd {
     }
 
     /// `ioctl(uffd, UFFDIO_MOVE, &{dst, src, len, mode})`: moves anonymous
-    /// pages from `src` to `dst` without copying (Linux 6.8; needs
-    /// [`Features::MOVE`] enabled); returns the bytes moved.
+    /// pages from `src` to `dst` without copying (Linux 6.8); returns the
+    /// bytes moved. As with [`Uffd::poison`], the crate requires
+    /// [`Features::MOVE`] to have been negotiated.
     ///
     /// # Safety
     ///

@@ -1573,6 +1573,50 @@ fn child_vmm() {
             v.say("ok");
             v.wait_for("exit");
         }
+        ["remap-race", rounds] => {
+            // Touch a fresh page (starting a fault-around window) and move the
+            // region at once, round after round, through a reservation.
+            let rounds: u64 = rounds.parse().unwrap();
+            let pages = 1024;
+            let len = pages * page;
+            let mut v = VmmSide::connect(len, Features::EVENT_REMAP);
+            let reserve = Mem::map(
+                len * rounds,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+            );
+            for round in 0..rounds {
+                let fresh = (round * 389 + 7) % pages;
+                v.check(&format!("round {round}"), [fresh], false);
+                let dest = reserve.addr + round * len;
+                // SAFETY: moves our own registered mapping onto a slot of our
+                // own reservation (still mapped PROT_NONE, so nothing else
+                // can have taken it); nothing references either range.
+                let p = unsafe {
+                    libc::mremap(
+                        v.mem.addr as *mut libc::c_void,
+                        len as usize,
+                        len as usize,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        dest as *mut libc::c_void,
+                    )
+                };
+                assert_ne!(
+                    p,
+                    libc::MAP_FAILED,
+                    "mremap: {}",
+                    std::io::Error::last_os_error()
+                );
+                v.mem.addr = dest;
+            }
+            v.say("moved");
+            v.check("every page at the last address", 0..pages, false);
+            v.say("ok");
+            v.wait_for("exit");
+            // `reserve` now holds the region's final slot and unmaps it.
+            std::mem::forget(std::mem::replace(&mut v.mem, Mem { addr: 0, len: 0 }));
+            drop(reserve);
+        }
         ["unmap"] => {
             let pages = 2048;
             let q = pages / 4;
@@ -1840,6 +1884,38 @@ fn unmap_part_of_a_region() {
         summary(&s)
     );
     assert!(s.pages_copied >= 1024, "{}", summary(&s));
+}
+
+/// `mremap` right after a fault, round after round, while the fault-around
+/// window is still being filled at the old address: no page may be left
+/// claimed by a fill that went to the old address.
+#[test]
+fn remap_while_fault_around_is_in_flight() {
+    let test = "remap_while_fault_around_is_in_flight";
+    let _g = serial();
+    if uffd_or_skip(test, Features::EVENT_REMAP).is_none() {
+        return;
+    }
+    let rounds = 8;
+    let (mut vmm, hs) = ChildVmm::start(test, &format!("remap-race {rounds}"));
+    let server = child_server(hs)
+        .source_arc(pattern())
+        .fault_around(512 * KIB)
+        .workers(2)
+        .spawn()
+        .expect("spawn");
+    vmm.expect("moved", &server);
+    vmm.expect("ok", &server);
+    vmm.send("exit");
+    vmm.finish_ok();
+    let s = server.shutdown().expect("shutdown");
+    eprintln!("[serve] {test}: {}", summary(&s));
+    assert_eq!(s.other_events, rounds, "{}", summary(&s));
+    // Fills that raced a move may fail (the old address is gone); nothing
+    // else may.
+    for e in &s.errors {
+        assert!(e.contains("UFFDIO_COPY"), "unexpected error: {e}");
+    }
 }
 
 /// `mremap` of the whole region: pages not yet served are served at the new

@@ -1,0 +1,196 @@
+//! Property tests of the pure parts: the `uffd_msg` decoder and the flag sets.
+
+use proptest::prelude::*;
+use uffd_gmem::sys_bindings as sys;
+use uffd_gmem::{Access, Error, FaultKind, Features, Ioctls, MSG_SIZE, Mode, Msg, RegisterMode};
+
+const PAGEFAULT: u8 = sys::UFFD_EVENT_PAGEFAULT as u8;
+const FORK: u8 = sys::UFFD_EVENT_FORK as u8;
+const REMAP: u8 = sys::UFFD_EVENT_REMAP as u8;
+const REMOVE: u8 = sys::UFFD_EVENT_REMOVE as u8;
+const UNMAP: u8 = sys::UFFD_EVENT_UNMAP as u8;
+
+const WRITE: u64 = sys::UFFD_PAGEFAULT_FLAG_WRITE as u64;
+const WP: u64 = sys::UFFD_PAGEFAULT_FLAG_WP as u64;
+const MINOR: u64 = sys::UFFD_PAGEFAULT_FLAG_MINOR as u64;
+const RWP: u64 = sys::UFFD_PAGEFAULT_FLAG_RWP as u64;
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 2000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// A 32-byte record: arbitrary `noise` (reserved bytes and unused argument
+/// bytes), with the event code at 0 and `fields` written at their offsets.
+fn record(noise: [u8; MSG_SIZE], event: u8, fields: &[(usize, &[u8])]) -> [u8; MSG_SIZE] {
+    let mut b = noise;
+    b[0] = event;
+    for (off, bytes) in fields {
+        b[*off..*off + bytes.len()].copy_from_slice(bytes);
+    }
+    b
+}
+
+/// The event code: mostly the known ones, sometimes anything.
+fn event_code() -> impl Strategy<Value = u8> {
+    prop_oneof![3 => PAGEFAULT..=UNMAP, 1 => any::<u8>()]
+}
+
+fn kind_flag(kind: FaultKind) -> u64 {
+    match kind {
+        FaultKind::Missing => 0,
+        FaultKind::WriteProtect => WP,
+        FaultKind::Minor => MINOR,
+        FaultKind::ReadWriteProtect => RWP,
+        _ => unreachable!("a kind this test does not know"),
+    }
+}
+
+fn fault_kind() -> impl Strategy<Value = FaultKind> {
+    prop_oneof![
+        Just(FaultKind::Missing),
+        Just(FaultKind::WriteProtect),
+        Just(FaultKind::Minor),
+        Just(FaultKind::ReadWriteProtect),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Any byte string: never a panic; anything but one record is a
+    /// `Protocol` error.
+    #[test]
+    fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..100), tid in any::<bool>()) {
+        let r = Msg::decode(&bytes, tid);
+        if bytes.len() != MSG_SIZE {
+            prop_assert!(matches!(r, Err(Error::Protocol { .. })), "{r:?}");
+        }
+    }
+
+    /// Exactly one record: decodes unless it is a page fault whose flags name
+    /// more than one of WP, MINOR, RWP.
+    #[test]
+    fn records_decode_unless_contradictory(
+        noise in any::<[u8; MSG_SIZE]>(),
+        event in event_code(),
+        tid in any::<bool>(),
+    ) {
+        let b = record(noise, event, &[]);
+        let flags = u64::from_ne_bytes(b[8..16].try_into().unwrap());
+        let kinds = [WP, MINOR, RWP].iter().filter(|&&f| flags & f != 0).count();
+        let contradictory = event == PAGEFAULT && kinds > 1;
+        let r = Msg::decode(&b, tid);
+        if contradictory {
+            prop_assert!(matches!(r, Err(Error::Protocol { .. })), "{r:?}");
+        } else {
+            prop_assert!(r.is_ok(), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn pagefault_round_trip(
+        noise in any::<[u8; MSG_SIZE]>(),
+        kind in fault_kind(),
+        write in any::<bool>(),
+        other_flags in any::<u64>(),
+        address in any::<u64>(),
+        ptid in any::<u32>(),
+        tid in any::<bool>(),
+    ) {
+        // Flag bits the decoder does not interpret are carried along.
+        let mut flags = other_flags & !(WRITE | WP | MINOR | RWP);
+        flags |= kind_flag(kind);
+        if write {
+            flags |= WRITE;
+        }
+        // `arg.pagefault`: flags at 8, address at 16, `feat.ptid` (u32) at 24.
+        let b = record(noise, PAGEFAULT, &[
+            (8, &flags.to_ne_bytes()),
+            (16, &address.to_ne_bytes()),
+            (24, &ptid.to_ne_bytes()),
+        ]);
+        let want = Msg::Pagefault {
+            kind,
+            access: if write { Access::Write } else { Access::Read },
+            address,
+            thread_id: tid.then_some(ptid),
+        };
+        prop_assert_eq!(Msg::decode(&b, tid).unwrap(), want);
+    }
+
+    #[test]
+    fn fork_round_trip(noise in any::<[u8; MSG_SIZE]>(), ufd in any::<u32>(), tid in any::<bool>()) {
+        // `arg.fork.ufd` (u32) at 8.
+        let b = record(noise, FORK, &[(8, &ufd.to_ne_bytes())]);
+        prop_assert_eq!(Msg::decode(&b, tid).unwrap(), Msg::Fork { ufd });
+    }
+
+    #[test]
+    fn remap_round_trip(
+        noise in any::<[u8; MSG_SIZE]>(),
+        from in any::<u64>(),
+        to in any::<u64>(),
+        len in any::<u64>(),
+        tid in any::<bool>(),
+    ) {
+        let b = record(noise, REMAP, &[
+            (8, &from.to_ne_bytes()),
+            (16, &to.to_ne_bytes()),
+            (24, &len.to_ne_bytes()),
+        ]);
+        prop_assert_eq!(Msg::decode(&b, tid).unwrap(), Msg::Remap { from, to, len });
+    }
+
+    #[test]
+    fn remove_and_unmap_round_trip(
+        noise in any::<[u8; MSG_SIZE]>(),
+        start in any::<u64>(),
+        end in any::<u64>(),
+        tid in any::<bool>(),
+    ) {
+        let fields: &[(usize, &[u8])] = &[(8, &start.to_ne_bytes()), (16, &end.to_ne_bytes())];
+        prop_assert_eq!(
+            Msg::decode(&record(noise, REMOVE, fields), tid).unwrap(),
+            Msg::Remove { start, end }
+        );
+        prop_assert_eq!(
+            Msg::decode(&record(noise, UNMAP, fields), tid).unwrap(),
+            Msg::Unmap { start, end }
+        );
+    }
+
+    #[test]
+    fn unknown_events_keep_the_record(
+        noise in any::<[u8; MSG_SIZE]>(),
+        event in any::<u8>().prop_filter("an unknown event", |e| !(PAGEFAULT..=UNMAP).contains(e)),
+        tid in any::<bool>(),
+    ) {
+        let b = record(noise, event, &[]);
+        prop_assert_eq!(Msg::decode(&b, tid).unwrap(), Msg::Unknown { event, raw: b });
+    }
+
+    /// Unknown bits are kept and printed, never a panic.
+    #[test]
+    fn flag_sets_debug(bits in any::<u64>()) {
+        let f = Features::from_bits_retain(bits);
+        prop_assert_eq!(f.bits(), bits);
+        let text = format!("{f:?}");
+        prop_assert!(!text.is_empty());
+        let r = RegisterMode::from_bits_retain(bits);
+        prop_assert_eq!(r.bits(), bits);
+        let text = format!("{r:?}");
+        prop_assert!(!text.is_empty());
+        let i = Ioctls::from_bits_retain(bits);
+        prop_assert_eq!(i.bits(), bits);
+        let text = format!("{i:?}");
+        prop_assert!(!text.is_empty());
+        let m = Mode::from_bits_retain(bits as u8);
+        prop_assert_eq!(m.bits(), bits as u8);
+        let text = format!("{m:?}");
+        prop_assert!(!text.is_empty());
+    }
+}
