@@ -1094,8 +1094,11 @@ impl Shared {
         let page = self.page;
         let addr = addr & !(page - 1);
         let Some(r) = self.find(addr) else {
-            self.error(format!("fault at {addr:#x} outside every region"));
-            return Fill::Failed;
+            // Perhaps at an address a REMAP is about to name: its event was
+            // read (which lets the VMM go on and fault there) but another
+            // worker has not applied it yet. Retry after reading events, like
+            // EAGAIN; given up (and reported) after the same timeout.
+            return Fill::Again;
         };
         let idx = (addr - r.host) / page;
         if self.record {
@@ -1265,11 +1268,21 @@ impl Shared {
                     }
                 }
                 RemovePolicy::ZeroOnNextFault => {
-                    let _reset = r.reset.write().unwrap_or_else(|p| p.into_inner());
-                    for i in (s - r.host) / page..(e - r.host).div_ceil(page) {
+                    let (lo, hi) = ((s - r.host) / page, (e - r.host).div_ceil(page));
+                    let reset = r.reset.write().unwrap_or_else(|p| p.into_inner());
+                    for i in lo..hi {
                         r.removed.set(i);
                         r.done.clear(i);
                         r.claimed.clear(i);
+                    }
+                    drop(reset);
+                    // A fault on these pages taken, before the reset, for a
+                    // fill in progress is not woken by that fill (it woke its
+                    // faulters before the pages were dropped): wake the range
+                    // so that such a fault is raised again.
+                    let (a, b) = (r.host + lo * page, r.host + hi * page);
+                    if let Err(err) = self.uffd.wake(a..b) {
+                        self.error(format!("REMOVE {a:#x}..{b:#x}: UFFDIO_WAKE: {err}"));
                     }
                 }
             }
@@ -1324,7 +1337,8 @@ impl Shared {
         for d in due {
             if now > d.deadline {
                 self.error(format!(
-                    "fault at {:#x} still got EAGAIN after {:?}; given up",
+                    "fault at {:#x} still got EAGAIN (or lay outside every region) after {:?}; \
+                     given up",
                     d.addr, self.eagain_timeout
                 ));
                 continue;
@@ -1394,7 +1408,10 @@ fn sub_region(r: &RegionState, a: u64, b: u64, page: u64) -> RegionState {
             other => other.clone(),
         },
         active: r.active,
-        claimed: copy_bits(&r.claimed),
+        // Only filled pages stay claimed: a claim of a fill in flight belongs
+        // to the old state (its bookkeeping goes there), and carried over it
+        // would make every later fault on the page wait for that fill.
+        claimed: copy_bits(&r.done),
         done: copy_bits(&r.done),
         removed: copy_bits(&r.removed),
         next_seq: AtomicU64::new(u64::MAX),

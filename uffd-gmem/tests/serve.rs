@@ -1617,6 +1617,37 @@ fn child_vmm() {
             std::mem::forget(std::mem::replace(&mut v.mem, Mem { addr: 0, len: 0 }));
             drop(reserve);
         }
+        ["unmap-race"] => {
+            // Touch a page (starting a fault-around window) and at once unmap
+            // part of that window, at eight places; then read what is left.
+            let pages = 1024u64;
+            let mut v = VmmSide::connect(pages * page, Features::EVENT_UNMAP);
+            let mut holes = Vec::new();
+            for k in 0..8u64 {
+                let p = k * 128 + 40;
+                v.check(&format!("round {k}"), [p], false);
+                let hole = p + 1..p + 33;
+                // SAFETY: unmaps part of our own mapping; those pages are
+                // never read again, and the rest is unmapped by the process
+                // exit (the mapping is leaked below).
+                let r = unsafe {
+                    libc::munmap(
+                        (v.mem.addr + hole.start * page) as *mut libc::c_void,
+                        ((hole.end - hole.start) * page) as usize,
+                    )
+                };
+                assert_eq!(r, 0, "munmap: {}", std::io::Error::last_os_error());
+                holes.push(hole);
+            }
+            v.check(
+                "every page left",
+                (0..pages).filter(|i| !holes.iter().any(|h| h.contains(i))),
+                false,
+            );
+            v.say("ok");
+            v.wait_for("exit");
+            std::mem::forget(std::mem::replace(&mut v.mem, Mem { addr: 0, len: 0 }));
+        }
         ["unmap"] => {
             let pages = 2048;
             let q = pages / 4;
@@ -1830,7 +1861,7 @@ fn remove_zero_on_next_fault_repeatedly() {
     let (mut vmm, hs) = ChildVmm::start(test, &format!("remove-loop {rounds}"));
     let server = child_server(hs)
         .source_arc(pattern())
-        .workers(2)
+        .workers(3)
         .on_remove(RemovePolicy::ZeroOnNextFault)
         .spawn()
         .expect("spawn");
@@ -1913,6 +1944,35 @@ fn remap_while_fault_around_is_in_flight() {
     assert_eq!(s.other_events, rounds, "{}", summary(&s));
     // Fills that raced a move may fail (the old address is gone); nothing
     // else may.
+    for e in &s.errors {
+        assert!(e.contains("UFFDIO_COPY"), "unexpected error: {e}");
+    }
+}
+
+/// `munmap` of part of a fault-around window being filled: no hang, every
+/// page left is right.
+#[test]
+fn unmap_while_fault_around_is_in_flight() {
+    let test = "unmap_while_fault_around_is_in_flight";
+    let _g = serial();
+    if uffd_or_skip(test, Features::EVENT_UNMAP).is_none() {
+        return;
+    }
+    let (mut vmm, hs) = ChildVmm::start(test, "unmap-race");
+    let server = child_server(hs)
+        .source_arc(pattern())
+        .fault_around(512 * KIB)
+        .workers(2)
+        .spawn()
+        .expect("spawn");
+    vmm.expect("ok", &server);
+    vmm.send("exit");
+    vmm.finish_ok();
+    let s = server.shutdown().expect("shutdown");
+    eprintln!("[serve] {test}: {}", summary(&s));
+    assert_eq!(s.other_events, 8, "{}", summary(&s));
+    // Fills that raced an unmap may fail (the range is gone); nothing else
+    // may.
     for e in &s.errors {
         assert!(e.contains("UFFDIO_COPY"), "unexpected error: {e}");
     }
