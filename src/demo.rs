@@ -138,7 +138,8 @@ pub fn run() -> Res<()> {
         .create(&vmfd)
         .map_err(e("guest_memfd"))?;
     let map = gmem.map().map_err(e("map guest_memfd"))?;
-    map.write_at(CODE_GPA, GUEST).map_err(e("write guest code"))?;
+    map.write_at(CODE_GPA, GUEST)
+        .map_err(e("write guest code"))?;
 
     let (ours, theirs) = UnixStream::pair().map_err(e("socketpair"))?;
     clear_cloexec(theirs.as_raw_fd())?;
@@ -182,8 +183,13 @@ pub fn run() -> Res<()> {
         .map_err(e("userfaultfd"))?;
     // SAFETY: `guest_view` is a shared mapping only the guest (through KVM)
     // touches; no Rust reference points into it, and it outlives the server.
-    unsafe { uffd.register(guest_view.range(), RegisterMode::MISSING | RegisterMode::MINOR) }
-        .map_err(e("UFFDIO_REGISTER"))?;
+    unsafe {
+        uffd.register(
+            guest_view.range(),
+            RegisterMode::MISSING | RegisterMode::MINOR,
+        )
+    }
+    .map_err(e("UFFDIO_REGISTER"))?;
     // SAFETY: `alias` maps the same memfd, is not registered, and lives until
     // the server has been shut down below.
     let region = unsafe { Region::new(guest_view.addr, LAZY_LEN).continue_via_alias(alias.addr) };
@@ -242,7 +248,8 @@ pub fn run() -> Res<()> {
     let want_a = sum16(&data);
     let want_b = sum16(&snapshot);
     let mut stored = [0u8; 4];
-    map.read_at(RESULT_GPA, &mut stored).map_err(e("read the guest's result"))?;
+    map.read_at(RESULT_GPA, &mut stored)
+        .map_err(e("read the guest's result"))?;
     let stored_a = u16::from_le_bytes([stored[0], stored[1]]);
     let stored_b = u16::from_le_bytes([stored[2], stored[3]]);
     let ok = sum_a == Some(want_a)
@@ -251,7 +258,9 @@ pub fn run() -> Res<()> {
         && stored_b == want_b
         && stats.errors.is_empty();
 
-    println!("gmem demo: a guest_memfd VM populated by another process, plus a lazily restored region\n");
+    println!(
+        "gmem demo: a guest_memfd VM populated by another process, plus a lazily restored region\n"
+    );
     println!(
         "  separate-process population   {} bytes via {} in {} us (pid {})",
         bytes.unwrap_or("?"),

@@ -25,7 +25,6 @@ use crate::probe::{self, Ctx, Json, Kernel, OsError, Outcome, UffdReport, UffdVi
 /// The VM type of the VM the report is about.
 pub const VM_TYPE: VmType = VmType::DEFAULT;
 
-
 /// The row for a userfaultfd created and answering `UFFDIO_API`.
 pub const UFFD: &str = "userfaultfd";
 /// The row for `UFFD_FEATURE_MINOR_SHMEM`.

@@ -1409,15 +1409,25 @@ fn command_line() {
     let out = gmem(&[]);
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
     for f in Capabilities::unavailable_rows("") {
-        assert!(stdout.contains(f.feature), "no {:?} in:\n{stdout}", f.feature);
+        assert!(
+            stdout.contains(f.feature),
+            "no {:?} in:\n{stdout}",
+            f.feature
+        );
     }
     assert!(stdout.contains(report::UFFD_ON_GMEM), "{stdout}");
     if Kvm::open().is_ok() {
         assert_eq!(out.status.code(), Some(0), "{out:?}");
-        assert!(stdout.contains("gmem demo:") && stdout.contains(": OK"), "{stdout}");
+        assert!(
+            stdout.contains("gmem demo:") && stdout.contains(": OK"),
+            "{stdout}"
+        );
     } else {
         assert_eq!(out.status.code(), Some(1), "{out:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("gmem demo:"), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("gmem demo:"),
+            "{out:?}"
+        );
     }
     let out = gmem(&["probe", "--raw"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");

@@ -43,7 +43,10 @@ pub fn set_memory_attributes(
 ) -> Result<()> {
     let op = "KVM_SET_MEMORY_ATTRIBUTES";
     let page = page_size();
-    if range.start >= range.end || !range.start.is_multiple_of(page) || !range.end.is_multiple_of(page) {
+    if range.start >= range.end
+        || !range.start.is_multiple_of(page)
+        || !range.end.is_multiple_of(page)
+    {
         return Err(Error::invalid(
             op,
             format!(
