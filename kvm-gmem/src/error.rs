@@ -92,8 +92,9 @@ pub enum Error {
         /// The rule, and how the request broke it.
         rule: String,
     },
-    /// The kernel lacks what the operation needs.
-    #[error("{op}: not supported by this kernel: {capability} ({evidence})")]
+    /// The kernel (or the guest_memfd, or this build) lacks what the
+    /// operation needs.
+    #[error("{op}: not supported: {capability} ({evidence})")]
     Unsupported {
         /// The operation that was refused.
         op: &'static str,

@@ -173,7 +173,7 @@ impl AsRawFd for Kvm {
 
 /// A VM fd owned by this crate. Every API that needs a VM takes any
 /// [`AsFd`] instead, so a `kvm_ioctls::VmFd` works too (see
-/// [`crate::interop`]).
+/// the `interop` module (feature `kvm-ioctls`)).
 #[derive(Debug)]
 pub struct Vm {
     fd: OwnedFd,

@@ -13,7 +13,7 @@
 //!   [`pre_fault_memory`] with its partial progress.
 //!
 //! Every API that needs a VM takes any [`AsFd`](std::os::fd::AsFd), so a
-//! `kvm_ioctls::VmFd` works (see [`interop`], feature `kvm-ioctls`). Errors
+//! `kvm_ioctls::VmFd` works (see the `interop` module, feature `kvm-ioctls`). Errors
 //! name the operation and the rule, the missing capability, or the errno.
 //!
 //! ```no_run

@@ -9,9 +9,9 @@
 //! - Ranges: [`Uffd::register`] (`unsafe`: the kernel starts changing that
 //!   memory), [`Uffd::register_guest_memfd`] (typed
 //!   [`Error::Unsupported`] where the kernel refuses).
-//! - Resolving: [`Uffd::copy`], [`Uffd::zeropage`], [`Uffd::r#continue`],
+//! - Resolving: [`Uffd::copy`], [`Uffd::zeropage`], `Uffd::r#continue`,
 //!   [`Uffd::wake`], [`Uffd::writeprotect`], [`Uffd::poison`],
-//!   [`Uffd::r#move`], [`Uffd::rwprotect`], [`Uffd::set_mode`]. `EEXIST` and
+//!   `Uffd::r#move`, [`Uffd::rwprotect`], [`Uffd::set_mode`]. `EEXIST` and
 //!   `EAGAIN` are their own errors, with the progress made; the kernel's
 //!   negative result fields are never mistaken for byte counts.
 //! - Events: a `Send`, `#[non_exhaustive]` [`Event`] read in batches into a

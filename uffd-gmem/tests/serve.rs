@@ -15,7 +15,9 @@
 //! test. The child maps its memory, creates and registers a userfaultfd and
 //! sends it with Firecracker's handshake over a Unix socket; this process
 //! adopts it and serves. The two talk in lines over the same socket; the
-//! child is killed on every failure and timeout.
+//! child is killed on every failure and timeout. The `*_repeatedly` and
+//! `*_while_fault_around_is_in_flight` tests race `REMOVE`, `UNMAP` and
+//! `REMAP` with fills in progress; the others let the server settle first.
 //!
 //! Every test takes one file-wide lock, so that thread and fd counts are not
 //! disturbed by a parallel test. Without userfaultfd (neither
