@@ -36,7 +36,7 @@
 use std::any::Any;
 use std::io::Write as _;
 use std::ops::Range;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -586,12 +586,21 @@ fn guest_memfd(cx: &Ctx) -> Row {
     gmem.allocate(0..size).expect("fallocate(KEEP_SIZE)");
     gmem.punch_hole(PAGE..2 * PAGE)
         .expect("fallocate(PUNCH_HOLE)");
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", gmem.as_fd().as_raw_fd()))
+        .expect("readlink(/proc/self/fd/N)");
+    // SAFETY: an all-zero statfs is a valid output buffer.
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open for the call; `sfs` is a writable statfs.
+    let r = unsafe { libc::fstatfs(gmem.as_fd().as_raw_fd(), &mut sfs) };
+    assert_eq!(r, 0, "fstatfs(guest_memfd)");
     (
         Status::Verified,
         format!(
-            "{}; a {size}-byte guest_memfd: fstat size {size}, allocate 0..{size:#x} and punch_hole {PAGE:#x}..{:#x} succeeded",
+            "{}; a {size}-byte guest_memfd: fstat size {size}, allocate 0..{size:#x} and punch_hole {PAGE:#x}..{:#x} succeeded; /proc/self/fd link {:?}, fstatfs f_type {:#x}",
             cx.caps.guest_memfd.evidence,
-            2 * PAGE
+            2 * PAGE,
+            link,
+            sfs.f_type
         ),
     )
 }

@@ -26,13 +26,27 @@
 //! message, a length other than 32, a wrong magic or version, a non-zero
 //! reserved field, a number of fds other than one, flag bits this build does
 //! not name, or a size that is zero or not page aligned. Then it checks that
-//! the fd is a guest_memfd (`/proc/self/fd/N` reads `anon_inode:[kvm-gmem]`),
+//! the fd is a guest_memfd (see [identity](#identity)),
 //! that its size is the announced one, and, when `MMAP` is announced, that a
 //! page of it maps, and when `INIT_SHARED` is too, that the page can be
 //! faulted in from the host (`MADV_POPULATE_READ`, which answers EFAULT
 //! where an access would raise SIGBUS): a lying peer cannot make
 //! [`GuestMemfd::map`] hand out a mapping that faults. That check faults the
 //! first page in (allocating it, zero-filled, if it was a hole).
+//!
+//! # Identity
+//!
+//! A guest_memfd has no ioctl that names it, so [`recv`] identifies one by
+//! the filesystem its inode lives on (`fstatfs`) together with the name
+//! `/proc/self/fd/N` reads, and accepts the two forms the kernel has used:
+//!
+//! | Kernels | `f_type` | `/proc/self/fd/N` |
+//! | --- | --- | --- |
+//! | up to 6.18 | `ANON_INODE_FS_MAGIC` (`0x09041934`) | `anon_inode:[kvm-gmem]` |
+//! | 7.x (guest_memfd's own pseudo filesystem) | `GUEST_MEMFD_MAGIC` (`0x474d454d`, "GMEM") | `/[kvm-gmem] (deleted)` |
+//!
+//! A memfd, a file, a socket or any other anonymous inode is refused; a file
+//! named `[kvm-gmem]` on a real filesystem is refused by its `f_type`.
 //!
 //! After a [`Error::Protocol`] the stream may be out of step with the peer
 //! (an over-long message leaves bytes behind): drop the connection.
@@ -53,8 +67,22 @@ const HEADER_LEN: usize = 32;
 /// How many fds one message may bring in before the kernel truncates the
 /// control data (the rest are closed by the kernel).
 const MAX_FDS: usize = 16;
-/// What `readlink(/proc/self/fd/N)` gives for a guest_memfd.
-const GMEM_LINK: &str = "anon_inode:[kvm-gmem]";
+/// `ANON_INODE_FS_MAGIC` (`linux/magic.h`): guest_memfd's filesystem up to 6.18.
+const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
+/// `GUEST_MEMFD_MAGIC` (`linux/magic.h`, "GMEM"): guest_memfd's own pseudo
+/// filesystem in 7.x.
+const GUEST_MEMFD_MAGIC: i64 = 0x474d_454d;
+
+/// Whether `f_type` and the `/proc/self/fd/N` link name a guest_memfd; see
+/// the module's [identity](self#identity) table.
+fn is_guest_memfd(f_type: i64, link: &std::ffi::OsStr) -> bool {
+    let link = link.as_encoded_bytes();
+    match f_type {
+        ANON_INODE_FS_MAGIC => link == b"anon_inode:[kvm-gmem]",
+        GUEST_MEMFD_MAGIC => link == b"/[kvm-gmem] (deleted)" || link == b"/[kvm-gmem]",
+        _ => false,
+    }
+}
 
 /// Sends `gmem` (the fd, its size and flags) on `socket`; see the
 /// [module docs](self) for the wire format. The caller keeps its handle.
@@ -268,9 +296,17 @@ fn verify_fd(
             Errno(e.raw_os_error().unwrap_or(libc::EIO)),
         )
     })?;
-    if link.as_os_str() != GMEM_LINK {
+    // SAFETY: an all-zero `statfs` is a valid output buffer.
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the borrow; `sfs` is a writable `statfs`.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) } < 0 {
+        return Err(Error::kernel("fstatfs(guest_memfd)", Errno::last()));
+    }
+    #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs between libcs
+    let f_type = sfs.f_type as i64;
+    if !is_guest_memfd(f_type, link.as_os_str()) {
         return Err(protocol(format!(
-            "the fd is not a guest_memfd: /proc/self/fd/N reads {:?}, expected {GMEM_LINK:?}",
+            "the fd is not a guest_memfd: /proc/self/fd/N reads {:?} on a filesystem of type {f_type:#x}, expected \"anon_inode:[kvm-gmem]\" (type {ANON_INODE_FS_MAGIC:#x}) or \"/[kvm-gmem] (deleted)\" (type {GUEST_MEMFD_MAGIC:#x})",
             link.display().to_string()
         )));
     }
@@ -467,6 +503,34 @@ mod tests {
             (&d.magic, d.version, d.reserved, d.size, d.flags),
             (MAGIC, 1, 0, 0x4000_0000, 3)
         );
+    }
+
+    #[test]
+    fn identity_accepts_both_kernel_forms_only() {
+        use std::ffi::OsStr;
+        let ok = [
+            (ANON_INODE_FS_MAGIC, "anon_inode:[kvm-gmem]"),
+            (GUEST_MEMFD_MAGIC, "/[kvm-gmem] (deleted)"),
+            (GUEST_MEMFD_MAGIC, "/[kvm-gmem]"),
+        ];
+        for (t, l) in ok {
+            assert!(is_guest_memfd(t, OsStr::new(l)), "{t:#x} {l}");
+        }
+        let refused = [
+            // The right name on the wrong filesystem, and the reverse.
+            (GUEST_MEMFD_MAGIC, "anon_inode:[kvm-gmem]"),
+            (ANON_INODE_FS_MAGIC, "/[kvm-gmem] (deleted)"),
+            // tmpfs and ext4 files named like a guest_memfd.
+            (0x0102_1994, "/[kvm-gmem] (deleted)"),
+            (0xef53, "/[kvm-gmem]"),
+            // Other anonymous inodes.
+            (ANON_INODE_FS_MAGIC, "anon_inode:[eventfd]"),
+            (ANON_INODE_FS_MAGIC, "anon_inode:kvm-vm"),
+            (GUEST_MEMFD_MAGIC, "/memfd:[kvm-gmem] (deleted)"),
+        ];
+        for (t, l) in refused {
+            assert!(!is_guest_memfd(t, OsStr::new(l)), "{t:#x} {l}");
+        }
     }
 
     #[test]

@@ -43,6 +43,12 @@ bitflags::bitflags! {
         /// Read-write protection, `UFFDIO_RWPROTECT` (7.3).
         const RWP = sys::UFFD_FEATURE_RWP as u64;
         /// Asynchronous read-write protection, `UFFDIO_SET_MODE` (7.3).
+        ///
+        /// Negotiating it in `UFFDIO_API` starts the userfaultfd in
+        /// asynchronous mode: touches of protected pages are resolved by the
+        /// kernel without an event. Negotiate only [`RWP`](Self::RWP) to
+        /// start synchronous; [`Uffd::set_mode`](crate::Uffd::set_mode)
+        /// switches either way at run time when the kernel offers this bit.
         const RWP_ASYNC = sys::UFFD_FEATURE_RWP_ASYNC as u64;
     }
 }

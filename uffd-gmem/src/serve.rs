@@ -1010,13 +1010,32 @@ impl Shared {
                 for i in first + filled..first + count {
                     r.claimed.clear(i);
                 }
+                counter.fetch_add(filled, Ordering::Relaxed);
+                if prefetch {
+                    self.counters
+                        .prefetched
+                        .fetch_add(filled, Ordering::Relaxed);
+                }
                 (Fill::Again, filled)
             }
             Err(e) => {
                 for i in first..first + count {
                     r.claimed.clear(i);
                 }
-                self.error(format!("filling {addr:#x}+{len:#x}: {e}"));
+                match e.errno() {
+                    // The VMM's address space is gone: nothing is left to serve.
+                    Some(Errno(libc::ESRCH)) => {
+                        lock(&self.stopped_because).get_or_insert_with(|| {
+                            "the VMM's address space is gone (ESRCH)".into()
+                        });
+                        self.stop.store(true, Ordering::Release);
+                        crate::sys::eventfd_signal(self.wake.as_fd());
+                    }
+                    // The range was unmapped or unregistered meanwhile (an
+                    // UNMAP, REMAP or REMOVE event the workers are applying).
+                    Some(Errno(libc::ENOENT)) => {}
+                    _ => self.error(format!("filling {addr:#x}+{len:#x}: {e}")),
+                }
                 (Fill::Failed, 0)
             }
         }

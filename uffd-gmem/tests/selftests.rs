@@ -1496,8 +1496,11 @@ fn rwp() {
         return;
     }
 
-    // The kernel offers RWP: a synchronous RWP fault, then asynchronous mode.
-    let uffd = uffd_with("rwp", offered & (Features::RWP | Features::RWP_ASYNC)).unwrap();
+    // The kernel offers RWP: a synchronous RWP fault, then asynchronous mode
+    // switched on and off at run time. Only RWP is negotiated: negotiating
+    // RWP_ASYNC in UFFDIO_API starts the userfaultfd in asynchronous mode
+    // (checked at the end).
+    let uffd = uffd_with("rwp", Features::RWP).unwrap();
     // SAFETY: ours, unregistered yet.
     unsafe { store(area.addr, ps(), 0x5a) };
     // SAFETY: ours and unreferenced.
@@ -1531,5 +1534,39 @@ fn rwp() {
         assert!(uniform(&bytes, 0x5a));
         uffd.set_mode(Features::empty(), Features::RWP_ASYNC)
             .unwrap();
+        drop(uffd);
+
+        // RWP_ASYNC negotiated at UFFDIO_API: asynchronous from the start,
+        // until UFFDIO_SET_MODE disables it.
+        let area = Map::anon(1);
+        // SAFETY: ours, unregistered yet.
+        unsafe { store(area.addr, ps(), 0x6b) };
+        let uffd = uffd_with("rwp", Features::RWP | Features::RWP_ASYNC).unwrap();
+        // SAFETY: ours and unreferenced.
+        unsafe { uffd.register(area.range(), RegisterMode::RWP) }.unwrap();
+        uffd.rwprotect(area.range(), true, Mode::empty()).unwrap();
+        let p = area.addr;
+        // SAFETY: registered; async mode resolves the fault without an event.
+        let bytes = unfaulted(&uffd, move || unsafe { load(p, ps()) });
+        assert!(uniform(&bytes, 0x6b));
+        uffd.set_mode(Features::empty(), Features::RWP_ASYNC)
+            .unwrap();
+        uffd.rwprotect(area.range(), true, Mode::empty()).unwrap();
+        // SAFETY: registered and mapped; the fault is served below.
+        let reader = std::thread::spawn(move || unsafe { load(p, ps()) });
+        let mut faults = 0;
+        let bytes = serve(&uffd, reader, |ev| match ev {
+            Event::Pagefault {
+                kind: FaultKind::ReadWriteProtect,
+                address,
+                ..
+            } if address == p => {
+                faults += 1;
+                uffd.rwprotect(p..p + ps(), false, Mode::empty()).unwrap();
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        assert_eq!(faults, 1, "after disabling RWP_ASYNC the read must fault");
+        assert!(uniform(&bytes, 0x6b));
     }
 }
