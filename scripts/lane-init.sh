@@ -24,7 +24,9 @@ mkdir -p /proc /sys /dev /tmp /run
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp stays on the (writable) initramfs: no tmpfs over it, because the test
+# executables sit at their host paths, which may lie under /tmp.
+chmod 1777 /tmp
 mount -t tmpfs tmpfs /run
 
 # The per-binary time limit (seconds) is written by the host.
