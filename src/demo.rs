@@ -304,7 +304,8 @@ pub fn run() -> Res<()> {
 fn clear_cloexec(fd: i32) -> Res<()> {
     // SAFETY: F_GETFD/F_SETFD on a descriptor we own change only its flags.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    // SAFETY: as above.
+    // SAFETY: the same descriptor, still open; F_SETFD takes an integer and
+    // changes only its close-on-exec flag.
     if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
         return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
     }

@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 
 /// Whether one feature is usable, and how the crate knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Support {
     /// Usable on this kernel and VM.
     pub supported: bool,
@@ -40,8 +41,9 @@ impl Support {
     }
 }
 
-/// The RFC features, each confirmed by behaviour.
+/// The RFC features, each confirmed by behaviour. New RFC series add fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RfcSupport {
     /// `KVM_GUEST_MEMFD_POPULATE`: the size-0 probe succeeded.
     pub populate: Support,

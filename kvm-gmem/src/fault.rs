@@ -21,8 +21,11 @@ bitflags::bitflags! {
 /// `KVM_CAP_MEMORY_FAULT_INFO`, Linux 6.8).
 ///
 /// Flags the crate does not know are kept: test them with
-/// [`MemoryFaultFlags::bits`].
+/// [`MemoryFaultFlags::bits`]. The kernel may report more about a fault in
+/// the future, so the struct is `#[non_exhaustive]`: build one with
+/// [`MemoryFault::from_raw`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct MemoryFault {
     /// Why the fault exited.
     pub flags: MemoryFaultFlags,

@@ -96,7 +96,8 @@ impl GuestMemfdBuilder {
     }
 
     /// Sets the whole flag set at once, including bits the crate does not
-    /// name (they are still checked against the VM's supported set).
+    /// name (the kernel refuses what it does not support, and the refusal
+    /// is explained against the VM's supported set).
     pub fn flags(mut self, flags: GuestMemfdFlags) -> Self {
         self.flags = flags;
         self
@@ -105,9 +106,11 @@ impl GuestMemfdBuilder {
     /// `ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args)`: creates the guest_memfd
     /// (since Linux 6.8; flags since 6.18).
     ///
-    /// The size must be non-zero and a multiple of the page size, and every
-    /// flag must be in the VM's `KVM_CAP_GUEST_MEMFD_FLAGS`; both are checked
-    /// before the ioctl. The fd is close-on-exec.
+    /// The size must be non-zero and a multiple of the page size (checked
+    /// before the ioctl), and every flag must be in the VM's
+    /// `KVM_CAP_GUEST_MEMFD_FLAGS`: when the kernel refuses, the capabilities
+    /// are asked which rule was broken, so a successful create costs what
+    /// the raw ioctl costs (plus one `fcntl` for close-on-exec).
     ///
     /// # Errors
     ///
@@ -137,25 +140,15 @@ impl GuestMemfdBuilder {
                 format!("size {:#x} exceeds the largest file size", self.size),
             ));
         }
-        if check_extension(vm, Cap::GUEST_MEMFD)? == 0 {
-            return Err(Error::Unsupported {
-                op,
-                capability: "KVM_CAP_GUEST_MEMFD",
-                evidence: "KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD) = 0 on the VM fd".into(),
-            });
+        // The ioctl first: the capabilities are asked only to explain a
+        // refusal, so a successful create costs one ioctl (and the
+        // close-on-exec fcntl), like the raw call.
+        let flags = self.flags;
+        match self.create_unchecked(vm) {
+            Ok(gmem) => Ok(gmem),
+            Err(e @ Error::Kernel { .. }) => Err(explain_refusal(vm, flags)?.unwrap_or(e)),
+            Err(e) => Err(e),
         }
-        if !self.flags.is_empty() {
-            let supported = supported_flags(vm)?;
-            let unsupported = self.flags.difference(supported);
-            if !unsupported.is_empty() {
-                return Err(Error::UnsupportedFlags {
-                    op,
-                    unsupported,
-                    supported,
-                });
-            }
-        }
-        self.create_unchecked(vm)
     }
 
     /// The ioctl alone, without the size and flag checks: for probes that
@@ -177,6 +170,32 @@ impl GuestMemfdBuilder {
             flags: self.flags,
         })
     }
+}
+
+/// After the kernel refused to create a guest_memfd: the typed reason when
+/// the capabilities show one (no guest_memfd at all, or flags the VM does not
+/// offer).
+fn explain_refusal(vm: &impl AsFd, flags: GuestMemfdFlags) -> Result<Option<Error>> {
+    let op = "KVM_CREATE_GUEST_MEMFD";
+    if check_extension(vm, Cap::GUEST_MEMFD)? == 0 {
+        return Ok(Some(Error::Unsupported {
+            op,
+            capability: "KVM_CAP_GUEST_MEMFD",
+            evidence: "KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD) = 0 on the VM fd".into(),
+        }));
+    }
+    if !flags.is_empty() {
+        let supported = supported_flags(vm)?;
+        let unsupported = flags.difference(supported);
+        if !unsupported.is_empty() {
+            return Ok(Some(Error::UnsupportedFlags {
+                op,
+                unsupported,
+                supported,
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// An owned guest_memfd: the fd, its size and the flags it was created with.

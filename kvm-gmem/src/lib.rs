@@ -10,7 +10,11 @@
 //! - [`MemoryRegion2`] for `KVM_SET_USER_MEMORY_REGION2` (`unsafe` exactly
 //!   where the kernel starts trusting a user address);
 //! - [`set_memory_attributes`], [`MemoryFault`] decoding and
-//!   [`pre_fault_memory`] with its partial progress.
+//!   [`pre_fault_memory`] with its partial progress;
+//! - [`populate`]: filling guest memory, by the VMM or another process
+//!   ([`share`]);
+//! - [`seccomp`]: the system calls and ioctl requests each feature needs,
+//!   for VMMs that run under a seccomp filter.
 //!
 //! Every API that needs a VM takes any [`AsFd`](std::os::fd::AsFd), so a
 //! `kvm_ioctls::VmFd` works (see the `interop` module, feature `kvm-ioctls`). Errors
@@ -38,6 +42,25 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Where the API draws the `unsafe` line, and why, is in the repository's
+//! `SAFETY.md`; moving from kvm-ioctls is in `MIGRATING.md`.
+//!
+//! # Examples
+//!
+//! In `kvm-gmem/examples/` (`cargo run -p kvm-gmem --example NAME`):
+//!
+//! - `capabilities`: the typed capability report of this kernel and a
+//!   default VM.
+//! - `populate_speed`: population throughput, each strategy against a plain
+//!   copy into a fresh mapping (run with `--release`).
+//! - `separate_populator`: the VMM hands its guest_memfd to another process
+//!   ([`share`]), which fills it with
+//!   [`Populate::detached`](populate::Populate::detached); the VMM checks
+//!   the contents.
+//! - `kvm_ioctls_interop` (`--features kvm-ioctls`): a kvm-ioctls `VmFd` and
+//!   vCPU with this crate's guest_memfd and memory slot; a real-mode guest
+//!   writes into guest_memfd memory, the host reads it back.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
@@ -53,6 +76,7 @@ mod mapping;
 mod memslot;
 pub mod populate;
 mod prefault;
+pub mod seccomp;
 pub mod share;
 mod sys;
 

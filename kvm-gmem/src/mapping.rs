@@ -161,7 +161,9 @@ impl Mapping {
     /// [`Error::Invalid`] if the range leaves the mapping.
     pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<()> {
         let off = self.check("Mapping::fill", offset, len)?;
-        // SAFETY: the range is inside the mapping (checked).
+        // SAFETY: `off + len` is inside the mapping (checked), which is
+        // mapped read-write and host-accessible (MMAP + INIT_SHARED) for
+        // `self`'s lifetime; only volatile stores touch it.
         unsafe { volatile_fill(self.ptr.as_ptr().add(off), byte, len) };
         Ok(())
     }
@@ -219,12 +221,15 @@ pub(crate) unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
     let mut i = 0;
     if (src as usize ^ dst as usize).is_multiple_of(8) {
         while i < len && !(dst as usize + i).is_multiple_of(8) {
-            // SAFETY: i < len, within the caller's ranges.
+            // SAFETY: `i < len`, and the caller guarantees `src` readable and
+            // `dst` writable for `len` bytes; byte accesses need no alignment.
             unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
             i += 1;
         }
         while i + 8 <= len {
-            // SAFETY: i + 8 <= len, and both sides are 8-aligned here.
+            // SAFETY: `i + 8 <= len` keeps the word inside both caller
+            // ranges; `dst + i` is 8-aligned (loop above) and `src + i` too,
+            // as `src` and `dst` agree modulo 8 on this path.
             unsafe {
                 let w = src.add(i).cast::<u64>().read_volatile();
                 dst.add(i).cast::<u64>().write_volatile(w);
@@ -233,7 +238,7 @@ pub(crate) unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
         }
     }
     while i < len {
-        // SAFETY: i < len.
+        // SAFETY: `i < len`, inside both caller ranges; byte accesses.
         unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
         i += 1;
     }
@@ -248,17 +253,18 @@ unsafe fn volatile_fill(dst: *mut u8, byte: u8, len: usize) {
     let word = u64::from_ne_bytes([byte; 8]);
     let mut i = 0;
     while i < len && !(dst as usize + i).is_multiple_of(8) {
-        // SAFETY: i < len.
+        // SAFETY: `i < len`, inside the caller's writable range; a byte store.
         unsafe { dst.add(i).write_volatile(byte) };
         i += 1;
     }
     while i + 8 <= len {
-        // SAFETY: i + 8 <= len, 8-aligned.
+        // SAFETY: `i + 8 <= len` keeps the word inside the caller's range,
+        // and `dst + i` is 8-aligned after the loop above.
         unsafe { dst.add(i).cast::<u64>().write_volatile(word) };
         i += 8;
     }
     while i < len {
-        // SAFETY: i < len.
+        // SAFETY: `i < len`, inside the caller's writable range; a byte store.
         unsafe { dst.add(i).write_volatile(byte) };
         i += 1;
     }

@@ -115,9 +115,8 @@ impl MemoryRegion2<'_> {
 
     /// The raw argument, for callers that issue the ioctl themselves.
     pub fn as_raw(&self) -> &sys::kvm_userspace_memory_region2 {
-        // SAFETY-free: the two layouts are the same size; return upstream's
-        // view by value reinterpretation is not possible safely, so only the
-        // upstream layout is exposed when the RFC is off.
+        // Always upstream's type: with the KVM Userfault RFC on, `Raw` is the
+        // RFC's layout and `raw_upstream` reinterprets it (see there).
         self.raw_upstream()
     }
 
@@ -221,9 +220,11 @@ impl<'a> MemoryRegion2Builder<'a> {
     /// # Errors
     ///
     /// [`Error::Invalid`] naming the rule: size non-zero and page aligned;
-    /// guest address page aligned; guest_memfd offset page aligned and the
-    /// range inside the file; a mapping given with [`Self::userspace`] at
-    /// least `size` long; a userfault bitmap covering every page.
+    /// guest address page aligned; no flag bit outside [`RegionFlags`];
+    /// `GUEST_MEMFD` only with [`Self::guest_memfd`]; guest_memfd offset page
+    /// aligned and the range inside the file; a mapping given with
+    /// [`Self::userspace`] at least `size` long; a userfault bitmap covering
+    /// every page.
     pub fn build(self) -> Result<MemoryRegion2<'a>> {
         let op = "KVM_SET_USER_MEMORY_REGION2";
         let page = page_size();
@@ -256,6 +257,21 @@ impl<'a> MemoryRegion2Builder<'a> {
                 "the mapping ({len:#x} bytes) is smaller than the slot ({:#x})",
                 self.size
             ));
+        }
+        let unknown = self.flags.bits() & !RegionFlags::all().bits();
+        if unknown != 0 {
+            return bad(format!(
+                "flags {:#x} hold bits {unknown:#x} that no KVM_MEM_* flag of this build names \
+                 (RFC flags need their cargo feature)",
+                self.flags.bits()
+            ));
+        }
+        if self.gmem.is_none() && self.flags.contains(RegionFlags::GUEST_MEMFD) {
+            return bad(
+                "KVM_MEM_GUEST_MEMFD is set but no guest_memfd was given (set it with \
+                 MemoryRegion2Builder::guest_memfd, which also sets the flag)"
+                    .into(),
+            );
         }
         let (fd, offset) = match self.gmem {
             Some((fd, offset, file_size)) => {

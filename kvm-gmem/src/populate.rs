@@ -70,9 +70,13 @@ const BATCH: u64 = 4 << 20;
 
 /// Ranges at least this large get two threads by default.
 const PARALLEL_MIN: u64 = 64 << 20;
+/// The most threads one population starts, whatever [`Populate::threads`] asks.
+const MAX_THREADS: usize = 64;
 
-/// Where the bytes come from.
+/// Where the bytes come from. More kinds of source may come (the enum is
+/// `#[non_exhaustive]`); [`Source::bytes`] and [`Source::file`] build these.
 #[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
 pub enum Source<'a> {
     /// A buffer: byte `i` of the range gets `bytes[i]`.
     Bytes(&'a [u8]),
@@ -227,8 +231,9 @@ impl<'a> Populate<'a> {
         self
     }
 
-    /// Threads that copy (at least 1). By default 1, or
-    /// `min(available_parallelism, 2)` for ranges of 64 MiB or more.
+    /// Threads that copy (at least 1; at most 64, and at most one per
+    /// page). By default 1, or `min(available_parallelism, 2)` for ranges of
+    /// 64 MiB or more.
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = Some(threads);
         self
@@ -390,7 +395,9 @@ impl<'a> Populate<'a> {
             }
         });
         let pages = usize::try_from(len / page_size()).unwrap_or(usize::MAX);
-        want.clamp(1, pages.max(1))
+        // Each thread gets at least one page, and no more threads than
+        // MAX_THREADS are started whatever was asked.
+        want.clamp(1, pages.clamp(1, MAX_THREADS))
     }
 
     // ---- Strategy::PopulateIoctl ------------------------------------------

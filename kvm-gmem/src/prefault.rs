@@ -8,6 +8,7 @@ use std::os::fd::AsFd;
 
 /// How far a pre-fault got.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PreFault {
     /// Bytes mapped, from the start of the request.
     pub done: u64,

@@ -227,6 +227,43 @@ fn check(
     if flags & libc::MSG_TRUNC != 0 {
         return Err(protocol("message truncated (MSG_TRUNC)".into()));
     }
+    let (size, gmem_flags) = validate_header(op, &buf[..len.min(buf.len())], len, fds.len())?;
+    let fd = fds.remove(0);
+    verify_fd(op, fd.as_fd(), size, gmem_flags)?;
+    Ok(GuestMemfd::from_parts(fd, size, gmem_flags))
+}
+
+/// Decodes and validates a hand-over message of `message.len()` bytes that
+/// arrived with `fd_count` fds, applying every rule [`recv`] applies before
+/// it looks at the fd itself: the announced size and flags, or
+/// [`Error::Protocol`] (op `"decode(guest_memfd header)"`) naming the broken rule. Pure: no
+/// system call. For fuzzing and property tests; not part of the stable API.
+///
+/// # Errors
+///
+/// [`Error::Protocol`]: a length other than 32, a wrong magic or version, a
+/// non-zero reserved field, a fd count other than 1, flag bits this build
+/// does not name, a size that is zero, not page aligned or past the largest
+/// file size.
+#[doc(hidden)]
+pub fn decode_header(message: &[u8], fd_count: usize) -> Result<(u64, GuestMemfdFlags)> {
+    validate_header(
+        "decode(guest_memfd header)",
+        message,
+        message.len(),
+        fd_count,
+    )
+}
+
+/// The header rules; `len` is the received length (`recv` reads one byte
+/// more than a header, so `len` tells a long message from an exact one).
+fn validate_header(
+    op: &'static str,
+    buf: &[u8],
+    len: usize,
+    fd_count: usize,
+) -> Result<(u64, GuestMemfdFlags)> {
+    let protocol = |what: String| Error::Protocol { op, what };
     if len != HEADER_LEN {
         return Err(protocol(format!(
             "message of {len}{} bytes, the header is exactly {HEADER_LEN} (short or truncated message)",
@@ -253,10 +290,9 @@ fn check(
             header.reserved
         )));
     }
-    if fds.len() != 1 {
+    if fd_count != 1 {
         return Err(protocol(format!(
-            "{} fds came with the message, expected exactly 1; all were closed",
-            fds.len()
+            "{fd_count} fds came with the message, expected exactly 1; all were closed"
         )));
     }
     let unknown = header.flags & !GuestMemfdFlags::all().bits();
@@ -269,16 +305,20 @@ fn check(
         )));
     }
     let page = page_size();
-    if header.size == 0 || !header.size.is_multiple_of(page) || header.size > i64::MAX as u64 {
+    if header.size == 0 || !header.size.is_multiple_of(page) {
         return Err(protocol(format!(
             "announced size {:#x} is not a non-zero multiple of the page size ({page:#x})",
             header.size
         )));
     }
-    let fd = fds.remove(0);
-    let gmem_flags = GuestMemfdFlags::from_bits_retain(header.flags);
-    verify_fd(op, fd.as_fd(), header.size, gmem_flags)?;
-    Ok(GuestMemfd::from_parts(fd, header.size, gmem_flags))
+    if header.size > i64::MAX as u64 {
+        return Err(protocol(format!(
+            "announced size {:#x} exceeds the largest file size ({:#x})",
+            header.size,
+            i64::MAX
+        )));
+    }
+    Ok((header.size, GuestMemfdFlags::from_bits_retain(header.flags)))
 }
 
 /// Checks that `fd` is a guest_memfd of `size` bytes that honours `flags`'
@@ -536,7 +576,8 @@ mod tests {
     #[test]
     fn control_buffer_holds_max_fds() {
         let c = Control::new();
-        // SAFETY: constant computation.
+        // SAFETY: CMSG_SPACE computes a size from an integer and reads
+        // no memory.
         let want = unsafe { libc::CMSG_SPACE((MAX_FDS * 4) as u32) } as usize;
         assert_eq!(c.space(MAX_FDS), want);
     }

@@ -41,25 +41,34 @@ pub(crate) fn own_new_fd(op: &'static str, raw: i32) -> Result<OwnedFd> {
 }
 
 fn set_cloexec(op: &'static str, raw: i32) -> Result<()> {
-    // SAFETY: F_GETFD/F_SETFD on a descriptor we own read and write only its flags.
-    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
-    if flags < 0 {
+    // One F_SETFD, without reading first: FD_CLOEXEC is the only descriptor
+    // flag, and a descriptor the kernel just created has none set.
+    // SAFETY: `raw` is the descriptor `own_new_fd` just took ownership of,
+    // open for the call; F_SETFD takes an integer and changes only its
+    // descriptor flags.
+    if unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
         return Err(Error::kernel(op, Errno::last()));
-    }
-    if flags & libc::FD_CLOEXEC == 0 {
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
-            return Err(Error::kernel(op, Errno::last()));
-        }
     }
     Ok(())
 }
 
 /// The host page size.
+#[inline]
 pub fn page_size() -> u64 {
-    // SAFETY: sysconf reads a system constant.
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // Asked once: the page size of a running process never changes, and the
+    // hot paths (every userfaultfd resolve) check alignment against it.
+    static PAGE: AtomicU64 = AtomicU64::new(0);
+    let cached = PAGE.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    // SAFETY: sysconf takes an integer name and returns an integer; no
+    // memory of ours is passed.
     let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if v > 0 { v as u64 } else { 4096 }
+    let page = if v > 0 { v as u64 } else { 4096 };
+    PAGE.store(page, Ordering::Relaxed);
+    page
 }
 
 /// `open(path, flags | O_CLOEXEC)`.

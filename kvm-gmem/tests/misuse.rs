@@ -5,62 +5,29 @@
 //!
 //! Tests that need `/dev/kvm` print `SKIP <test>: <why>` and pass when it
 //! cannot be opened, except under `CI=true`, where that is a failure. Every
-//! test holds [`LOCK`]: `no_fd_leaks` counts this process's descriptors.
+//! test holds the file-wide lock (`common::lock`): `no_fd_leaks` counts this
+//! process's descriptors.
 
+mod common;
+
+use common::{assert_no_fd_leaks, page, shared};
 use kvm_gmem::{
     Error, GuestMemfd, GuestMemfdFlags, Kvm, MemoryAttributes, MemoryRegion2, Vm, VmType,
-    delete_memory_region, page_size, pre_fault_memory, set_memory_attributes, supported_attributes,
+    delete_memory_region, pre_fault_memory, set_memory_attributes, supported_attributes,
     supported_flags,
 };
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn lock() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Opens `/dev/kvm`, or says why the test is skipped (`None`); under
-/// `CI=true` a missing device is a failure.
-fn kvm_or_skip(test: &str) -> Option<Kvm> {
-    match Kvm::open() {
-        Ok(kvm) => Some(kvm),
-        Err(e) => {
-            assert!(
-                !ci(),
-                "{test}: /dev/kvm is required under CI=true but cannot be opened: {e}"
-            );
-            eprintln!(
-                "SKIP {test}: /dev/kvm cannot be opened ({e}); run on a KVM host as a user with access to it"
-            );
-            None
-        }
-    }
-}
-
-fn page() -> u64 {
-    page_size()
-}
 
 fn vm(kvm: &Kvm) -> Vm {
     kvm.create_vm(VmType::DEFAULT)
         .expect("KVM_CREATE_VM(default)")
 }
 
-fn both() -> GuestMemfdFlags {
-    GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED
-}
-
 /// Whether the VM offers MMAP|INIT_SHARED; says SKIP for `what` if not.
 fn offers_mmap(vm: &Vm, what: &str) -> bool {
     let offered = supported_flags(vm).unwrap();
-    if offered.contains(both()) {
+    if offered.contains(shared()) {
         true
     } else {
         eprintln!(
@@ -356,6 +323,22 @@ fn case_memslot_builder(kvm: &Kvm) {
         op,
         "past the file size",
     );
+    // Flag bits no KVM_MEM_* flag names, and GUEST_MEMFD without a
+    // guest_memfd (the slot would name fd 0): refused before the ioctl.
+    invalid(
+        b(0, p)
+            .flags(kvm_gmem::RegionFlags::from_bits_retain(1 << 20))
+            .build(),
+        op,
+        "0x100000 that no KVM_MEM_* flag of this build names",
+    );
+    invalid(
+        MemoryRegion2::builder(0, 0, p)
+            .flags(kvm_gmem::RegionFlags::GUEST_MEMFD)
+            .build(),
+        op,
+        "no guest_memfd was given",
+    );
     // Exactly the file is fine.
     let r = b(0x10_0000, 4 * p).build().unwrap();
     assert_eq!((r.slot(), r.gpa(), r.size()), (0, 0x10_0000, 4 * p));
@@ -364,7 +347,7 @@ fn case_memslot_builder(kvm: &Kvm) {
 
     if offers_mmap(&vm, "memslot mapping-too-small rule") {
         let small = GuestMemfd::builder(2 * p)
-            .flags(both())
+            .flags(shared())
             .create(&vm)
             .unwrap();
         let map = small.map().unwrap();
@@ -381,7 +364,7 @@ fn case_mapping_bounds(kvm: &Kvm) {
         return;
     }
     let g = GuestMemfd::builder(4 * p)
-        .flags(both())
+        .flags(shared())
         .create(&vm)
         .unwrap();
     let map = g.map().unwrap();
@@ -714,7 +697,7 @@ fn case_cloexec(kvm: &Kvm) {
     assert_ne!(fd_flags(kvm.as_raw_fd()) & libc::FD_CLOEXEC, 0, "Kvm fd");
     let vm = vm(kvm);
     assert_ne!(fd_flags(vm.as_raw_fd()) & libc::FD_CLOEXEC, 0, "Vm fd");
-    for flags in [GuestMemfdFlags::empty(), both()] {
+    for flags in [GuestMemfdFlags::empty(), shared()] {
         if !supported_flags(&vm).unwrap().contains(flags) {
             continue;
         }
@@ -734,19 +717,6 @@ fn case_cloexec(kvm: &Kvm) {
 // The tests
 // ---------------------------------------------------------------------------
 
-macro_rules! kvm_test {
-    ($name:ident, $case:ident) => {
-        #[test]
-        fn $name() {
-            let _guard = lock();
-            let Some(kvm) = kvm_or_skip(stringify!($name)) else {
-                return;
-            };
-            $case(&kvm);
-        }
-    };
-}
-
 kvm_test!(guest_memfd_builder_rules, case_gmem_builder);
 kvm_test!(fallocate_range_rules, case_fallocate_rules);
 kvm_test!(memslot_builder_rules, case_memslot_builder);
@@ -763,33 +733,21 @@ kvm_test!(guest_memfd_of_another_vm, case_gmem_of_other_vm);
 kvm_test!(other_kernel_refusals, case_other_kernel_refusals);
 kvm_test!(descriptors_are_cloexec, case_cloexec);
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .count()
-}
-
 /// The whole set, run once more, leaves no descriptor behind.
 #[test]
 fn no_fd_leaks() {
-    let _guard = lock();
-    let before = open_fds();
-    {
-        let Some(kvm) = kvm_or_skip("no_fd_leaks") else {
-            return;
-        };
-        case_gmem_builder(&kvm);
-        case_fallocate_rules(&kvm);
-        case_memslot_builder(&kvm);
-        case_mapping_bounds(&kvm);
-        case_memory_attributes(&kvm);
-        case_pre_fault(&kvm);
-        case_vm_types(&kvm);
-        case_overlapping_memslots(&kvm);
-        case_same_gmem_range_twice(&kvm);
-        case_gmem_of_other_vm(&kvm);
-        case_other_kernel_refusals(&kvm);
-        case_cloexec(&kvm);
-    }
-    assert_eq!(open_fds(), before, "descriptors leaked");
+    assert_no_fd_leaks("no_fd_leaks", "descriptors leaked", |kvm| {
+        case_gmem_builder(kvm);
+        case_fallocate_rules(kvm);
+        case_memslot_builder(kvm);
+        case_mapping_bounds(kvm);
+        case_memory_attributes(kvm);
+        case_pre_fault(kvm);
+        case_vm_types(kvm);
+        case_overlapping_memslots(kvm);
+        case_same_gmem_range_twice(kvm);
+        case_gmem_of_other_vm(kvm);
+        case_other_kernel_refusals(kvm);
+        case_cloexec(kvm);
+    });
 }

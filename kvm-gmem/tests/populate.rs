@@ -9,53 +9,23 @@
 //! the capability report.
 //!
 //! Tests need `/dev/kvm`; without it they print `SKIP` and pass, except under
-//! `CI=true`, where that is a failure. Every test holds [`LOCK`], because
-//! some count this process's fds.
+//! `CI=true`, where that is a failure. Every test holds the file-wide lock
+//! (`common::lock`), because some count this process's fds.
 
+mod common;
+
+use common::{lock, open_fds, shared, vm_or_skip};
 use kvm_gmem::populate::{Populate, Source, Strategy};
-use kvm_gmem::{Capabilities, Error, GuestMemfd, Kvm, Vm, VmType};
+use kvm_gmem::{Capabilities, Error, GuestMemfd, Vm, VmType};
 use std::io::Write;
-use std::sync::{Mutex, MutexGuard};
-
-static LOCK: Mutex<()> = Mutex::new(());
 
 const SIZE: u64 = 64 << 20;
 const MIB: u64 = 1 << 20;
 
-fn lock() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// A VM, or `None` (after printing why) when `/dev/kvm` is unusable.
-fn vm(test: &str) -> Option<(Kvm, Vm)> {
-    let kvm = match Kvm::open() {
-        Ok(k) => k,
-        Err(e) => {
-            assert!(!ci(), "{test}: /dev/kvm is required under CI=true: {e}");
-            eprintln!("SKIP {test}: /dev/kvm cannot be opened ({e}); run as root on a KVM host");
-            return None;
-        }
-    };
-    let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
-    Some((kvm, vm))
-}
-
+/// A guest_memfd of `size` bytes the host can map (`MMAP | INIT_SHARED`,
+/// Linux 6.18).
 fn gmem(vm: &Vm, size: u64) -> GuestMemfd {
-    GuestMemfd::builder(size)
-        .mmap(true)
-        .init_shared(true)
-        .create(vm)
-        .expect("guest_memfd with MMAP|INIT_SHARED (Linux 6.18)")
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .count()
+    common::gmem(vm, size, shared())
 }
 
 /// Byte `i` of the test pattern: differs from page to page and within a
@@ -149,7 +119,9 @@ fn check_tried(test: &str, tried: &[(Strategy, String)], detached: bool, caps: &
 fn mmap_copy_from_bytes_fills_every_byte() {
     let _g = lock();
     let test = "mmap_copy_from_bytes_fills_every_byte";
-    let Some((kvm, vm)) = vm(test) else { return };
+    let Some((kvm, vm)) = vm_or_skip(test) else {
+        return;
+    };
     let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT).expect("capabilities");
     let fds = open_fds();
     let src = pattern(0, SIZE);
@@ -183,7 +155,9 @@ fn mmap_copy_from_bytes_fills_every_byte() {
 fn mmap_copy_from_a_file_at_an_unaligned_offset() {
     let _g = lock();
     let test = "mmap_copy_from_a_file_at_an_unaligned_offset";
-    let Some((kvm, vm)) = vm(test) else { return };
+    let Some((kvm, vm)) = vm_or_skip(test) else {
+        return;
+    };
     let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT).expect("capabilities");
     let off = 12_345u64;
     let file = temp_file("populate-file", &pattern(0, SIZE + off));
@@ -214,7 +188,9 @@ fn mmap_copy_from_a_file_at_an_unaligned_offset() {
 fn a_sub_range_is_filled_and_nothing_else() {
     let _g = lock();
     let test = "a_sub_range_is_filled_and_nothing_else";
-    let Some((_kvm, vm)) = vm(test) else { return };
+    let Some((_kvm, vm)) = vm_or_skip(test) else {
+        return;
+    };
     let g = gmem(&vm, 16 * MIB);
     let range = 3 * MIB + 0x3000..9 * MIB + 0x5000;
     let len = range.end - range.start;
@@ -249,7 +225,9 @@ fn a_sub_range_is_filled_and_nothing_else() {
 fn explicit_strategies_that_cannot_run_are_refused() {
     let _g = lock();
     let test = "explicit_strategies_that_cannot_run_are_refused";
-    let Some((kvm, vm)) = vm(test) else { return };
+    let Some((kvm, vm)) = vm_or_skip(test) else {
+        return;
+    };
     let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT).expect("capabilities");
     let fds = open_fds();
     let g = gmem(&vm, 4 * MIB);
@@ -322,7 +300,9 @@ fn explicit_strategies_that_cannot_run_are_refused() {
 fn a_guest_memfd_that_cannot_be_mapped_is_refused() {
     let _g = lock();
     let test = "a_guest_memfd_that_cannot_be_mapped_is_refused";
-    let Some((_kvm, vm)) = vm(test) else { return };
+    let Some((_kvm, vm)) = vm_or_skip(test) else {
+        return;
+    };
     let fds = open_fds();
     let src = pattern(0, 2 * MIB);
     for (mmap, init_shared) in [(false, false), (true, false)] {
@@ -357,7 +337,9 @@ fn a_guest_memfd_that_cannot_be_mapped_is_refused() {
 fn misuse_is_invalid_before_any_write() {
     let _g = lock();
     let test = "misuse_is_invalid_before_any_write";
-    let Some((_kvm, vm)) = vm(test) else { return };
+    let Some((_kvm, vm)) = vm_or_skip(test) else {
+        return;
+    };
     let size = 4 * MIB;
     let file = temp_file("populate-misuse", &pattern(0, MIB));
     let fds = open_fds();

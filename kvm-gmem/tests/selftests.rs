@@ -20,48 +20,19 @@
 //!
 //! Tests that need `/dev/kvm` print `SKIP <test>: <why>` and pass when it
 //! cannot be opened, except under `CI=true`, where that is a failure. Every
-//! test holds [`LOCK`]: `no_fd_leaks` counts this process's descriptors.
+//! test holds the file-wide lock (`common::lock`): `no_fd_leaks` counts this
+//! process's descriptors.
 
+mod common;
+
+use common::{assert_no_fd_leaks, page};
 use kvm_gmem::sys_bindings as sys;
 use kvm_gmem::{
-    Capabilities, Error, GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmType, page_size, supported_flags,
+    Capabilities, Error, GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmType, supported_flags,
 };
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Mutex, MutexGuard};
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn lock() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Opens `/dev/kvm`, or says why the test is skipped (`None`); under
-/// `CI=true` a missing device is a failure.
-fn kvm_or_skip(test: &str) -> Option<Kvm> {
-    match Kvm::open() {
-        Ok(kvm) => Some(kvm),
-        Err(e) => {
-            assert!(
-                !ci(),
-                "{test}: /dev/kvm is required under CI=true but cannot be opened: {e}"
-            );
-            eprintln!(
-                "SKIP {test}: /dev/kvm cannot be opened ({e}); run on a KVM host as a user with access to it"
-            );
-            None
-        }
-    }
-}
-
-fn page() -> u64 {
-    page_size()
-}
 
 /// The VM types the selftest iterates: `KVM_CAP_VM_TYPES` through the
 /// capability report (the default type when the cap is absent).
@@ -127,10 +98,7 @@ fn for_each_config(kvm: &Kvm, mut case: impl FnMut(&Vm, GuestMemfdFlags) -> bool
 
 /// A fresh guest_memfd of `pages` pages with `flags`, through the builder.
 fn gmem(vm: &Vm, pages: u64, flags: GuestMemfdFlags) -> GuestMemfd {
-    GuestMemfd::builder(pages * page())
-        .flags(flags)
-        .create(vm)
-        .unwrap_or_else(|e| panic!("creating a {pages}-page guest_memfd with flags {flags}: {e}"))
+    common::gmem(vm, pages * page(), flags)
 }
 
 fn errno() -> i32 {
@@ -741,20 +709,6 @@ fn case_outlives_vm_fd(kvm: &Kvm) {
 // The tests
 // ---------------------------------------------------------------------------
 
-macro_rules! kvm_test {
-    ($name:ident, $body:expr) => {
-        #[test]
-        fn $name() {
-            let _guard = lock();
-            let Some(kvm) = kvm_or_skip(stringify!($name)) else {
-                return;
-            };
-            #[allow(clippy::redundant_closure_call)]
-            ($body)(&kvm);
-        }
-    };
-}
-
 /// For the flag-dependent cases: run, and say so when no configuration on
 /// this kernel calls for the case.
 fn run_flag_case(test: &str, kvm: &Kvm, case: fn(&Kvm) -> usize, needs: GuestMemfdFlags) {
@@ -815,38 +769,26 @@ kvm_test!(fallocate, case_fallocate);
 kvm_test!(invalid_punch_hole, case_invalid_punch_hole);
 kvm_test!(guest_memfd_outlives_vm_fd, case_outlives_vm_fd);
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .count()
-}
-
 /// Every case, run once more, leaves no descriptor behind.
 #[test]
 fn no_fd_leaks() {
-    let _guard = lock();
-    let before = open_fds();
-    {
-        let Some(kvm) = kvm_or_skip("no_fd_leaks") else {
-            return;
-        };
-        case_invalid_sizes(&kvm);
-        case_flags(&kvm);
-        case_multiple(&kvm);
-        case_file_read_write(&kvm);
-        case_mmap_not_supported(&kvm);
-        case_mmap_supported(&kvm);
-        case_fault_overflow(&kvm);
-        case_fault_private(&kvm);
-        case_mmap_cow(&kvm);
-        case_file_size(&kvm);
-        case_fallocate(&kvm);
-        case_invalid_punch_hole(&kvm);
-        case_outlives_vm_fd(&kvm);
-    }
-    assert_eq!(
-        open_fds(),
-        before,
-        "descriptors leaked by the guest_memfd cases"
+    assert_no_fd_leaks(
+        "no_fd_leaks",
+        "descriptors leaked by the guest_memfd cases",
+        |kvm| {
+            case_invalid_sizes(kvm);
+            case_flags(kvm);
+            case_multiple(kvm);
+            case_file_read_write(kvm);
+            case_mmap_not_supported(kvm);
+            case_mmap_supported(kvm);
+            case_fault_overflow(kvm);
+            case_fault_private(kvm);
+            case_mmap_cow(kvm);
+            case_file_size(kvm);
+            case_fallocate(kvm);
+            case_invalid_punch_hole(kvm);
+            case_outlives_vm_fd(kvm);
+        },
     );
 }

@@ -4,64 +4,27 @@
 //! they sent closed.
 //!
 //! Tests need `/dev/kvm`; without it they print `SKIP` and pass, except under
-//! `CI=true`, where that is a failure. Every test holds [`LOCK`]: some count
-//! this process's fds, and one clears `FD_CLOEXEC` on a socket for a spawn.
+//! `CI=true`, where that is a failure. Every test holds the file-wide lock
+//! (`common::lock`): some count this process's fds, and one clears
+//! `FD_CLOEXEC` on a socket for a spawn.
 
 #![allow(unsafe_code)]
 
+mod common;
+
+use common::{gmem, header, lock, open_fds, shared, vm_or_skip};
 use kvm_gmem::populate::{Populate, Source, Strategy};
 use kvm_gmem::share;
-use kvm_gmem::{Error, GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmType};
+use kvm_gmem::{Error, GuestMemfd, GuestMemfdFlags};
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-static LOCK: Mutex<()> = Mutex::new(());
 
 const MIB: u64 = 1 << 20;
 const CHILD_SIZE: u64 = 64 << 20;
 const SOCK_ENV: &str = "GMEM_TEST_SOCK_FD";
-
-fn lock() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-fn vm(test: &str) -> Option<(Kvm, Vm)> {
-    let kvm = match Kvm::open() {
-        Ok(k) => k,
-        Err(e) => {
-            assert!(!ci(), "{test}: /dev/kvm is required under CI=true: {e}");
-            eprintln!("SKIP {test}: /dev/kvm cannot be opened ({e}); run as root on a KVM host");
-            return None;
-        }
-    };
-    let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
-    Some((kvm, vm))
-}
-
-fn gmem(vm: &Vm, size: u64, flags: GuestMemfdFlags) -> GuestMemfd {
-    GuestMemfd::builder(size)
-        .flags(flags)
-        .create(vm)
-        .expect("guest_memfd")
-}
-
-fn shared() -> GuestMemfdFlags {
-    GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .count()
-}
 
 /// Byte `i` of the pattern the child writes.
 fn pat(i: u64) -> u8 {
@@ -128,16 +91,6 @@ fn raw_send(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
     );
 }
 
-fn header(magic: &[u8; 8], version: u32, reserved: u32, size: u64, flags: u64) -> Vec<u8> {
-    let mut h = Vec::with_capacity(32);
-    h.extend_from_slice(magic);
-    h.extend_from_slice(&version.to_le_bytes());
-    h.extend_from_slice(&reserved.to_le_bytes());
-    h.extend_from_slice(&size.to_le_bytes());
-    h.extend_from_slice(&flags.to_le_bytes());
-    h
-}
-
 fn good(size: u64, flags: GuestMemfdFlags) -> Vec<u8> {
     header(b"KVMGMEM1", 1, 0, size, flags.bits())
 }
@@ -184,12 +137,14 @@ fn populator_child() {
 fn populated_by_a_separate_process() {
     let _g = lock();
     let test = "populated_by_a_separate_process";
-    let Some((_kvm, vm)) = vm(test) else { return };
+    let Some((_kvm, vm)) = vm_or_skip(test) else {
+        return;
+    };
     let fds = open_fds();
     let g = gmem(&vm, CHILD_SIZE, shared());
     let (parent, child_end) = UnixStream::pair().expect("socketpair");
     // The child's end must survive exec: clear FD_CLOEXEC for the spawn only
-    // (LOCK keeps other tests of this binary from spawning meanwhile).
+    // (the lock keeps other tests of this binary from spawning meanwhile).
     // SAFETY: F_SETFD on a descriptor we own changes only its flags.
     let r = unsafe { libc::fcntl(child_end.as_raw_fd(), libc::F_SETFD, 0) };
     assert_eq!(r, 0, "fcntl(F_SETFD)");
@@ -241,7 +196,9 @@ fn populated_by_a_separate_process() {
 fn send_and_recv_in_one_process() {
     let _g = lock();
     let test = "send_and_recv_in_one_process";
-    let Some((_kvm, vm)) = vm(test) else { return };
+    let Some((_kvm, vm)) = vm_or_skip(test) else {
+        return;
+    };
     let fds = open_fds();
     {
         let g = gmem(&vm, 2 * MIB, shared());
@@ -277,7 +234,9 @@ fn send_and_recv_in_one_process() {
 fn hostile_peers_are_refused_without_leaks() {
     let _g = lock();
     let test = "hostile_peers_are_refused_without_leaks";
-    let Some((_kvm, vm)) = vm(test) else { return };
+    let Some((_kvm, vm)) = vm_or_skip(test) else {
+        return;
+    };
     let fds = open_fds();
     {
         let size = 2 * MIB;

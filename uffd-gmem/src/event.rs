@@ -23,8 +23,10 @@ pub enum FaultKind {
     ReadWriteProtect,
 }
 
-/// Whether the faulting access was a read or a write.
+/// Whether the faulting access was a read or a write (the kernel may learn
+/// to tell more, e.g. instruction fetches).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Access {
     /// A read (or an instruction fetch).
     Read,
@@ -207,6 +209,10 @@ pub enum Event {
     },
     /// An event this crate does not know, or a record it could not decode
     /// (e.g. a page fault with contradictory flags), with the raw record.
+    /// Also a fork record that cannot be trusted to name a descriptor the
+    /// kernel installed (read from an fd not confirmed to be a userfaultfd,
+    /// see [`Uffd::from_initialized`], or naming no possible descriptor): the
+    /// descriptor number in it is not taken over.
     Unknown {
         /// The event code.
         event: u8,
@@ -232,8 +238,11 @@ impl Event {
                 thread_id,
             },
             Msg::Fork { ufd } => {
-                // SAFETY: the kernel installed this descriptor in our table for
-                // the event we just read; nothing else owns it.
+                // SAFETY: `fill` passes fork records on only when they come
+                // from a userfaultfd (so the kernel wrote them) and name a
+                // valid descriptor number: the kernel installed this
+                // descriptor in our table for the event just read, and
+                // nothing else owns it.
                 let fd = unsafe { OwnedFd::from_raw_fd(ufd as i32) };
                 Event::Fork {
                     uffd: Uffd::from_initialized(fd),
@@ -264,7 +273,15 @@ impl EventBuffer {
         }
     }
 
-    pub(crate) fn fill(&mut self, fd: BorrowedFd<'_>, thread_id: bool) -> Result<()> {
+    /// Reads and decodes a batch. `forks_trusted`: whether fork records come
+    /// from the kernel (`fd` is known to be a userfaultfd), so that the
+    /// descriptor each names may be owned.
+    pub(crate) fn fill(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        thread_id: bool,
+        forks_trusted: bool,
+    ) -> Result<()> {
         self.events.clear();
         let n = loop {
             // SAFETY: `raw` is a writable buffer of `raw.len()` bytes.
@@ -288,11 +305,20 @@ impl EventBuffer {
         for rec in self.raw[..n].chunks_exact(MSG_SIZE) {
             // A record the crate cannot decode still reaches the caller, raw,
             // so that no event (and no fork descriptor) is lost.
-            let msg = Msg::decode(rec, thread_id).unwrap_or_else(|_| {
+            let raw = || {
                 let mut raw = [0u8; MSG_SIZE];
                 raw.copy_from_slice(rec);
                 Msg::Unknown { event: raw[0], raw }
-            });
+            };
+            let msg = match Msg::decode(rec, thread_id) {
+                // Owning the descriptor a fork record names is sound only
+                // when the kernel wrote the record (and installed the fd):
+                // anything else could name, and so close, any fd of this
+                // process. No descriptor number exceeds i32::MAX.
+                Ok(Msg::Fork { ufd }) if !forks_trusted || ufd > i32::MAX as u32 => raw(),
+                Ok(msg) => msg,
+                Err(_) => raw(),
+            };
             self.events.push(Event::own(msg));
         }
         Ok(())

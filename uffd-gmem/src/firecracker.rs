@@ -73,8 +73,13 @@ pub const MIN_PAGE_SIZE: u64 = 4096;
 /// Firecracker's. Unknown fields are ignored when parsing. The deprecated
 /// `page_size_kib` may be absent (Firecracker 2.0 removes it); it then reads
 /// as `page_size`.
+///
+/// Firecracker adds fields (the secret-hiding branch added two), so the
+/// struct is `#[non_exhaustive]`: start from [`GuestRegionUffdMapping::new`]
+/// and set the public fields.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(from = "RegionWire")]
+#[non_exhaustive]
 pub struct GuestRegionUffdMapping {
     /// Start of the region in the VMM's address space: where pages must be
     /// placed (`UFFDIO_COPY` destination).
@@ -494,8 +499,13 @@ fn check_disjoint(
     Ok(())
 }
 
-/// Fails unless `fd` is a userfaultfd (checked through `/proc/self/fd`;
-/// skipped where `/proc` is not mounted).
+/// `ANON_INODE_FS_MAGIC` (`linux/magic.h`): the filesystem of every
+/// anonymous inode, userfaultfds included.
+const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
+
+/// Fails unless `fd` is a userfaultfd: checked through `/proc/self/fd`;
+/// where `/proc` is not mounted, only that it is an anonymous inode
+/// (`fstatfs`), which refuses files, memfds, pipes, sockets and devices.
 fn check_is_userfaultfd(fd: BorrowedFd<'_>) -> Result<()> {
     let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
     match std::fs::read_link(&link) {
@@ -504,7 +514,28 @@ fn check_is_userfaultfd(fd: BorrowedFd<'_>) -> Result<()> {
             "the first fd is not a userfaultfd (it is {})",
             target.display()
         ))),
-        Err(_) => Ok(()),
+        Err(_) => {
+            // SAFETY: an all-zero `statfs` is a valid output buffer.
+            let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+            // SAFETY: `fd` is open for the borrow; `sfs` is a writable statfs.
+            if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) } < 0 {
+                return Err(Error::kernel(
+                    "fstatfs(firecracker handshake)",
+                    Errno::last(),
+                ));
+            }
+            #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs between libcs
+            let f_type = sfs.f_type as i64;
+            if f_type == ANON_INODE_FS_MAGIC {
+                Ok(())
+            } else {
+                Err(protocol(format!(
+                    "the first fd is not a userfaultfd (its filesystem type is {f_type:#x}, not \
+                     the anonymous inodes' {ANON_INODE_FS_MAGIC:#x}; /proc is not mounted to tell \
+                     more)"
+                )))
+            }
+        }
     }
 }
 
@@ -760,7 +791,8 @@ pub fn send_payload(stream: &UnixStream, payload: &[u8], fds: &[BorrowedFd<'_>])
                         events: libc::POLLOUT,
                         revents: 0,
                     };
-                    // SAFETY: one valid pollfd.
+                    // SAFETY: `p` is one initialised pollfd, live for
+                    // the call (nfds = 1).
                     if unsafe { libc::poll(&mut p, 1, -1) } < 0
                         && Errno::last() != Errno(libc::EINTR)
                     {

@@ -16,6 +16,10 @@
 //!   negative result fields are never mistaken for byte counts.
 //! - Events: a `Send`, `#[non_exhaustive]` [`Event`] read in batches into a
 //!   reusable [`EventBuffer`]; [`Msg::decode`] is the pure decoder.
+//! - [`serve`]: a multi-threaded fault server; [`firecracker`]: Firecracker's
+//!   UFFD handler handshake.
+//! - [`seccomp`]: the system calls and ioctl requests each feature needs,
+//!   for handlers and VMMs that run under a seccomp filter.
 //!
 //! ```no_run
 //! use uffd_gmem::{Features, Uffd};
@@ -29,6 +33,18 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Where the API draws the `unsafe` line, and why, is in the repository's
+//! `SAFETY.md`; moving from userfaultfd-rs is in `MIGRATING.md`.
+//!
+//! # Examples
+//!
+//! In `uffd-gmem/examples/`:
+//!
+//! - `firecracker_handler`: a drop-in for Firecracker's example on-demand
+//!   UFFD handler (`firecracker_handler <socket path> <memory file>`), built
+//!   on [`firecracker`] and [`serve`]: validated handshake, worker threads,
+//!   fault-around, one server per connection.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
@@ -38,6 +54,7 @@ mod error;
 mod event;
 pub mod firecracker;
 mod flags;
+pub mod seccomp;
 pub mod serve;
 mod sys;
 mod uffd;

@@ -59,6 +59,13 @@ pub trait PageSource: Send + Sync {
 
     /// A pointer to `len` bytes at `offset`, when the source is memory that
     /// stays mapped while the server runs (zero-copy `UFFDIO_COPY`).
+    ///
+    /// The pointer must be valid for reads of `len` bytes for as long as the
+    /// server runs. The server hands it to `UFFDIO_COPY` and `pwrite` (the
+    /// kernel checks it: a bad pointer is an `EFAULT`), and, for regions
+    /// resolved through an alias mapping, copies from it in userspace: that
+    /// use is covered by the `unsafe` contract of
+    /// [`Region::continue_via_alias`].
     fn as_ptr(&self, offset: u64, len: u64) -> Option<*const u8> {
         let _ = (offset, len);
         None
@@ -66,6 +73,11 @@ pub trait PageSource: Send + Sync {
 }
 
 /// A snapshot file mapped read-only (`MAP_PRIVATE`): the usual page source.
+///
+/// As with any mapped file, the file must not shrink while it is mapped:
+/// reading a page past a new end raises SIGBUS in the copy that reads it.
+/// Snapshot files are written once, before restore; do not truncate one
+/// that a server is reading.
 #[derive(Debug)]
 pub struct MappedFile {
     ptr: *const u8,
@@ -73,10 +85,12 @@ pub struct MappedFile {
     _file: File,
 }
 
-// SAFETY: the mapping is read-only and private to this handle; it is only
-// read (by the kernel in UFFDIO_COPY, or by copies into caller buffers).
+// SAFETY: the mapping is read-only (PROT_READ) and owned by this handle,
+// which unmaps it only on drop; the crate never writes through it and forms
+// no reference into it, only reads it (the kernel in UFFDIO_COPY, or copies
+// into caller buffers), so moving the handle across threads is sound.
 unsafe impl Send for MappedFile {}
-// SAFETY: as above: concurrent reads of read-only memory.
+// SAFETY: as for Send: shared access is concurrent reads of read-only memory.
 unsafe impl Sync for MappedFile {}
 
 impl MappedFile {
@@ -146,14 +160,17 @@ impl PageSource for MappedFile {
         let ptr = self
             .as_ptr(offset, buf.len() as u64)
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
-        // SAFETY: `as_ptr` checked the range lies inside the mapping.
+        // SAFETY: `as_ptr` checked `offset + buf.len()` lies inside the
+        // mapping, which is readable while `self` lives (file not shrunk: see
+        // the type's docs); `buf` is a distinct, writable Rust buffer.
         unsafe { std::ptr::copy_nonoverlapping(ptr, buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
 
     fn as_ptr(&self, offset: u64, len: u64) -> Option<*const u8> {
         let end = offset.checked_add(len)?;
-        // SAFETY: offset <= end <= len, inside the mapping.
+        // SAFETY: `offset <= end <= self.len`, so the result stays inside
+        // (or one past) the mapping made in `from_file`.
         (end <= self.len).then(|| unsafe { self.ptr.add(offset as usize) })
     }
 }
@@ -166,7 +183,8 @@ impl PageSource for Vec<u8> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let ptr = PageSource::as_ptr(self, offset, buf.len() as u64)
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
-        // SAFETY: the range was checked by `as_ptr`.
+        // SAFETY: `as_ptr` checked `offset + buf.len()` is inside the vector,
+        // which `&self` keeps alive and unchanged; `buf` is a distinct buffer.
         unsafe { std::ptr::copy_nonoverlapping(ptr, buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
@@ -199,6 +217,11 @@ pub enum Resolve {
 pub enum Backing {
     /// Writes through a second, unregistered shared mapping of the same file
     /// in this process, at `addr` + (fault − region start).
+    ///
+    /// Built only by the `unsafe` [`Region::continue_via_alias`], whose
+    /// contract makes `addr` valid (the variant is `#[non_exhaustive]` so
+    /// that safe code elsewhere cannot build one with any address).
+    #[non_exhaustive]
     Alias {
         /// The alias mapping's start for this region.
         addr: u64,
@@ -269,7 +292,15 @@ impl Region {
     ///
     /// `addr .. addr + len` must be a writable shared mapping, in this
     /// process, of the same file as the registered range, not registered
-    /// with a userfaultfd, and it must stay mapped while the server runs.
+    /// with a userfaultfd, and it must stay mapped while the server runs;
+    /// no Rust reference may point into it (the server writes it with plain
+    /// copies).
+    ///
+    /// The server copies into the alias, in userspace, from the page
+    /// source's [`PageSource::as_ptr`] when it returns one: the server's
+    /// source must return only pointers valid for reads of the requested
+    /// length while the server runs (the crate's [`MappedFile`] and
+    /// `Vec<u8>` do).
     pub unsafe fn continue_via_alias(mut self, addr: u64) -> Region {
         self.resolve = Some(Resolve::Continue(Backing::Alias { addr }));
         self
@@ -278,6 +309,15 @@ impl Region {
 
 /// What to do when the VMM drops pages of a region (`UFFD_EVENT_REMOVE`:
 /// `MADV_DONTNEED`/`MADV_REMOVE`, e.g. balloon inflation).
+///
+/// Under either policy, a fill of the region that was in flight when the
+/// `REMOVE` was read (its source already read, its copy not yet issued) is
+/// abandoned and its faulters woken, and fills that start while the
+/// `REMOVE` is applied wait for it: a page the VMM dropped is not filled
+/// again with the source's bytes behind its back. (A copy issued in the
+/// instant between the kernel handing the event to a worker and that
+/// worker taking it in can still land; closing that window would take
+/// serialising every event read against every copy.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RemovePolicy {
@@ -291,6 +331,7 @@ pub enum RemovePolicy {
 /// A log2 latency histogram: bucket `i` counts resolutions that took
 /// `[2^i, 2^(i+1))` nanoseconds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Histogram {
     /// Counts per bucket.
     pub buckets: Vec<u64>,
@@ -593,6 +634,8 @@ impl ServerBuilder {
                     removed: Bitmap::new(pages),
                     next_seq: AtomicU64::new(u64::MAX),
                     window: AtomicU64::new(window_pages),
+                    removes: AtomicU64::new(0),
+                    removing: AtomicU64::new(0),
                     reset: RwLock::new(()),
                 }
             })
@@ -761,6 +804,12 @@ fn stop_threads(shared: &Shared, threads: Vec<JoinHandle<()>>) -> Option<String>
     panicked
 }
 
+/// The most one fill ioctl covers (512 KiB; one page where pages are
+/// larger). A sequential window grows to 8x the fault-around size, and one
+/// 4 MiB `UFFDIO_COPY` keeps a thread that faults on its pages waiting about
+/// 1.5 ms; in 512 KiB pieces it waits for one piece.
+const MAX_FILL: u64 = 512 << 10;
+
 /// Atomic bit set over a region's pages.
 struct Bitmap(Box<[AtomicU64]>);
 
@@ -800,6 +849,13 @@ struct RegionState {
     next_seq: AtomicU64,
     /// The current window, in pages.
     window: AtomicU64,
+    /// Bumped (first thing) by every `REMOVE` that touches the region, so
+    /// that a fill which read its source before the REMOVE was handled
+    /// does not then copy snapshot data over a page the VMM dropped.
+    removes: AtomicU64,
+    /// `REMOVE`s touching the region being applied right now: fills of
+    /// source data wait (are deferred) until they are done.
+    removing: AtomicU64,
     /// Held shared by a fill from its claim to its bookkeeping, and
     /// exclusively by the `ZeroOnNextFault` reset after `REMOVE`, so that a
     /// reset never lands between a fill's ioctl (which already woke the
@@ -865,6 +921,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Stops every worker, recording the first reason given.
+    fn stop_because(&self, why: &str) {
+        lock(&self.stopped_because).get_or_insert_with(|| why.into());
+        self.stop.store(true, Ordering::Release);
+        crate::sys::eventfd_signal(self.wake.as_fd());
+    }
+
     fn error(&self, msg: String) {
         let mut e = lock(&self.errors);
         if e.len() < 1000 {
@@ -934,6 +997,15 @@ impl Shared {
         let len = count * page;
         let zero = r.removed.get(first);
         let src_off = r.source_offset + first * page;
+        let removes = r.removes.load(Ordering::SeqCst);
+        if !zero && r.removing.load(Ordering::SeqCst) > 0 {
+            // A REMOVE touching the region is being applied: retry after it
+            // (as after EAGAIN), when the removed pages are known.
+            for i in first..first + count {
+                r.claimed.clear(i);
+            }
+            return (Fill::Again, 0);
+        }
         let outcome = match &r.resolve {
             Resolve::Copy if zero => self.uffd.zeropage(addr..addr + len, Mode::empty()),
             Resolve::Copy => {
@@ -954,6 +1026,9 @@ impl Shared {
                         buf.as_ptr()
                     }
                 };
+                if let Some(aborted) = self.removed_meanwhile(r, removes, first, count) {
+                    return aborted;
+                }
                 // SAFETY: `ptr` is valid for `len` bytes: either the source's
                 // mapping (valid while the server holds the source) or `buf`.
                 unsafe { self.uffd.copy(addr, ptr, len, Mode::empty()) }
@@ -965,6 +1040,9 @@ impl Shared {
                         r.claimed.clear(i);
                     }
                     return (Fill::Failed, 0);
+                }
+                if !zero && let Some(aborted) = self.removed_meanwhile(r, removes, first, count) {
+                    return aborted;
                 }
                 self.uffd.r#continue(addr..addr + len, Mode::empty())
             }
@@ -1025,11 +1103,7 @@ impl Shared {
                 match e.errno() {
                     // The VMM's address space is gone: nothing is left to serve.
                     Some(Errno(libc::ESRCH)) => {
-                        lock(&self.stopped_because).get_or_insert_with(|| {
-                            "the VMM's address space is gone (ESRCH)".into()
-                        });
-                        self.stop.store(true, Ordering::Release);
-                        crate::sys::eventfd_signal(self.wake.as_fd());
+                        self.stop_because("the VMM's address space is gone (ESRCH)");
                     }
                     // The range was unmapped or unregistered meanwhile (an
                     // UNMAP, REMAP or REMOVE event the workers are applying).
@@ -1039,6 +1113,42 @@ impl Shared {
                 (Fill::Failed, 0)
             }
         }
+    }
+
+    /// Whether a `REMOVE` touching `r` arrived since a fill of `count` pages
+    /// from `first` began (`removes` was read then): the pages may have been
+    /// dropped by the VMM after the fault was raised, and copying the
+    /// source's bytes now would bring back, after `MADV_DONTNEED` returned,
+    /// a page the VMM dropped (the kernel no longer refuses the copy with
+    /// `EAGAIN` once the event is read). The fill is then abandoned: its
+    /// claims released and its faulters woken, to fault again once the
+    /// REMOVE is applied (zeroes or, unregistered, the kernel's own page).
+    fn removed_meanwhile(
+        &self,
+        r: &RegionState,
+        removes: u64,
+        first: u64,
+        count: u64,
+    ) -> Option<(Fill, u64)> {
+        if r.removes.load(Ordering::SeqCst) == removes {
+            return None;
+        }
+        for i in first..first + count {
+            r.claimed.clear(i);
+        }
+        let (a, b) = (
+            r.host + first * self.page,
+            r.host + (first + count) * self.page,
+        );
+        match self.uffd.wake(a..b) {
+            Ok(())
+            | Err(Error::Kernel {
+                errno: Errno(libc::ENOENT),
+                ..
+            }) => {}
+            Err(e) => self.error(format!("UFFDIO_WAKE {a:#x}..{b:#x}: {e}")),
+        }
+        Some((Fill::Failed, 0))
     }
 
     fn fill_page_cache(
@@ -1072,10 +1182,11 @@ impl Shared {
         match backing {
             Backing::Alias { addr } => {
                 let dst = (addr + first * page) as *mut u8;
-                // SAFETY: the alias covers the region (the `continue_via_alias`
-                // contract) and `src` is valid for `len` bytes; the two do not
-                // overlap (the alias is a shared file mapping, the source is a
-                // private mapping or our buffer).
+                // SAFETY: the alias covers the region and nothing references
+                // it (the `continue_via_alias` contract); `src` is `buf` or
+                // the source's `as_ptr`, valid for `len` bytes (that contract
+                // again). The two do not overlap: the alias is a shared file
+                // mapping, the source a private mapping or our buffer.
                 unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
                 Ok(())
             }
@@ -1130,20 +1241,26 @@ impl Shared {
             return Fill::Done;
         }
         let reset = r.reset.read().unwrap_or_else(|p| p.into_inner());
-        let result = if r.claimed.set(idx) {
+        let (result, filled_here) = if r.claimed.set(idx) {
             if r.done.get(idx) {
                 // Late or duplicate fault on a filled page.
                 self.wake_page(addr);
             }
             // Otherwise another worker is filling it and will wake the range.
-            Fill::Done
+            (Fill::Done, false)
         } else {
-            self.fill(&r, idx, 1, buf, false).0
+            (self.fill(&r, idx, 1, buf, false).0, true)
         };
         drop(reset);
         if let Fill::Done = result {
             self.record_latency(started.elapsed());
-            self.fault_around(&r, idx, buf);
+            // Only a page filled here starts a window: a fault on a page that
+            // another fill claimed is the faulter catching up with that fill
+            // (a window or prefetch in flight), and taking it for a new access
+            // would reset the sequential streak (and its window) mid-stream.
+            if filled_here {
+                self.fault_around(&r, idx, buf);
+            }
         }
         result
     }
@@ -1188,10 +1305,14 @@ impl Shared {
                 i += 1;
                 continue;
             }
-            // Claim a run of unclaimed pages.
+            // Claim a run of unclaimed pages, at most MAX_FILL bytes: the
+            // kernel wakes a thread faulting on a claimed page only when the
+            // whole ioctl is done, so a run bounds how long a faulter waits
+            // for a fill in flight.
             let reset = r.reset.read().unwrap_or_else(|p| p.into_inner());
             let first = i;
-            while i < end && !r.removed.get(i) && !r.claimed.set(i) {
+            let max_run = (MAX_FILL / self.page).max(1);
+            while i < end && i - first < max_run && !r.removed.get(i) && !r.claimed.set(i) {
                 i += 1;
             }
             if i == first {
@@ -1242,11 +1363,15 @@ impl Shared {
             }
             Event::Unmap { start, end } => {
                 self.counters.other.fetch_add(1, Ordering::Relaxed);
-                self.on_unmap(start, end);
+                if self.plausible("UNMAP", start, end.checked_sub(start), None) {
+                    self.on_unmap(start, end);
+                }
             }
             Event::Remap { from, to, len } => {
                 self.counters.other.fetch_add(1, Ordering::Relaxed);
-                self.on_remap(from, to, len);
+                if self.plausible("REMAP", from, Some(len), Some(to)) {
+                    self.on_remap(from, to, len);
+                }
             }
             Event::Fork { uffd } => {
                 // The child is not served: closing its userfaultfd unregisters
@@ -1258,6 +1383,44 @@ impl Shared {
                 self.counters.other.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Whether an `UNMAP` or `REMAP` event describes a range the kernel could
+    /// report: `start .. start + len` (and its destination `to .. to + len`)
+    /// inside the address space, and aligned to the serving page size where
+    /// it cuts a region. The region arithmetic relies on both; only a record
+    /// that did not come from the kernel can break them (a peer's forged
+    /// "userfaultfd", see `Uffd::from_initialized`), and it is reported and
+    /// ignored rather than trusted.
+    fn plausible(&self, what: &str, start: u64, len: Option<u64>, to: Option<u64>) -> bool {
+        let page = self.page;
+        let end = len.and_then(|l| start.checked_add(l));
+        let to_fits = match (to, len) {
+            (Some(t), Some(l)) => t.checked_add(l).is_some(),
+            _ => true,
+        };
+        let ok = match end {
+            Some(end) if to_fits => {
+                let touches = self
+                    .regions
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .any(|r| start < r.host + r.len && r.host < end);
+                !touches
+                    || (start.is_multiple_of(page)
+                        && end.is_multiple_of(page)
+                        && to.is_none_or(|t| t.is_multiple_of(page)))
+            }
+            _ => false,
+        };
+        if !ok {
+            self.error(format!(
+                "{what} event {start:#x} (length {len:?}, to {to:?}) is not a range the kernel \
+                 reports (it overflows or is not aligned to the page size {page:#x}): ignored"
+            ));
+        }
+        ok
     }
 
     fn on_remove(&self, start: u64, end: u64) {
@@ -1273,12 +1436,24 @@ impl Shared {
             if s >= e {
                 continue;
             }
+            // First: fills in flight see the REMOVE before they copy, and
+            // new ones wait for it (see `removed_meanwhile`).
+            r.removing.fetch_add(1, Ordering::SeqCst);
+            r.removes.fetch_add(1, Ordering::SeqCst);
             match self.remove {
                 RemovePolicy::Unregister => {
                     let s = s & !(page - 1);
                     let e = (e + page - 1) & !(page - 1);
-                    if let Err(err) = self.uffd.unregister(s..e) {
-                        self.error(format!("REMOVE {s:#x}..{e:#x}: unregister: {err}"));
+                    match self.uffd.unregister(s..e) {
+                        Ok(()) => {}
+                        // ENOMEM: the VMM's address space is gone (it
+                        // exited); nothing is left to serve.
+                        Err(err) if err.errno() == Some(Errno(libc::ENOMEM)) => {
+                            self.stop_because(
+                                "the VMM's address space is gone (ENOMEM on UFFDIO_UNREGISTER)",
+                            );
+                        }
+                        Err(err) => self.error(format!("REMOVE {s:#x}..{e:#x}: unregister: {err}")),
                     }
                     // Mark the pages filled so the server never touches them again.
                     for i in (s - r.host) / page..(e - r.host) / page {
@@ -1305,6 +1480,7 @@ impl Shared {
                     }
                 }
             }
+            r.removing.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -1375,7 +1551,8 @@ impl Shared {
             events: libc::POLLIN | libc::POLLRDHUP,
             revents: 0,
         };
-        // SAFETY: one valid pollfd, zero timeout.
+        // SAFETY: `p` is one initialised pollfd, live for the call (nfds =
+        // 1); zero timeout.
         let r = unsafe { libc::poll(&mut p, 1, 0) };
         if r <= 0 {
             return false;
@@ -1435,6 +1612,8 @@ fn sub_region(r: &RegionState, a: u64, b: u64, page: u64) -> RegionState {
         removed: copy_bits(&r.removed),
         next_seq: AtomicU64::new(u64::MAX),
         window: AtomicU64::new(r.window.load(Ordering::Relaxed)),
+        removes: AtomicU64::new(0),
+        removing: AtomicU64::new(0),
         reset: RwLock::new(()),
     }
 }
@@ -1444,20 +1623,28 @@ fn worker(s: &Shared) {
     let mut buf = Vec::new();
     while !s.stop.load(Ordering::Acquire) {
         if s.watch_closed() {
-            *lock(&s.stopped_because) =
-                Some("the VMM closed its end (the watched fd hung up)".into());
-            s.stop.store(true, Ordering::Release);
-            crate::sys::eventfd_signal(s.wake.as_fd());
+            s.stop_because("the VMM closed its end (the watched fd hung up)");
             break;
         }
         let pending = !lock(&s.deferred).is_empty();
         if !s.busy_poll {
-            let timeout = if pending { 1 } else { 50 };
+            // Sleep without a timeout unless something needs a periodic
+            // look: deferred faults (1 ms) or the watched fd (50 ms). Every
+            // stop signals `wake`. A timeout arms and cancels an hrtimer on
+            // every sleep, which costs about 0.25 µs per fault round trip.
+            let timeout = if pending {
+                1
+            } else if s.watch.is_some() {
+                50
+            } else {
+                -1
+            };
             crate::sys::poll2(s.uffd.as_fd(), s.wake.as_fd(), timeout);
         }
         match s.uffd.read_events(&mut events) {
             Ok(batch) => {
-                let batch: Vec<Event> = batch.collect();
+                // Handled straight from the reusable buffer: no allocation
+                // per read on the fault path.
                 for ev in batch {
                     s.handle(ev, &mut buf);
                 }

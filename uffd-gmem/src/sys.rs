@@ -35,7 +35,8 @@ pub(crate) fn poll_in(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> Resul
         revents: 0,
     };
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd.
+    // SAFETY: `p` is one initialised pollfd, live and exclusively borrowed
+    // for the call (nfds = 1).
     let r = unsafe { libc::poll(&mut p, 1, ms) };
     match r {
         r if r > 0 && p.revents & libc::POLLERR != 0 => Err(Errno(libc::EBADFD)),
@@ -68,19 +69,21 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), Errno> {
 /// A non-blocking, close-on-exec eventfd.
 pub(crate) fn eventfd() -> Result<std::os::fd::OwnedFd, Errno> {
     use std::os::fd::FromRawFd;
-    // SAFETY: eventfd takes only integers.
+    // SAFETY: eventfd takes only integers and passes no memory.
     let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if raw < 0 {
         return Err(Errno::last());
     }
-    // SAFETY: eventfd(2) returned a new descriptor.
+    // SAFETY: eventfd(2) returned a new, non-negative descriptor that
+    // nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
 }
 
 /// Makes an eventfd readable (wakes every poller).
 pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) {
     let one: u64 = 1;
-    // SAFETY: writes the 8 bytes of `one`.
+    // SAFETY: the kernel reads exactly the 8 bytes of `one`, a live local;
+    // `fd` is open for the borrow.
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
@@ -98,6 +101,7 @@ pub(crate) fn poll2(a: BorrowedFd<'_>, b: BorrowedFd<'_>, timeout_ms: i32) {
             revents: 0,
         },
     ];
-    // SAFETY: two valid pollfds.
+    // SAFETY: `p` is an array of two initialised pollfds, live for the
+    // call (nfds = 2).
     unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
 }

@@ -83,7 +83,8 @@ impl UffdBuilder {
             Ok(dev) => {
                 match crate::sys::ioctl_val(dev.as_fd(), sys::USERFAULTFD_IOC_NEW, flags as u64) {
                     Ok(raw) => {
-                        // SAFETY: USERFAULTFD_IOC_NEW returned a new descriptor.
+                        // SAFETY: USERFAULTFD_IOC_NEW returned a new descriptor
+                        // (non-negative); nothing else owns it.
                         return Ok((unsafe { OwnedFd::from_raw_fd(raw) }, Origin::Device));
                     }
                     Err(e) => e,
@@ -115,7 +116,8 @@ impl UffdBuilder {
                 ),
             });
         }
-        // SAFETY: the system call returned a new descriptor.
+        // SAFETY: the system call returned a new, non-negative descriptor
+        // that nothing else owns.
         Ok((unsafe { OwnedFd::from_raw_fd(raw as i32) }, Origin::Syscall))
     }
 
@@ -140,6 +142,7 @@ impl UffdBuilder {
             Ok(_) => Ok(Uffd {
                 fd,
                 origin,
+                forks_trusted: true,
                 enabled: Some(self.features),
                 supported: Some(Features::from_bits_retain(api.features)),
                 ioctls: Some(Ioctls::from_bits_retain(api.ioctls)),
@@ -172,8 +175,17 @@ fn open_device(path: &Path) -> Result<OwnedFd, Errno> {
     if raw < 0 {
         return Err(Errno::last());
     }
-    // SAFETY: open(2) returned a new descriptor.
+    // SAFETY: open(2) returned a new, non-negative descriptor that
+    // nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Whether `/proc/self/fd` names `fd` a userfaultfd; `None` where it cannot
+/// tell (`/proc` not mounted).
+pub(crate) fn proc_says_userfaultfd(fd: BorrowedFd<'_>) -> Option<bool> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .ok()
+        .map(|target| target.as_os_str() == "anon_inode:[userfaultfd]")
 }
 
 /// An owned userfaultfd.
@@ -181,17 +193,20 @@ fn open_device(path: &Path) -> Result<OwnedFd, Errno> {
 pub struct Uffd {
     fd: OwnedFd,
     origin: Origin,
+    /// Whether `UFFD_EVENT_FORK` records read from `fd` may be trusted to
+    /// name a descriptor the kernel just installed: the fd was created here,
+    /// or `/proc/self/fd` confirmed it is a userfaultfd.
+    forks_trusted: bool,
     enabled: Option<Features>,
     supported: Option<Features>,
     ioctls: Option<Ioctls>,
 }
 
+#[inline]
 fn check_range(op: &'static str, range: &Range<u64>) -> Result<u64> {
     let page = kvm_gmem::page_size();
-    if range.start >= range.end
-        || !range.start.is_multiple_of(page)
-        || !range.end.is_multiple_of(page)
-    {
+    // The page size is a power of two: alignment is a mask test.
+    if range.start >= range.end || (range.start | range.end) & (page - 1) != 0 {
         return Err(Error::invalid(
             op,
             format!(
@@ -206,6 +221,7 @@ fn check_range(op: &'static str, range: &Range<u64>) -> Result<u64> {
 /// Maps an ioctl outcome and its kernel-written result field to bytes done
 /// or a typed error. The kernel writes either the bytes handled or a
 /// negative errno into the field; a negative value is never a byte count.
+#[inline]
 fn outcome(op: &'static str, r: Result<i32, Errno>, field: i64, start: u64) -> Result<u64> {
     let done = if field > 0 { field as u64 } else { 0 };
     match r {
@@ -236,10 +252,21 @@ impl Uffd {
     /// `UFFDIO_API` (a VMM's, received over a socket). A second handshake
     /// would fail, so its features are unknown: operations that depend on a
     /// feature are attempted and the kernel's answer reported.
+    ///
+    /// Nothing is checked here, but a `UFFD_EVENT_FORK` record names a
+    /// descriptor to take ownership of, so fork events are honoured only when
+    /// `/proc/self/fd` confirms that `fd` is a userfaultfd (whose records
+    /// only the kernel writes): read from any other fd, or where `/proc` is
+    /// not mounted, a fork record is reported as [`Event::Unknown`] and the
+    /// descriptor it names is left alone.
+    ///
+    /// [`Event::Unknown`]: crate::Event::Unknown
     pub fn from_initialized(fd: OwnedFd) -> Uffd {
+        let forks_trusted = proc_says_userfaultfd(fd.as_fd()) == Some(true);
         Uffd {
             fd,
             origin: Origin::Adopted,
+            forks_trusted,
             enabled: None,
             supported: None,
             ioctls: None,
@@ -400,6 +427,7 @@ impl Uffd {
     ///
     /// [`Error::Invalid`] for an empty or unaligned range; [`Error::Kernel`].
     #[doc(alias = "UFFDIO_WAKE")]
+    #[inline]
     pub fn wake(&self, range: Range<u64>) -> Result<()> {
         let op = "UFFDIO_WAKE";
         let len = check_range(op, &range)?;
@@ -429,6 +457,7 @@ impl Uffd {
     /// result as a count), [`Error::Partial`], [`Error::Invalid`] for
     /// unaligned arguments or modes other than `DONTWAKE` and `WP`.
     #[doc(alias = "UFFDIO_COPY")]
+    #[inline]
     pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64, mode: Mode) -> Result<u64> {
         let op = "UFFDIO_COPY";
         check_range(op, &(dst..dst.wrapping_add(len)))?;
@@ -465,6 +494,7 @@ impl Uffd {
     ///
     /// As [`Uffd::copy`]; only `DONTWAKE` applies.
     #[doc(alias = "UFFDIO_ZEROPAGE")]
+    #[inline]
     pub fn zeropage(&self, range: Range<u64>, mode: Mode) -> Result<u64> {
         let op = "UFFDIO_ZEROPAGE";
         let len = check_range(op, &range)?;
@@ -500,6 +530,7 @@ impl Uffd {
     ///
     /// As [`Uffd::copy`]; `DONTWAKE` and `WP` apply.
     #[doc(alias = "UFFDIO_CONTINUE")]
+    #[inline]
     pub fn r#continue(&self, range: Range<u64>, mode: Mode) -> Result<u64> {
         let op = "UFFDIO_CONTINUE";
         let len = check_range(op, &range)?;
@@ -524,8 +555,10 @@ impl Uffd {
             mode: bits,
             mapped: 0,
         };
-        // SAFETY: the request encodes `uffdio_continue`; it maps existing
-        // page-cache pages into ranges registered on this fd.
+        // SAFETY: the request encodes `uffdio_continue`, which holds no
+        // pointer; it maps existing page-cache pages only into ranges
+        // registered on this fd, whose owner accepted the kernel changing
+        // them when registering (the `register` contract).
         let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_CONTINUE, &mut arg) };
         outcome(op, r, arg.mapped, range.start)
     }
@@ -604,8 +637,10 @@ impl Uffd {
             },
             updated: 0,
         };
-        // SAFETY: the request encodes `uffdio_poison`; it affects only
-        // missing pages of ranges registered on this fd.
+        // SAFETY: the request encodes `uffdio_poison`, which holds no
+        // pointer; it affects only missing pages of ranges registered on
+        // this fd (the `register` contract). A later access there raises
+        // SIGBUS, a crash rather than a memory-safety violation.
         let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_POISON, &mut arg) };
         outcome(op, r, arg.updated, range.start)
     }
@@ -750,6 +785,7 @@ impl Uffd {
             self.fd.as_fd(),
             self.enabled
                 .is_some_and(|f| f.contains(Features::THREAD_ID)),
+            self.forks_trusted,
         )?;
         Ok(buf.drain())
     }

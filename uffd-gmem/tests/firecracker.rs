@@ -6,46 +6,24 @@
 //! call); where none can be created they print `SKIP ...`, unless `CI=true`,
 //! where they fail.
 
+mod common;
+
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::{Mem, open_fds, serial, uffd_or_skip};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use uffd_gmem::firecracker::{self, GuestRegionUffdMapping, Handshake, MAX_PAYLOAD};
-use uffd_gmem::{Event, Mode, Origin, RegisterMode, Uffd};
+use uffd_gmem::{Event, Features, Mode, Origin, RegisterMode};
 
 const PAGE: u64 = 4096;
 
-/// Every test holds this: the fd-leak checks count `/proc/self/fd`, which
-/// other tests running in parallel would disturb.
-static FDS: Mutex<()> = Mutex::new(());
-
-fn lock() -> MutexGuard<'static, ()> {
-    FDS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// A userfaultfd, or `None` (after printing SKIP) where the host has none.
-fn uffd_or_skip(test: &str) -> Option<Uffd> {
-    match Uffd::builder().non_blocking(true).create() {
-        Ok(u) => Some(u),
-        Err(e) => {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-            assert!(!ci, "{test}: CI=true but no userfaultfd: {e}");
-            eprintln!(
-                "SKIP {test}: cannot create a userfaultfd ({e}); /dev/userfaultfd or \
-                 vm.unprivileged_userfaultfd needed"
-            );
-            None
-        }
-    }
-}
+// The tests hold the file-wide lock (`serial`): the fd-leak checks read
+// `/proc/self/fd` (`open_fds`), which other tests running in parallel would
+// disturb.
 
 fn memfd(name: &str) -> OwnedFd {
     let name = std::ffi::CString::new(name).unwrap();
@@ -61,45 +39,11 @@ fn region(base: u64, size: u64, offset: u64) -> GuestRegionUffdMapping {
 }
 
 fn sh_region(base: u64, size: u64, offset: u64, gpa: u64) -> GuestRegionUffdMapping {
-    GuestRegionUffdMapping {
-        gpa_start: Some(gpa),
-        is_guest_memfd: Some(true),
-        ..region(base, size, offset)
-    }
-}
-
-/// An anonymous private mapping, unmapped on drop.
-struct Anon {
-    addr: u64,
-    len: u64,
-}
-
-impl Anon {
-    fn new(len: u64) -> Anon {
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Anon {
-            addr: p as u64,
-            len,
-        }
-    }
-}
-
-impl Drop for Anon {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; no reference into it remains.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
-    }
+    // `#[non_exhaustive]`: start from the constructor, set the public fields.
+    let mut r = region(base, size, offset);
+    r.gpa_start = Some(gpa);
+    r.is_guest_memfd = Some(true);
+    r
 }
 
 // ---------------------------------------------------------------------------
@@ -108,14 +52,14 @@ impl Drop for Anon {
 
 #[test]
 fn round_trip_main_and_the_received_uffd_serves_a_fault() {
-    let _g = lock();
+    let _g = serial();
     let before = open_fds();
-    let Some(uffd) = uffd_or_skip("round_trip_main") else {
+    let Some(uffd) = uffd_or_skip("round_trip_main", Features::empty()) else {
         return;
     };
     {
         let (vmm, handler) = UnixStream::pair().unwrap();
-        let mem = Anon::new(2 * PAGE);
+        let mem = Mem::anon(2 * PAGE);
         let regions = vec![
             region(mem.addr, PAGE, 0),
             region(mem.addr + PAGE, PAGE, PAGE),
@@ -186,8 +130,8 @@ fn round_trip_main_and_the_received_uffd_serves_a_fault() {
 
 #[test]
 fn round_trip_secret_hiding_three_fds() {
-    let _g = lock();
-    let Some(uffd) = uffd_or_skip("round_trip_secret_hiding") else {
+    let _g = serial();
+    let Some(uffd) = uffd_or_skip("round_trip_secret_hiding", Features::empty()) else {
         return;
     };
     let before = open_fds();
@@ -231,7 +175,7 @@ fn round_trip_secret_hiding_three_fds() {
 
 #[test]
 fn main_element_carries_no_secret_hiding_fields_on_the_wire() {
-    let _g = lock();
+    let _g = serial();
     let (vmm, handler) = UnixStream::pair().unwrap();
     let regions = [region(0x1000, 0x1000, 0)];
     firecracker::send(&vmm, &regions, &[]).unwrap();
@@ -246,8 +190,8 @@ fn main_element_carries_no_secret_hiding_fields_on_the_wire() {
 
 #[test]
 fn large_handshake_split_across_socket_buffers_is_read_whole() {
-    let _g = lock();
-    let Some(uffd) = uffd_or_skip("large_handshake") else {
+    let _g = serial();
+    let Some(uffd) = uffd_or_skip("large_handshake", Features::empty()) else {
         return;
     };
     // ~500 regions: about 60 KiB of JSON, more than one socket buffer chunk.
@@ -268,8 +212,8 @@ fn large_handshake_split_across_socket_buffers_is_read_whole() {
 
 #[test]
 fn non_blocking_socket_waits_for_a_late_sender() {
-    let _g = lock();
-    let Some(uffd) = uffd_or_skip("non_blocking_socket") else {
+    let _g = serial();
+    let Some(uffd) = uffd_or_skip("non_blocking_socket", Features::empty()) else {
         return;
     };
     let (vmm, handler) = UnixStream::pair().unwrap();
@@ -286,8 +230,8 @@ fn non_blocking_socket_waits_for_a_late_sender() {
 
 #[test]
 fn handshake_of_exactly_max_payload_is_accepted() {
-    let _g = lock();
-    let Some(uffd) = uffd_or_skip("exactly_max_payload") else {
+    let _g = serial();
+    let Some(uffd) = uffd_or_skip("exactly_max_payload", Features::empty()) else {
         return;
     };
     let head = br#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096,"page_size_kib":4096}"#;
@@ -312,7 +256,7 @@ fn handshake_of_exactly_max_payload_is_accepted() {
 /// Firecracker does), expects `recv_timeout` to fail, checks that no fd
 /// leaked, and returns the error's text.
 fn rejected(payload: &[u8], nfds: usize) -> String {
-    let _g = lock();
+    let _g = serial();
     let before = open_fds();
     let msg = {
         let fds: Vec<OwnedFd> = (0..nfds).map(|i| memfd(&format!("fd{i}"))).collect();
@@ -563,7 +507,7 @@ fn oversized_message() {
 
 #[test]
 fn truncated_message_then_close() {
-    let _g = lock();
+    let _g = serial();
     let before = open_fds();
     {
         let fd = memfd("uffd-stand-in");
@@ -592,7 +536,7 @@ fn truncated_message_left_open_times_out() {
 
 #[test]
 fn peer_closes_before_sending() {
-    let _g = lock();
+    let _g = serial();
     let (vmm, handler) = UnixStream::pair().unwrap();
     drop(vmm);
     let err = Handshake::recv(&handler).unwrap_err();
@@ -611,7 +555,7 @@ fn peer_closes_before_sending() {
 
 #[test]
 fn silent_peer_times_out() {
-    let _g = lock();
+    let _g = serial();
     let (_vmm, handler) = UnixStream::pair().unwrap();
     let t = Instant::now();
     let err = Handshake::recv_timeout(&handler, Duration::from_millis(100)).unwrap_err();
@@ -628,7 +572,7 @@ fn silent_peer_times_out() {
 
 #[test]
 fn validate_against_snapshot_rules() {
-    let _g = lock();
+    let _g = serial();
     let regions = [region(0x10000, 0x2000, 0), region(0x40000, 0x1000, 0x2000)];
     firecracker::validate_against_snapshot(&regions, 0x3000).unwrap();
     let e = firecracker::validate_against_snapshot(&regions, 0x4000).unwrap_err();
@@ -667,7 +611,7 @@ fn runner(cases: u32) -> TestRunner {
 
 #[test]
 fn parse_never_panics_on_arbitrary_bytes() {
-    let _g = lock();
+    let _g = serial();
     runner(2000)
         .run(
             &(proptest::collection::vec(any::<u8>(), 0..512), 0usize..6),
@@ -681,7 +625,7 @@ fn parse_never_panics_on_arbitrary_bytes() {
 
 #[test]
 fn parse_never_panics_on_json_shaped_input() {
-    let _g = lock();
+    let _g = serial();
     let field = prop_oneof![
         Just("base_host_virt_addr"),
         Just("size"),
@@ -751,7 +695,7 @@ fn valid_regions() -> impl Strategy<Value = (Vec<GuestRegionUffdMapping>, usize)
 
 #[test]
 fn valid_region_lists_round_trip() {
-    let _g = lock();
+    let _g = serial();
     runner(1000)
         .run(&valid_regions(), |(regions, fds)| {
             let payload = serde_json::to_vec(&regions).unwrap();
@@ -773,7 +717,7 @@ fn valid_region_lists_round_trip() {
 
 #[test]
 fn a_moved_region_that_overlaps_is_refused() {
-    let _g = lock();
+    let _g = serial();
     runner(500)
         .run(
             &(valid_regions(), any::<prop::sample::Index>()),
@@ -796,8 +740,8 @@ fn a_moved_region_that_overlaps_is_refused() {
 
 #[test]
 fn received_fds_are_close_on_exec() {
-    let _g = lock();
-    let Some(uffd) = uffd_or_skip("received_fds_are_close_on_exec") else {
+    let _g = serial();
+    let Some(uffd) = uffd_or_skip("received_fds_are_close_on_exec", Features::empty()) else {
         return;
     };
     let (vmm, handler) = UnixStream::pair().unwrap();
@@ -811,12 +755,12 @@ fn received_fds_are_close_on_exec() {
 #[test]
 fn handshake_feeds_a_fault_server() {
     use uffd_gmem::serve::{Region, Server};
-    let _g = lock();
-    let Some(uffd) = uffd_or_skip("handshake_feeds_a_fault_server") else {
+    let _g = serial();
+    let Some(uffd) = uffd_or_skip("handshake_feeds_a_fault_server", Features::empty()) else {
         return;
     };
     // The VMM: two regions of guest memory, registered MISSING, handed over.
-    let mem = Anon::new(8 * PAGE);
+    let mem = Mem::anon(8 * PAGE);
     let regions = vec![
         region(mem.addr, 3 * PAGE, 0),
         region(mem.addr + 4 * PAGE, 4 * PAGE, 3 * PAGE),
@@ -860,4 +804,250 @@ fn handshake_feeds_a_fault_server() {
     assert!(stats.errors.is_empty(), "{:?}", stats.errors);
     assert_eq!(stats.pages_copied, 7);
     drop(uffd);
+}
+
+// ---------------------------------------------------------------------------
+// The parser against an independent oracle
+// ---------------------------------------------------------------------------
+
+/// The documented rules in the parser's order: the phrase the refusal of
+/// `regions` with `fds` fds must contain, or `None` when it must be accepted.
+fn broken_rule(regions: &[GuestRegionUffdMapping], fds: usize) -> Option<&'static str> {
+    if regions.is_empty() {
+        return Some("the region array is empty");
+    }
+    let secret = regions.iter().any(|r| r.is_guest_memfd == Some(true));
+    match (secret, fds) {
+        (true, 3) | (false, 1) => {}
+        (true, _) => return Some("expected 3 fds [uffd, guest_memfd, userfault_bitmap]"),
+        (false, _) => return Some("expected 1 fd (the userfaultfd)"),
+    }
+    let page = regions[0].page_size;
+    for r in regions {
+        if !r.page_size.is_power_of_two() || r.page_size < firecracker::MIN_PAGE_SIZE {
+            return Some("must be a power of two >= 0x1000");
+        }
+        if r.page_size != page {
+            return Some("differs from region 0's page_size");
+        }
+        if r.page_size_kib != r.page_size {
+            return Some("differs from page_size");
+        }
+        if r.size == 0 {
+            return Some("size is 0");
+        }
+        if r.size % page != 0 || r.base_host_virt_addr % page != 0 || r.offset % page != 0 {
+            return Some("is not a multiple of page_size");
+        }
+        if r.base_host_virt_addr.checked_add(r.size).is_none() {
+            return Some("base_host_virt_addr + size overflows u64");
+        }
+        if r.offset.checked_add(r.size).is_none() {
+            return Some("offset + size overflows u64");
+        }
+    }
+    let overlap = |f: &dyn Fn(&GuestRegionUffdMapping) -> (u64, u64)| {
+        regions.iter().enumerate().any(|(i, a)| {
+            regions[i + 1..].iter().any(|b| {
+                let ((a0, a1), (b0, b1)) = (f(a), f(b));
+                a0 < b1 && b0 < a1
+            })
+        })
+    };
+    if overlap(&|r| (r.base_host_virt_addr, r.base_host_virt_addr + r.size)) {
+        return Some("overlap in the host address space");
+    }
+    if overlap(&|r| (r.offset, r.offset + r.size)) {
+        return Some("overlap in the snapshot file");
+    }
+    None
+}
+
+/// Values near the rules' edges.
+fn edgy() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        4 => (0u64..48).prop_map(|n| n * PAGE),
+        1 => (0u64..4).prop_map(|n| n * 0x20_0000),
+        1 => (0u64..48).prop_map(|n| n * PAGE + 0x800),
+        1 => (0u64..3).prop_map(|n| u64::MAX - PAGE + 1 - n * PAGE),
+        1 => any::<u64>(),
+    ]
+}
+
+fn page_sizes() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        6 => Just(PAGE),
+        2 => Just(0x20_0000u64),
+        1 => Just(0u64),
+        1 => Just(2048u64),
+        1 => Just(PAGE + 1),
+        1 => (0u32..64).prop_map(|b| 1u64 << b),
+    ]
+}
+
+/// One region as JSON text, with the optional fields present or not, an
+/// unknown field now and then, and (rarely) a required field left out or of
+/// the wrong type. Returns the text and the mapping it should parse into
+/// (`None` for a JSON-level defect).
+fn region_json() -> impl Strategy<Value = (String, Option<GuestRegionUffdMapping>)> {
+    (
+        (edgy(), edgy(), edgy(), page_sizes()),
+        prop_oneof![4 => Just(None), 1 => page_sizes().prop_map(Some)],
+        proptest::option::of(edgy()),
+        proptest::option::of(any::<bool>()),
+        any::<bool>(),
+        prop_oneof![12 => Just(None), 1 => (0usize..4, any::<bool>()).prop_map(Some)],
+    )
+        .prop_map(
+            |((base, size, offset, page), kib, gpa, gmem, extra, defect)| {
+                let mut fields = vec![
+                    ("base_host_virt_addr", base.to_string()),
+                    ("size", size.to_string()),
+                    ("offset", offset.to_string()),
+                    ("page_size", page.to_string()),
+                ];
+                let mut want = Some({
+                    let mut r = GuestRegionUffdMapping::new(base, size, offset, page);
+                    r.page_size_kib = kib.unwrap_or(page);
+                    r.gpa_start = gpa;
+                    r.is_guest_memfd = gmem;
+                    r
+                });
+                if let Some((i, drop)) = defect {
+                    if drop {
+                        fields.remove(i);
+                    } else {
+                        fields[i].1 = "\"4096\"".into();
+                    }
+                    want = None;
+                }
+                if let Some(k) = kib {
+                    fields.push(("page_size_kib", k.to_string()));
+                }
+                if let Some(g) = gpa {
+                    fields.push(("gpa_start", g.to_string()));
+                }
+                if let Some(g) = gmem {
+                    fields.push(("is_guest_memfd", g.to_string()));
+                }
+                if extra {
+                    fields.push(("slot", "[1, {\"x\": null}]".into()));
+                }
+                let body: Vec<String> =
+                    fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                (format!("{{{}}}", body.join(",")), want)
+            },
+        )
+}
+
+/// Arbitrary region lists and fd counts, as JSON with every optional field
+/// present or absent: accepted exactly when the oracle finds every rule
+/// kept, with the regions it describes; otherwise refused with
+/// `Error::Protocol` whose text names the first broken rule.
+#[test]
+fn parse_agrees_with_the_documented_rules() {
+    let _g = serial();
+    let lists = proptest::collection::vec(region_json(), 0..5);
+    runner(3000)
+        .run(&(lists, 0usize..=4), |(list, fds)| {
+            let text = format!(
+                "[{}]",
+                list.iter()
+                    .map(|(t, _)| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let want: Option<Vec<GuestRegionUffdMapping>> =
+                list.into_iter().map(|(_, r)| r).collect();
+            let got = firecracker::parse(text.as_bytes(), fds);
+            let Some(want) = want else {
+                // A field missing or of the wrong type.
+                let msg = got
+                    .expect_err("a defective region was accepted")
+                    .to_string();
+                prop_assert!(
+                    msg.contains("not a JSON array of GuestRegionUffdMapping")
+                        && (msg.contains("missing field") || msg.contains("invalid type")),
+                    "{}",
+                    msg
+                );
+                return Ok(());
+            };
+            match (broken_rule(&want, fds), got) {
+                (None, Ok(regions)) => prop_assert_eq!(regions, want),
+                (Some(rule), Err(uffd_gmem::Error::Protocol { op, what })) => {
+                    prop_assert_eq!(op, firecracker::OP);
+                    prop_assert!(what.contains(rule), "{:?} does not name {:?}", what, rule);
+                }
+                (rule, got) => {
+                    return Err(TestCaseError::fail(format!(
+                        "{text} with {fds} fds: oracle {rule:?}, parser {got:?}"
+                    )));
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Valid payloads with a few bytes replaced, inserted or removed, and the
+/// fd count sometimes wrong: never a panic; anything accepted keeps every
+/// rule; anything refused is `Error::Protocol` naming a rule or the JSON
+/// defect.
+#[test]
+fn mutated_valid_payloads() {
+    let _g = serial();
+    let edit = (0usize..3, any::<prop::sample::Index>(), any::<u8>());
+    let phrases = [
+        "not a JSON array of GuestRegionUffdMapping",
+        "the payload is empty",
+        "the region array is empty",
+        "expected 3 fds",
+        "expected 1 fd",
+        "must be a power of two",
+        "differs from region 0's page_size",
+        "differs from page_size",
+        "size is 0",
+        "is not a multiple of page_size",
+        "overflows u64",
+        "overlap in the host address space",
+        "overlap in the snapshot file",
+    ];
+    runner(3000)
+        .run(
+            &(
+                valid_regions(),
+                proptest::collection::vec(edit, 1..5),
+                prop_oneof![4 => Just(0usize), 1 => 1usize..3],
+            ),
+            |((regions, fds), edits, fd_skew)| {
+                let mut payload = serde_json::to_vec(&regions).unwrap();
+                for (kind, at, byte) in edits {
+                    match kind {
+                        0 if !payload.is_empty() => {
+                            let i = at.index(payload.len());
+                            payload[i] = byte;
+                        }
+                        1 => payload.insert(at.index(payload.len() + 1), byte),
+                        _ if !payload.is_empty() => {
+                            payload.remove(at.index(payload.len()));
+                        }
+                        _ => {}
+                    }
+                }
+                let fds = (fds + fd_skew) % 5;
+                match firecracker::parse(&payload, fds) {
+                    Ok(parsed) => {
+                        prop_assert_eq!(broken_rule(&parsed, fds), None, "{:?}", parsed);
+                    }
+                    Err(uffd_gmem::Error::Protocol { op, what }) => {
+                        prop_assert_eq!(op, firecracker::OP);
+                        prop_assert!(phrases.iter().any(|p| what.contains(p)), "{}", what);
+                    }
+                    Err(e) => return Err(TestCaseError::fail(format!("{e:?}"))),
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
 }

@@ -1,5 +1,7 @@
 //! Property tests of the pure parts: the `uffd_msg` decoder and the flag sets.
 
+mod common;
+
 use proptest::prelude::*;
 use uffd_gmem::sys_bindings as sys;
 use uffd_gmem::{Access, Error, FaultKind, Features, Ioctls, MSG_SIZE, Mode, Msg, RegisterMode};
@@ -193,4 +195,50 @@ proptest! {
         let text = format!("{m:?}");
         prop_assert!(!text.is_empty());
     }
+}
+
+/// Arbitrary records read through `Uffd::read_events` from a pipe adopted
+/// as a userfaultfd (what a peer controls when it passes off another fd as
+/// its userfaultfd): one event per record, each record that does not decode
+/// as `Event::Unknown` with its bytes, and no fork record ever taken for a
+/// descriptor to own (it would close an fd of this process).
+#[test]
+fn records_read_from_a_fake_userfaultfd() {
+    use std::os::fd::AsRawFd;
+    use uffd_gmem::{Event, EventBuffer};
+
+    let (uffd, tx) = common::fake_uffd();
+    let buf = std::cell::RefCell::new(EventBuffer::with_capacity(16));
+    let record = (event_code(), any::<[u8; MSG_SIZE]>()).prop_map(|(e, mut b)| {
+        b[0] = e;
+        b
+    });
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 500,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&prop::collection::vec(record, 1..16), |recs| {
+            let bytes = recs.concat();
+            // SAFETY: `bytes` is readable for its length (at most 512 bytes,
+            // well under a pipe buffer, so the write is whole).
+            let n = unsafe { libc::write(tx.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+            prop_assert_eq!(n, bytes.len() as isize);
+            let mut buf = buf.borrow_mut();
+            let events: Vec<Event> = uffd.read_events(&mut buf).unwrap().collect();
+            prop_assert_eq!(events.len(), recs.len());
+            for (ev, rec) in events.iter().zip(&recs) {
+                match ev {
+                    Event::Fork { .. } => prop_assert!(false, "a forged fork record was trusted"),
+                    Event::Unknown { event, raw } => {
+                        prop_assert_eq!(*event, rec[0]);
+                        prop_assert_eq!(raw, rec);
+                    }
+                    _ => prop_assert!(Msg::decode(rec, false).is_ok()),
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
 }

@@ -17,10 +17,13 @@
 //! - where neither `/dev/userfaultfd` nor `userfaultfd(2)` is usable a test
 //!   prints `SKIP <test>: <why>` and passes, unless `CI=true`.
 
+mod common;
+
+use common::{ci, serial};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use uffd_gmem::sys_bindings as sys;
@@ -33,8 +36,6 @@ use uffd_gmem::{
 const DEADLINE: Duration = Duration::from_secs(10);
 /// One poll of a userfaultfd.
 const POLL: Duration = Duration::from_millis(20);
-
-static LOCK: Mutex<()> = Mutex::new(());
 
 fn ps() -> u64 {
     kvm_gmem::page_size()
@@ -70,14 +71,10 @@ impl Drop for Group {
     }
 }
 
-fn ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
-
 /// Takes the lock; `None` (after printing `SKIP`) when no userfaultfd can be
 /// created at all, which fails instead under `CI=true`.
 fn group(name: &'static str) -> Option<Group> {
-    let lock = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    let lock = serial();
     match Uffd::builder().create() {
         Ok(_) => {}
         Err(e) if e.is_unsupported() => {
@@ -210,15 +207,7 @@ impl Drop for Map {
 
 /// An empty shmem file of `pages` pages.
 fn memfd(pages: u64) -> OwnedFd {
-    // SAFETY: memfd_create takes a NUL-terminated name and flags.
-    let raw = unsafe { libc::memfd_create(c"uffd-selftest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(raw >= 0, "memfd_create: {}", Errno::last());
-    // SAFETY: memfd_create returned a new descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ftruncate on our own descriptor.
-    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), (pages * ps()) as libc::off_t) };
-    assert_eq!(r, 0, "ftruncate: {}", Errno::last());
-    fd
+    common::memfd(c"uffd-selftest", pages * ps())
 }
 
 /// Volatile byte loads.

@@ -24,112 +24,37 @@
 //! `/dev/userfaultfd` nor the system call) a test prints `SKIP <test>: <why>`
 //! and passes, unless `CI=true`.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
 use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
-use std::thread::JoinHandle;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use common::{
+    ChildVmm, DEADLINE, KIB, MIB, Mem, PATTERN_LEN, TempDir, assert_no_server_threads, fallocate,
+    fill_pattern, memfd, open_fds, page, pattern, read_page, register, serial, server_threads,
+    shuffle, summary, uffd_or_skip, wait_until,
+};
 use uffd_gmem::firecracker::{self, GuestRegionUffdMapping, Handshake};
 use uffd_gmem::serve::{MappedFile, PageSource, Region, RemovePolicy, Server, Stats};
 use uffd_gmem::{Error, Features, RegisterMode, Uffd};
 
-/// How long one test's faulting work may take before the test fails.
-const DEADLINE: Duration = Duration::from_secs(30);
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
 /// Where region contents start in the page source (regions never start at
 /// source offset 0, so offsets are exercised).
 const SRC_OFF: u64 = MIB;
-/// The length of the shared pattern source.
-const PATTERN_LEN: u64 = 40 * MIB;
 
 // ---------------------------------------------------------------------------
 // Shared helpers
 // ---------------------------------------------------------------------------
-
-fn page() -> u64 {
-    // SAFETY: sysconf only reads a system constant.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
-}
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// The file-wide lock every test holds.
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Prints `SKIP` (or fails under `CI=true`).
-fn skip(test: &str, why: &str) {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: {why} (CI=true: a skip is a failure)");
-    }
-    eprintln!("SKIP {test}: {why}");
-}
-
-/// A non-blocking userfaultfd with `features`, or `None` after a SKIP.
-fn uffd_or_skip(test: &str, features: Features) -> Option<Uffd> {
-    match Uffd::builder()
-        .non_blocking(true)
-        .require_features(features)
-        .create()
-    {
-        Ok(u) => Some(u),
-        Err(e) => {
-            skip(test, &format!("no userfaultfd with {features:?}: {e}"));
-            None
-        }
-    }
-}
-
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The pattern bytes at source offset `off` (a multiple of 8): every 8-byte
-/// word is a hash of its position, so a misplaced page never matches.
-fn fill_pattern(off: u64, buf: &mut [u8]) {
-    for (k, w) in buf.chunks_exact_mut(8).enumerate() {
-        w.copy_from_slice(&splitmix(off / 8 + k as u64).to_le_bytes());
-    }
-}
-
-/// The shared page source: [`PATTERN_LEN`] bytes of [`fill_pattern`].
-fn pattern() -> Arc<Vec<u8>> {
-    static P: OnceLock<Arc<Vec<u8>>> = OnceLock::new();
-    P.get_or_init(|| {
-        let mut v = vec![0u8; PATTERN_LEN as usize];
-        fill_pattern(0, &mut v);
-        Arc::new(v)
-    })
-    .clone()
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Order {
     Sequential,
     Reverse,
     Random(u64),
-}
-
-fn shuffle<T>(v: &mut [T], seed: u64) {
-    let mut s = seed | 1;
-    for i in (1..v.len()).rev() {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        v.swap(i, (s % (i as u64 + 1)) as usize);
-    }
 }
 
 fn order(pages: Range<u64>, o: Order) -> Vec<u64> {
@@ -140,88 +65,6 @@ fn order(pages: Range<u64>, o: Order) -> Vec<u64> {
         Order::Random(seed) => shuffle(&mut v, seed),
     }
     v
-}
-
-/// A mapping owned by a test (unmapped on drop).
-#[derive(Debug)]
-struct Mem {
-    addr: u64,
-    len: u64,
-}
-
-impl Mem {
-    fn map(len: u64, flags: i32, fd: i32) -> Mem {
-        // SAFETY: a fresh mapping at an address the kernel chooses; no other
-        // code uses that range.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            )
-        };
-        assert_ne!(
-            p,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        Mem {
-            addr: p as u64,
-            len,
-        }
-    }
-
-    /// Anonymous `MAP_PRIVATE | MAP_NORESERVE`, as Firecracker maps guest
-    /// memory.
-    fn anon(len: u64) -> Mem {
-        Mem::map(
-            len,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-        )
-    }
-
-    /// A shared mapping of `fd` from offset 0.
-    fn shared(fd: &OwnedFd, len: u64) -> Mem {
-        Mem::map(len, libc::MAP_SHARED, fd.as_raw_fd())
-    }
-
-    fn range(&self) -> Range<u64> {
-        self.addr..self.addr + self.len
-    }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; every thread reading it has finished (the
-        // runners leak a mapping instead when a thread may still run).
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
-    }
-}
-
-/// Registers `mem` MISSING on `uffd`.
-fn register(uffd: &Uffd, mem: &Mem, mode: RegisterMode) {
-    // SAFETY: `mem` is a mapping this test made for the purpose; no Rust
-    // reference points into it (it is only read through raw-pointer copies),
-    // and it stays mapped until the server serving it is shut down.
-    unsafe { uffd.register(mem.range(), mode) }
-        .unwrap_or_else(|e| panic!("UFFDIO_REGISTER {mode:?}: {e}"));
-}
-
-/// Copies page `i` of the memory at `addr` into `buf` (faulting it in).
-///
-/// # Safety
-///
-/// `addr + i * buf.len() .. + buf.len()` must stay mapped and readable for
-/// the duration of the call.
-unsafe fn read_page(addr: u64, i: u64, buf: &mut [u8]) {
-    let src = (addr + i * buf.len() as u64) as *const u8;
-    // SAFETY: the caller guarantees the source is mapped; `buf` is ours.
-    unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
 }
 
 /// A short description of how `got` differs from `want` (page `i`).
@@ -255,34 +98,6 @@ fn touch_and_verify(addr: u64, pages: &[u64], src: &[u8], src_off: u64) -> Resul
         }
     }
     Ok(pages.len() as u64)
-}
-
-/// One line of statistics.
-fn summary(s: &Stats) -> String {
-    let q = |x| {
-        s.latency
-            .quantile(x)
-            .map_or_else(|| "-".to_string(), |d| format!("{d:?}"))
-    };
-    format!(
-        "faults={} copied={} continued={} zeroed={} prefetched={} eexist={} eagain={} wakes={} \
-         other_events={} latency p50<={} p99<={} max={:?} errors={} {:?} stopped_because={:?}",
-        s.faults,
-        s.pages_copied,
-        s.pages_continued,
-        s.pages_zeroed,
-        s.pages_prefetched,
-        s.eexist,
-        s.eagain,
-        s.wakes,
-        s.other_events,
-        q(0.5),
-        q(0.99),
-        s.max_latency,
-        s.errors.len(),
-        s.errors.iter().take(4).collect::<Vec<_>>(),
-        s.stopped_because,
-    )
 }
 
 /// Runs one toucher thread per entry of `orders` over the memory at `addr`,
@@ -367,20 +182,6 @@ fn serve_and_touch(
     stats
 }
 
-/// Waits up to `timeout` for `f`.
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Waits until the server's counters stop moving (fault-around and
 /// prefetch done).
 fn quiesce(server: &Server) {
@@ -418,79 +219,6 @@ fn assert_clean(label: &str, s: &Stats) {
         "{label}: no latency samples: {}",
         summary(s)
     );
-}
-
-/// A scratch directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "uffd-gmem-serve-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn memfd(len: u64) -> OwnedFd {
-    // SAFETY: a NUL-terminated name and flags.
-    let raw = unsafe { libc::memfd_create(c"uffd-serve-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(
-        raw >= 0,
-        "memfd_create: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ftruncate on our descriptor.
-    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
-    assert_eq!(r, 0, "ftruncate: {}", std::io::Error::last_os_error());
-    fd
-}
-
-/// Threads of this process whose name starts with `uffd-` (the server's).
-fn server_threads() -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
-        .filter(|c| c.starts_with("uffd-"))
-        .collect()
-}
-
-/// This process's open fds and what they are (the directory listing's own
-/// fd left out).
-fn open_fds() -> BTreeMap<i32, String> {
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .flatten()
-    {
-        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let target = std::fs::read_link(e.path())
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        if target.is_empty() || target.starts_with("/proc/") {
-            continue;
-        }
-        out.insert(fd, target);
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------
@@ -649,7 +377,7 @@ fn mapped_file_source() {
     let len = 16 * MIB;
     let pages = len / page;
     let src = pattern();
-    let dir = TempDir::new("file");
+    let dir = TempDir::new("serve-file");
     let path = dir.0.join("mem.snap");
     std::fs::write(&path, &src[..(SRC_OFF + len + MIB) as usize]).expect("write snapshot");
     let Some(uffd) = uffd_or_skip(test, Features::empty()) else {
@@ -799,10 +527,8 @@ fn continue_via_alias_on_shmem() {
     let Some(uffd) = uffd_or_skip(test, Features::MINOR_SHMEM) else {
         return;
     };
-    let fd = memfd(len);
-    // SAFETY: fallocate on our memfd.
-    let r = unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len as libc::off_t) };
-    assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+    let fd = memfd(c"uffd-serve-test", len);
+    fallocate(&fd, len);
     let vmm = Mem::shared(&fd, len);
     let alias = Mem::shared(&fd, len);
     register(&uffd, &vmm, RegisterMode::MINOR);
@@ -871,7 +597,7 @@ fn continue_via_pwrite_on_shmem() {
     let Some(uffd) = uffd_or_skip(test, Features::MINOR_SHMEM) else {
         return;
     };
-    let fd = memfd(len);
+    let fd = memfd(c"uffd-serve-test", len);
     let vmm = Mem::shared(&fd, len);
     register(&uffd, &vmm, RegisterMode::MISSING | RegisterMode::MINOR);
     let server = Server::builder(uffd)
@@ -1091,17 +817,13 @@ fn shutdown_joins_threads_and_closes_fds() {
     let len = 4 * MIB;
     let pages = len / page;
     let src = pattern();
-    let dir = TempDir::new("lifecycle");
+    let dir = TempDir::new("serve-lifecycle");
     let path = dir.0.join("mem.snap");
     std::fs::write(&path, &src[..(SRC_OFF + len) as usize]).unwrap();
     if uffd_or_skip(test, Features::empty()).is_none() {
         return;
     }
-    assert!(
-        server_threads().is_empty(),
-        "left over: {:?}",
-        server_threads()
-    );
+    assert_no_server_threads();
     let fds_before = open_fds();
 
     for how in ["shutdown", "drop", "peer hangs up"] {
@@ -1203,204 +925,18 @@ const CHILD_TEST: &str = "child_vmm";
 const ENV_SCENARIO: &str = "UFFD_GMEM_SERVE_TEST_SCENARIO";
 const ENV_SOCK: &str = "UFFD_GMEM_SERVE_TEST_SOCK";
 
-/// The parent's side of a child VMM (this binary re-executed as the VMM).
-struct ChildVmm {
-    label: String,
-    child: Child,
-    stream: UnixStream,
-    lines: BufReader<UnixStream>,
-    output: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-    _dir: TempDir,
-}
-
-impl ChildVmm {
-    /// Starts the child for `scenario`, accepts its connection and receives
-    /// its handshake.
-    fn start(label: &str, scenario: &str) -> (ChildVmm, Handshake) {
-        let dir = TempDir::new("vmm");
-        let sock = dir.0.join("uffd.sock");
-        let listener = UnixListener::bind(&sock).expect("bind");
-        listener.set_nonblocking(true).unwrap();
-        let mut child = Command::new(std::env::current_exe().expect("current_exe"))
-            .args([
-                CHILD_TEST,
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(ENV_SCENARIO, scenario)
-            .env(ENV_SOCK, &sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the child VMM");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
-        let pipes: Vec<Box<dyn Read + Send>> = vec![
-            Box::new(child.stdout.take().unwrap()),
-            Box::new(child.stderr.take().unwrap()),
-        ];
-        for mut p in pipes {
-            let out = output.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = p.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    out.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend_from_slice(&buf[..n]);
-                }
-            }));
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let stream = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("{label}: accept: {e}"),
-            }
-            let status = child.try_wait().ok().flatten();
-            if status.is_some() || Instant::now() > deadline {
-                let _ = child.kill();
-                let status = child.wait();
-                for r in readers {
-                    let _ = r.join();
-                }
-                panic!(
-                    "{label}: the child VMM never connected ({status:?}); its output:\n{}",
-                    String::from_utf8_lossy(&output.lock().unwrap())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        stream.set_nonblocking(false).unwrap();
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
-        let lines = BufReader::new(stream.try_clone().unwrap());
-        let mut vmm = ChildVmm {
-            label: label.to_string(),
-            child,
-            stream,
-            lines,
-            output,
-            readers,
-            _dir: dir,
-        };
-        let hs = match Handshake::recv_timeout(&vmm.stream, Duration::from_secs(20)) {
-            Ok(hs) => hs,
-            Err(e) => vmm.fail(&format!("handshake: {e}")),
-        };
-        (vmm, hs)
-    }
-
-    /// Kills the child and fails with `msg` and the child's output.
-    fn fail(&mut self, msg: &str) -> ! {
-        let _ = self.child.kill();
-        let status = self.child.wait();
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        let out = self.output.lock().unwrap_or_else(|e| e.into_inner());
-        let out = String::from_utf8_lossy(&out);
-        let tail: String = out
-            .chars()
-            .rev()
-            .take(6000)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        panic!(
-            "{}: {msg}\nchild VMM: {status:?}; its output (tail):\n{tail}",
-            self.label
-        );
-    }
-
-    /// Reads lines until one starts with `word`; returns the rest of it.
-    /// Fails on a `fail` line, end of file, or after [`DEADLINE`], with the
-    /// server's statistics.
-    fn expect(&mut self, word: &str, server: &Server) -> String {
-        match self.expect_line(word) {
-            Ok(rest) => rest,
-            Err(msg) => {
-                let s = server.stats();
-                self.fail(&format!("{msg}\nserver: {}", summary(&s)))
-            }
-        }
-    }
-
-    fn expect_line(&mut self, word: &str) -> Result<String, String> {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match self.lines.read_line(&mut line) {
-                Ok(0) => return Err(format!("the child closed the socket; expected {word:?}")),
-                Ok(_) => {
-                    let l = line.trim_end();
-                    if let Some(rest) = l.strip_prefix(word) {
-                        return Ok(rest.trim().to_string());
-                    }
-                    if l.starts_with("fail") {
-                        return Err(format!("the child reported: {l}"));
-                    }
-                    eprintln!("[child] {l}");
-                }
-                Err(e) => {
-                    return Err(format!(
-                        "no {word:?} from the child within {DEADLINE:?} ({e})"
-                    ));
-                }
-            }
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        if let Err(e) = writeln!(self.stream, "{line}") {
-            self.fail(&format!("send {line:?}: {e}"));
-        }
-    }
-
-    /// Waits (bounded) for the child to exit.
-    fn finish(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => {
-                    for r in self.readers.drain(..) {
-                        let _ = r.join();
-                    }
-                    return st;
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                _ => self.fail("the child did not exit"),
-            }
-        }
-    }
-
-    fn finish_ok(&mut self) {
-        let st = self.finish();
-        if !st.success() {
-            self.fail(&format!("the child exited with {st}"));
-        }
-    }
-}
-
-impl Drop for ChildVmm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-    }
+/// Starts the child VMM for `scenario` (with its socket in a scratch
+/// directory of its own), accepts its connection and receives its handshake.
+fn start_vmm(label: &str, scenario: &str) -> (ChildVmm, Handshake) {
+    let dir = TempDir::new("serve-vmm");
+    let sock = dir.0.join("uffd.sock");
+    let envs = [
+        (ENV_SCENARIO, scenario.as_ref()),
+        (ENV_SOCK, sock.as_os_str()),
+    ];
+    let (mut vmm, hs) = ChildVmm::start(label, CHILD_TEST, &sock, &envs);
+    vmm.dir = Some(dir);
+    (vmm, hs)
 }
 
 /// A server for the child's single region (from its handshake).
@@ -1754,7 +1290,7 @@ fn source_error(test: &str, fault_around: u64) {
     // Not window aligned: with fault-around the bad page sits inside the
     // windows of its neighbours.
     let bad = 100u64;
-    let (mut vmm, hs) = ChildVmm::start(test, &format!("error {bad}"));
+    let (mut vmm, hs) = start_vmm(test, &format!("error {bad}"));
     let bad_off = hs.regions[0].offset + bad * page;
     let server = child_server(hs)
         .source(FailingSource {
@@ -1811,7 +1347,7 @@ fn remove(test: &str, policy: RemovePolicy) {
     }
     // Pages 768..1280 of 2048: 256 served before, 256 never touched.
     let (first, count) = (768u64, 512u64);
-    let (mut vmm, hs) = ChildVmm::start(test, &format!("remove {first} {count}"));
+    let (mut vmm, hs) = start_vmm(test, &format!("remove {first} {count}"));
     let server = child_server(hs)
         .source_arc(pattern())
         .fault_around(64 * KIB)
@@ -1860,7 +1396,7 @@ fn remove_zero_on_next_fault_repeatedly() {
         return;
     }
     let rounds = 300;
-    let (mut vmm, hs) = ChildVmm::start(test, &format!("remove-loop {rounds}"));
+    let (mut vmm, hs) = start_vmm(test, &format!("remove-loop {rounds}"));
     let server = child_server(hs)
         .source_arc(pattern())
         .workers(3)
@@ -1895,7 +1431,7 @@ fn unmap_part_of_a_region() {
     if uffd_or_skip(test, Features::EVENT_UNMAP).is_none() {
         return;
     }
-    let (mut vmm, hs) = ChildVmm::start(test, "unmap");
+    let (mut vmm, hs) = start_vmm(test, "unmap");
     let server = child_server(hs)
         .source_arc(pattern())
         .fault_around(64 * KIB)
@@ -1930,7 +1466,7 @@ fn remap_while_fault_around_is_in_flight() {
         return;
     }
     let rounds = 8;
-    let (mut vmm, hs) = ChildVmm::start(test, &format!("remap-race {rounds}"));
+    let (mut vmm, hs) = start_vmm(test, &format!("remap-race {rounds}"));
     let server = child_server(hs)
         .source_arc(pattern())
         .fault_around(512 * KIB)
@@ -1960,7 +1496,7 @@ fn unmap_while_fault_around_is_in_flight() {
     if uffd_or_skip(test, Features::EVENT_UNMAP).is_none() {
         return;
     }
-    let (mut vmm, hs) = ChildVmm::start(test, "unmap-race");
+    let (mut vmm, hs) = start_vmm(test, "unmap-race");
     let server = child_server(hs)
         .source_arc(pattern())
         .fault_around(512 * KIB)
@@ -1990,7 +1526,7 @@ fn remap_a_region() {
         return;
     }
     let pages = 1024u64;
-    let (mut vmm, hs) = ChildVmm::start(test, "remap");
+    let (mut vmm, hs) = start_vmm(test, "remap");
     let server = child_server(hs)
         .source_arc(pattern())
         .fault_around(64 * KIB)

@@ -19,24 +19,26 @@
 //! Without userfaultfd a test prints `SKIP <test>: <why>` and passes,
 //! unless `CI=true`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::ffi::OsStr;
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use uffd_gmem::firecracker::{self, GuestRegionUffdMapping, Handshake};
-use uffd_gmem::serve::{MappedFile, Region, Server, Stats};
+use common::{
+    ChildVmm, KIB, MIB, Mem, TempDir, assert_no_server_threads, page, read_at, serial,
+    server_threads, shuffle, splitmix, summary, uffd_or_skip, wait_until,
+};
+use uffd_gmem::firecracker::{self, GuestRegionUffdMapping};
+use uffd_gmem::serve::{MappedFile, Region, Server};
 use uffd_gmem::{Features, RegisterMode, Uffd};
 
-const DEADLINE: Duration = Duration::from_secs(30);
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
 /// The guest memory regions, laid out back to back in the snapshot file.
 const REGIONS: [u64; 2] = [16 * MIB, 8 * MIB];
 const TOUCHERS: u64 = 4;
@@ -49,33 +51,8 @@ const ENV_SCENARIO: &str = "UFFD_GMEM_E2E_SCENARIO";
 const ENV_SOCK: &str = "UFFD_GMEM_E2E_SOCK";
 const ENV_SNAPSHOT: &str = "UFFD_GMEM_E2E_SNAPSHOT";
 
-fn page() -> u64 {
-    // SAFETY: sysconf only reads a system constant.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
-}
-
 fn total_len() -> u64 {
     REGIONS.iter().sum()
-}
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn skip(test: &str, why: &str) {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: {why} (CI=true: a skip is a failure)");
-    }
-    eprintln!("SKIP {test}: {why}");
-}
-
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// The snapshot's bytes: every 8-byte word a hash of its file offset.
@@ -93,302 +70,6 @@ fn page_sum(g: u64, bytes: &[u8]) -> u64 {
     bytes.chunks_exact(8).fold(splitmix(g), |h, w| {
         (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0000_0100_0000_01b3)
     })
-}
-
-fn shuffle<T>(v: &mut [T], seed: u64) {
-    let mut s = seed | 1;
-    for i in (1..v.len()).rev() {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        v.swap(i, (s % (i as u64 + 1)) as usize);
-    }
-}
-
-/// A mapping owned by the test.
-struct Mem {
-    addr: u64,
-    len: u64,
-}
-
-impl Mem {
-    fn map(len: u64, prot: i32, flags: i32, fd: i32) -> Mem {
-        // SAFETY: a fresh mapping at an address the kernel chooses.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, prot, flags, fd, 0) };
-        assert_ne!(
-            p,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        Mem {
-            addr: p as u64,
-            len,
-        }
-    }
-
-    /// Guest memory as Firecracker maps it.
-    fn guest(len: u64) -> Mem {
-        Mem::map(
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-        )
-    }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; every thread reading it has finished.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
-    }
-}
-
-/// Copies `buf.len()` bytes at `addr` into `buf` (faulting them in).
-///
-/// # Safety
-///
-/// `addr .. addr + buf.len()` must stay mapped and readable during the call.
-unsafe fn read_at(addr: u64, buf: &mut [u8]) {
-    // SAFETY: the caller guarantees the source is mapped; `buf` is ours.
-    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
-}
-
-/// Threads of this process named `uffd-*` (the server's).
-fn server_threads() -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
-        .filter(|c| c.starts_with("uffd-"))
-        .collect()
-}
-
-fn summary(s: &Stats) -> String {
-    let q = |x| {
-        s.latency
-            .quantile(x)
-            .map_or_else(|| "-".to_string(), |d| format!("{d:?}"))
-    };
-    format!(
-        "faults={} copied={} zeroed={} eexist={} eagain={} wakes={} other_events={} \
-         latency p50<={} p99<={} max={:?} errors={} {:?} stopped_because={:?}",
-        s.faults,
-        s.pages_copied,
-        s.pages_zeroed,
-        s.eexist,
-        s.eagain,
-        s.wakes,
-        s.other_events,
-        q(0.5),
-        q(0.99),
-        s.max_latency,
-        s.errors.len(),
-        s.errors.iter().take(4).collect::<Vec<_>>(),
-        s.stopped_because,
-    )
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "uffd-gmem-e2e-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The handler's side of the child VMM
-// ---------------------------------------------------------------------------
-
-struct ChildVmm {
-    label: String,
-    child: Child,
-    stream: UnixStream,
-    lines: BufReader<UnixStream>,
-    output: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl ChildVmm {
-    /// Listens on `sock`, starts the child VMM, accepts its connection and
-    /// receives its handshake.
-    fn start(label: &str, scenario: &str, sock: &Path, snapshot: &Path) -> (ChildVmm, Handshake) {
-        let listener = UnixListener::bind(sock).expect("bind");
-        listener.set_nonblocking(true).unwrap();
-        let mut child = Command::new(std::env::current_exe().expect("current_exe"))
-            .args([
-                CHILD_TEST,
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(ENV_SCENARIO, scenario)
-            .env(ENV_SOCK, sock)
-            .env(ENV_SNAPSHOT, snapshot)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the child VMM");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let pipes: Vec<Box<dyn Read + Send>> = vec![
-            Box::new(child.stdout.take().unwrap()),
-            Box::new(child.stderr.take().unwrap()),
-        ];
-        let readers = pipes
-            .into_iter()
-            .map(|mut p| {
-                let out = output.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = p.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        out.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .extend_from_slice(&buf[..n]);
-                    }
-                })
-            })
-            .collect::<Vec<_>>();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let stream = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("{label}: accept: {e}"),
-            }
-            let exited = child.try_wait().ok().flatten();
-            if exited.is_some() || Instant::now() > deadline {
-                let _ = child.kill();
-                let st = child.wait();
-                for r in readers {
-                    let _ = r.join();
-                }
-                panic!(
-                    "{label}: the child VMM never connected ({st:?}); its output:\n{}",
-                    String::from_utf8_lossy(&output.lock().unwrap())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        stream.set_nonblocking(false).unwrap();
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
-        let lines = BufReader::new(stream.try_clone().unwrap());
-        let mut vmm = ChildVmm {
-            label: label.to_string(),
-            child,
-            stream,
-            lines,
-            output,
-            readers,
-        };
-        let hs = match Handshake::recv_timeout(&vmm.stream, Duration::from_secs(20)) {
-            Ok(hs) => hs,
-            Err(e) => vmm.fail(&format!("handshake: {e}")),
-        };
-        (vmm, hs)
-    }
-
-    fn fail(&mut self, msg: &str) -> ! {
-        let _ = self.child.kill();
-        let st = self.child.wait();
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        let out = self.output.lock().unwrap_or_else(|e| e.into_inner());
-        let out = String::from_utf8_lossy(&out);
-        let tail: String = out
-            .chars()
-            .rev()
-            .take(6000)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        panic!(
-            "{}: {msg}\nchild VMM: {st:?}; its output (tail):\n{tail}",
-            self.label
-        );
-    }
-
-    /// Reads lines until one starts with `word` and returns the rest; fails
-    /// (with the server's statistics) on a `fail` line, end of file or
-    /// timeout.
-    fn expect(&mut self, word: &str, server: &Server) -> String {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let err = match self.lines.read_line(&mut line) {
-                Ok(0) => format!("the child closed the socket; expected {word:?}"),
-                Ok(_) => {
-                    let l = line.trim_end();
-                    if let Some(rest) = l.strip_prefix(word) {
-                        return rest.trim().to_string();
-                    }
-                    if !l.starts_with("fail") {
-                        eprintln!("[child] {l}");
-                        continue;
-                    }
-                    format!("the child reported: {l}")
-                }
-                Err(e) => format!("no {word:?} from the child within {DEADLINE:?} ({e})"),
-            };
-            let s = server.stats();
-            self.fail(&format!("{err}\nserver: {}", summary(&s)));
-        }
-    }
-
-    /// Waits (bounded) for the child to exit.
-    fn finish(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => {
-                    for r in self.readers.drain(..) {
-                        let _ = r.join();
-                    }
-                    return st;
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                _ => self.fail("the child did not exit"),
-            }
-        }
-    }
-}
-
-impl Drop for ChildVmm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -433,7 +114,7 @@ fn child_vmm_e2e() {
     let snapshot = std::env::var(ENV_SNAPSHOT).expect(ENV_SNAPSHOT);
 
     // Guest memory, the userfaultfd, the handshake: as Firecracker does.
-    let regions: Vec<Mem> = REGIONS.iter().map(|&len| Mem::guest(len)).collect();
+    let regions: Vec<Mem> = REGIONS.iter().map(|&len| Mem::anon(len)).collect();
     let uffd = Uffd::builder()
         .non_blocking(true)
         .require_features(Features::EVENT_REMOVE)
@@ -455,7 +136,7 @@ fn child_vmm_e2e() {
 
     // The snapshot, mapped read-only, to compare with.
     let file = std::fs::File::open(&snapshot).expect("child: open the snapshot");
-    let snap = Mem::map(offset, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd());
+    let snap = Mem::map_prot(offset, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd());
     let pages = offset / page;
     // Global page g -> its guest address.
     let bases: Vec<(u64, u64)> = regions.iter().map(|m| (m.addr, m.len / page)).collect();
@@ -579,33 +260,26 @@ fn child_vmm_e2e() {
 
 fn e2e(test: &str, order: &str, variant: &str) {
     let _g = serial();
-    if let Err(e) = Uffd::builder()
-        .non_blocking(true)
-        .require_features(Features::EVENT_REMOVE)
-        .create()
-    {
-        skip(test, &format!("no userfaultfd with EVENT_REMOVE: {e}"));
+    if uffd_or_skip(test, Features::EVENT_REMOVE).is_none() {
         return;
     }
-    assert!(
-        server_threads().is_empty(),
-        "left over: {:?}",
-        server_threads()
-    );
+    assert_no_server_threads();
     let page = page();
-    let dir = TempDir::new();
+    let dir = TempDir::new("e2e");
     let snapshot = dir.0.join("mem.snap");
     write_snapshot(&snapshot, total_len());
     let snap_len = std::fs::metadata(&snapshot).unwrap().len();
     let pages = snap_len / page;
 
     let t0 = Instant::now();
-    let (mut vmm, hs) = ChildVmm::start(
-        test,
-        &format!("{order} {variant}"),
-        &dir.0.join("fc.sock"),
-        &snapshot,
-    );
+    let sock = dir.0.join("fc.sock");
+    let scenario = format!("{order} {variant}");
+    let envs = [
+        (ENV_SCENARIO, OsStr::new(&scenario)),
+        (ENV_SOCK, sock.as_os_str()),
+        (ENV_SNAPSHOT, snapshot.as_os_str()),
+    ];
+    let (mut vmm, hs) = ChildVmm::start(test, CHILD_TEST, &sock, &envs);
     if let Err(e) = hs.validate_against_snapshot(snap_len) {
         vmm.fail(&format!("validate_against_snapshot: {e}"));
     }
@@ -667,10 +341,7 @@ fn e2e(test: &str, order: &str, variant: &str) {
         }
     } else {
         let sum = vmm.expect("ok", &server);
-        let st = vmm.finish();
-        if !st.success() {
-            vmm.fail(&format!("the child exited with {st}"));
-        }
+        vmm.finish_ok();
         let took = t0.elapsed();
         // The child's exit closed the socket: the server stops by itself.
         let stopped = server.wait_timeout(Duration::from_secs(5));
@@ -719,13 +390,7 @@ fn e2e(test: &str, order: &str, variant: &str) {
             "the child's checksum of guest memory"
         );
     }
-    let joined = {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !server_threads().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        server_threads().is_empty()
-    };
+    let joined = wait_until(Duration::from_secs(2), || server_threads().is_empty());
     assert!(joined, "server threads left: {:?}", server_threads());
 }
 

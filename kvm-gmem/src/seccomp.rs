@@ -1,0 +1,462 @@
+//! What each feature of this crate asks of the kernel, for seccomp filters.
+//!
+//! A VMM that confines itself with seccomp (Firecracker, Cloud Hypervisor
+//! and crosvm all do, per thread) must allow every system call and ioctl
+//! request the libraries it calls make. [`rules`] lists them for each
+//! [`Feature`] of this crate, as data a filter builder such as
+//! [seccompiler](https://docs.rs/seccompiler) consumes: system calls by
+//! their number on the target (`libc::SYS_*`), ioctl requests by the
+//! number the crate issues (the `kvm-gmem-sys` constant, so a header update
+//! cannot leave the table behind).
+//!
+//! ```
+//! use kvm_gmem::seccomp::{Feature, rule};
+//! use kvm_gmem::populate::Strategy;
+//!
+//! // The thread that creates guest memory and populates it from a file.
+//! let mut syscalls = std::collections::BTreeSet::new();
+//! let mut ioctls = std::collections::BTreeSet::new();
+//! for f in [
+//!     Feature::CreateGuestMemfd,
+//!     Feature::MemslotV2,
+//!     Feature::Populate(Strategy::MmapCopy),
+//! ] {
+//!     let r = rule(f);
+//!     syscalls.extend(r.syscalls.iter().map(|s| s.nr));
+//!     ioctls.extend(r.ioctls.iter().map(|i| i.request));
+//! }
+//! assert!(ioctls.contains(&kvm_gmem::sys_bindings::KVM_CREATE_GUEST_MEMFD));
+//! assert!(syscalls.contains(&libc::SYS_fallocate));
+//! ```
+//!
+//! How to read a [`Rule`]:
+//!
+//! - [`Rule::syscalls`] never contains `ioctl`; allow each with any
+//!   arguments. Where the C library may use one of several system calls
+//!   for one function (`open` or `openat`, `poll` or `ppoll`, `fstat`,
+//!   `newfstatat` or `statx`), all of them are listed.
+//! - [`Rule::ioctls`]: allow `ioctl` when its second argument (the
+//!   request) is one of these. Compare the **low 32 bits** only
+//!   (seccompiler's `ArgLen::Dword`): the kernel reads the request as an
+//!   `unsigned int`, and C libraries differ in how they widen it. The file
+//!   descriptor cannot be checked (its number is not known in advance).
+//! - [`Rule::threads`]: the feature starts threads (with `std::thread`);
+//!   the filter must also allow what starting and joining one takes, which
+//!   belongs to the C library and Rust's standard library, not to this
+//!   crate: [`thread_start`] lists what glibc and std use today.
+//! - Not listed anywhere: what every Rust program needs whatever it calls
+//!   (`read`/`write` on its own descriptors, `close`, `futex`, the
+//!   allocator's `mmap`/`munmap`/`brk`/`madvise`, `exit_group`,
+//!   `rt_sigreturn`, `clock_gettime` where the vDSO falls back to the system
+//!   call). `close` and `fcntl` are listed where the crate itself creates
+//!   and owns descriptors.
+//!
+//! The lists are checked: the crate's tests run each feature in a child
+//! process under a seccomp filter made of its rule and a small, documented
+//! runtime baseline, and kill the child on anything else
+//! (`kvm-gmem/tests/seccomp.rs`).
+
+use crate::populate::Strategy;
+use kvm_gmem_sys as sys;
+
+/// A system call: its name and its number on this target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Syscall {
+    /// The kernel's name for it (`openat`, `fallocate`, ...).
+    pub name: &'static str,
+    /// Its number on the target (`libc::SYS_*`).
+    pub nr: libc::c_long,
+}
+
+/// An ioctl request: its name and its number (the `kvm-gmem-sys` constant).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Ioctl {
+    /// The request's name in the kernel headers.
+    pub name: &'static str,
+    /// The request number, as the crate passes it to `ioctl`.
+    pub request: u32,
+}
+
+/// What one feature needs; see the [module docs](self) for how to turn it
+/// into a filter. `F` is the crate's feature type ([`Feature`] here,
+/// `uffd_gmem::seccomp::Feature` in uffd-gmem).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Rule<F: 'static> {
+    /// The feature.
+    pub feature: F,
+    /// System calls other than `ioctl`, allowed with any arguments.
+    pub syscalls: &'static [Syscall],
+    /// `ioctl` requests.
+    pub ioctls: &'static [Ioctl],
+    /// Whether the feature starts threads (see [`thread_start`]).
+    pub threads: bool,
+}
+
+impl Syscall {
+    /// `name` with number `nr` (for crates that describe their own features
+    /// with these types).
+    pub const fn new(name: &'static str, nr: libc::c_long) -> Syscall {
+        Syscall { name, nr }
+    }
+}
+
+impl Ioctl {
+    /// Request `request`, named `name`.
+    pub const fn new(name: &'static str, request: u32) -> Ioctl {
+        Ioctl { name, request }
+    }
+}
+
+impl<F> Rule<F> {
+    /// A rule (for crates that describe their own features with these
+    /// types).
+    pub const fn new(
+        feature: F,
+        syscalls: &'static [Syscall],
+        ioctls: &'static [Ioctl],
+        threads: bool,
+    ) -> Rule<F> {
+        Rule {
+            feature,
+            syscalls,
+            ioctls,
+            threads,
+        }
+    }
+
+    /// Whether the rule lists system call `nr` (any call but `ioctl`).
+    pub fn allows_syscall(&self, nr: libc::c_long) -> bool {
+        self.syscalls.iter().any(|s| s.nr == nr)
+    }
+
+    /// Whether the rule lists ioctl request `request`.
+    pub fn allows_ioctl(&self, request: u32) -> bool {
+        self.ioctls.iter().any(|i| i.request == request)
+    }
+}
+
+/// A feature of this crate, as a unit of seccomp policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Feature {
+    /// [`Kvm::open`](crate::Kvm::open) and
+    /// [`Kvm::open_path`](crate::Kvm::open_path).
+    OpenKvm,
+    /// [`Kvm::create_vm`](crate::Kvm::create_vm), [`check_extension`],
+    /// [`Kvm::api_version`](crate::Kvm::api_version).
+    ///
+    /// [`check_extension`]: crate::check_extension
+    CreateVm,
+    /// [`Capabilities::query`](crate::Capabilities::query): capability
+    /// checks, and the behavioural RFC probes on a scratch VM (a guest_memfd
+    /// per flag, a `pwrite`, a one-page memslot, the populate ioctl's size-0
+    /// probe), and `/proc/sys/kernel/osrelease`.
+    Capabilities,
+    /// [`GuestMemfdBuilder::create`](crate::GuestMemfdBuilder::create) and
+    /// [`supported_flags`](crate::supported_flags).
+    CreateGuestMemfd,
+    /// [`GuestMemfd::map`](crate::GuestMemfd::map), the [`Mapping`]'s
+    /// copies, [`Mapping::populate_write`], and its drop.
+    ///
+    /// [`Mapping`]: crate::Mapping
+    /// [`Mapping::populate_write`]: crate::Mapping::populate_write
+    Map,
+    /// [`GuestMemfd::punch_hole`](crate::GuestMemfd::punch_hole) and
+    /// [`GuestMemfd::allocate`](crate::GuestMemfd::allocate).
+    PunchHole,
+    /// [`MemoryRegion2::set`](crate::MemoryRegion2::set) and
+    /// [`delete_memory_region`](crate::delete_memory_region).
+    MemslotV2,
+    /// [`set_memory_attributes`](crate::set_memory_attributes) and
+    /// [`supported_attributes`](crate::supported_attributes).
+    MemoryAttributes,
+    /// [`pre_fault_memory`](crate::pre_fault_memory) (on its error path it
+    /// opens `/dev/kvm` to ask for `KVM_CAP_PRE_FAULT_MEMORY`).
+    PreFault,
+    /// [`Populate::run`](crate::populate::Populate::run) with this
+    /// strategy; [`Strategy::Auto`] is the union of the three it may pick.
+    Populate(Strategy),
+    /// [`share::send`](crate::share::send).
+    ShareSend,
+    /// [`share::recv`](crate::share::recv), with its checks of the fd
+    /// (`/proc/self/fd`, `fstatfs`, `fstat`, a one-page mapping).
+    ShareRecv,
+}
+
+/// `Syscall` entries from `libc::SYS_*` names.
+macro_rules! sc {
+    ($($(#[$m:meta])* $nr:ident),* $(,)?) => {
+        &[$($(#[$m])* Syscall::new(strip_sys(stringify!($nr)), libc::$nr)),*]
+    };
+}
+
+/// `Ioctl` entries from `kvm-gmem-sys` constant names.
+macro_rules! io {
+    ($($(#[$m:meta])* $req:ident),* $(,)?) => {
+        &[$($(#[$m])* Ioctl::new(stringify!($req), sys::$req)),*]
+    };
+}
+
+/// `"SYS_openat"` -> `"openat"`.
+const fn strip_sys(s: &'static str) -> &'static str {
+    match s.as_bytes() {
+        [b'S', b'Y', b'S', b'_', rest @ ..] => match std::str::from_utf8(rest) {
+            Ok(name) => name,
+            Err(_) => s,
+        },
+        _ => s,
+    }
+}
+
+/// The descriptor bookkeeping of a call that creates one: `fcntl` to mark it
+/// close-on-exec where the kernel did not (guest_memfd), `close` on drop.
+const FD: &[Syscall] = sc![SYS_fcntl, SYS_close];
+
+const POPULATE_IOCTL: &[Ioctl] = &[
+    #[cfg(feature = "rfc-populate")]
+    Ioctl {
+        name: "KVM_GUEST_MEMFD_POPULATE",
+        request: sys::rfc::populate::KVM_GUEST_MEMFD_POPULATE,
+    },
+];
+
+static RULES: &[Rule<Feature>] = &[
+    Rule {
+        feature: Feature::OpenKvm,
+        syscalls: sc![
+            #[cfg(target_arch = "x86_64")]
+            SYS_open,
+            SYS_openat,
+            SYS_close
+        ],
+        ioctls: &[],
+        threads: false,
+    },
+    Rule {
+        feature: Feature::CreateVm,
+        syscalls: FD,
+        ioctls: io![KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_GET_API_VERSION],
+        threads: false,
+    },
+    Rule {
+        feature: Feature::Capabilities,
+        syscalls: sc![
+            // /proc/sys/kernel/osrelease
+            #[cfg(target_arch = "x86_64")]
+            SYS_open,
+            SYS_openat,
+            SYS_read,
+            SYS_statx,
+            SYS_fstat,
+            SYS_newfstatat,
+            // the scratch VM and its guest_memfds
+            SYS_fcntl,
+            SYS_close,
+            // the write() probe
+            SYS_pwrite64,
+            // the KVM Userfault memslot probe's page
+            SYS_mmap,
+            SYS_munmap,
+        ],
+        ioctls: &[
+            Ioctl {
+                name: "KVM_CHECK_EXTENSION",
+                request: sys::KVM_CHECK_EXTENSION,
+            },
+            Ioctl {
+                name: "KVM_CREATE_VM",
+                request: sys::KVM_CREATE_VM,
+            },
+            Ioctl {
+                name: "KVM_CREATE_GUEST_MEMFD",
+                request: sys::KVM_CREATE_GUEST_MEMFD,
+            },
+            Ioctl {
+                name: "KVM_SET_USER_MEMORY_REGION2",
+                request: sys::KVM_SET_USER_MEMORY_REGION2,
+            },
+            #[cfg(feature = "rfc-populate")]
+            Ioctl {
+                name: "KVM_GUEST_MEMFD_POPULATE",
+                request: sys::rfc::populate::KVM_GUEST_MEMFD_POPULATE,
+            },
+        ],
+        threads: false,
+    },
+    Rule {
+        feature: Feature::CreateGuestMemfd,
+        syscalls: FD,
+        ioctls: io![KVM_CHECK_EXTENSION, KVM_CREATE_GUEST_MEMFD],
+        threads: false,
+    },
+    Rule {
+        feature: Feature::Map,
+        syscalls: sc![SYS_mmap, SYS_munmap, SYS_madvise],
+        ioctls: &[],
+        threads: false,
+    },
+    Rule {
+        feature: Feature::PunchHole,
+        syscalls: sc![SYS_fallocate],
+        ioctls: &[],
+        threads: false,
+    },
+    Rule {
+        feature: Feature::MemslotV2,
+        syscalls: &[],
+        ioctls: io![KVM_SET_USER_MEMORY_REGION2],
+        threads: false,
+    },
+    Rule {
+        feature: Feature::MemoryAttributes,
+        syscalls: &[],
+        ioctls: io![KVM_CHECK_EXTENSION, KVM_SET_MEMORY_ATTRIBUTES],
+        threads: false,
+    },
+    Rule {
+        feature: Feature::PreFault,
+        syscalls: sc![
+            #[cfg(target_arch = "x86_64")]
+            SYS_open,
+            SYS_openat,
+            SYS_close
+        ],
+        ioctls: io![KVM_PRE_FAULT_MEMORY, KVM_CHECK_EXTENSION],
+        threads: false,
+    },
+    Rule {
+        feature: Feature::Populate(Strategy::PopulateIoctl),
+        // The source file's size, and its read-only mapping.
+        syscalls: sc![
+            SYS_statx,
+            SYS_fstat,
+            SYS_newfstatat,
+            SYS_mmap,
+            SYS_madvise,
+            SYS_munmap
+        ],
+        ioctls: POPULATE_IOCTL,
+        threads: true,
+    },
+    Rule {
+        feature: Feature::Populate(Strategy::Write),
+        syscalls: sc![
+            SYS_statx,
+            SYS_fstat,
+            SYS_newfstatat,
+            SYS_mmap,
+            SYS_madvise,
+            SYS_munmap,
+            SYS_pwrite64,
+        ],
+        ioctls: &[],
+        threads: true,
+    },
+    Rule {
+        feature: Feature::Populate(Strategy::MmapCopy),
+        syscalls: sc![
+            SYS_statx,
+            SYS_fstat,
+            SYS_newfstatat,
+            SYS_mmap,
+            SYS_munmap,
+            SYS_fallocate,
+            SYS_madvise,
+            SYS_pread64,
+        ],
+        ioctls: &[],
+        threads: true,
+    },
+    Rule {
+        feature: Feature::Populate(Strategy::Auto),
+        syscalls: sc![
+            SYS_statx,
+            SYS_fstat,
+            SYS_newfstatat,
+            SYS_mmap,
+            SYS_munmap,
+            SYS_fallocate,
+            SYS_madvise,
+            SYS_pread64,
+            SYS_pwrite64,
+        ],
+        ioctls: POPULATE_IOCTL,
+        threads: true,
+    },
+    Rule {
+        feature: Feature::ShareSend,
+        syscalls: sc![SYS_sendmsg, SYS_sendto],
+        ioctls: &[],
+        threads: false,
+    },
+    Rule {
+        feature: Feature::ShareRecv,
+        syscalls: sc![
+            SYS_recvmsg,
+            SYS_close,
+            // identity: /proc/self/fd/N, fstatfs, the size
+            #[cfg(target_arch = "x86_64")]
+            SYS_readlink,
+            SYS_readlinkat,
+            SYS_fstatfs,
+            SYS_statx,
+            SYS_fstat,
+            SYS_newfstatat,
+            // the one-page mapping check
+            SYS_mmap,
+            SYS_madvise,
+            SYS_munmap,
+        ],
+        ioctls: &[],
+        threads: false,
+    },
+];
+
+/// Every feature's rule (for [`Feature::Populate`]: one per strategy,
+/// [`Strategy::Auto`] included; `UffdCopy` is not implemented and has none).
+pub fn rules() -> &'static [Rule<Feature>] {
+    RULES
+}
+
+/// The rule for `feature`. Every feature has one (the crate's tests check
+/// it); `Feature::Populate(Strategy::UffdCopy)`, which always fails before
+/// any system call, gets an empty rule.
+pub fn rule(feature: Feature) -> &'static Rule<Feature> {
+    static NONE: Rule<Feature> = Rule {
+        feature: Feature::Populate(Strategy::UffdCopy),
+        syscalls: &[],
+        ioctls: &[],
+        threads: false,
+    };
+    RULES.iter().find(|r| r.feature == feature).unwrap_or(&NONE)
+}
+
+/// What starting and joining a `std::thread` takes with glibc (2.36) and
+/// Rust's standard library on Linux, as measured by this crate's tests: not
+/// the crate's own calls, and other C libraries differ (`clone` instead of
+/// `clone3`, no `rseq`). Allow these where a [`Rule::threads`] feature runs.
+pub fn thread_start() -> &'static [Syscall] {
+    THREAD_START
+}
+
+const THREAD_START: &[Syscall] = sc![
+    SYS_clone3,
+    SYS_clone,
+    SYS_rseq,
+    SYS_set_robust_list,
+    SYS_rt_sigprocmask,
+    SYS_rt_sigaction,
+    SYS_sigaltstack,
+    SYS_prctl,
+    SYS_sched_getaffinity,
+    SYS_gettid,
+    SYS_mmap,
+    SYS_mprotect,
+    SYS_munmap,
+    SYS_madvise,
+    SYS_futex,
+    SYS_exit,
+];

@@ -1,0 +1,293 @@
+//! What each feature of this crate asks of the kernel, for seccomp filters.
+//!
+//! The same shape as [`kvm_gmem::seccomp`] (whose module docs say how to
+//! turn a [`Rule`] into a filter): for each [`Feature`], the system calls by
+//! their number on the target and the ioctl requests by the `kvm-gmem-sys`
+//! constant the crate issues.
+//!
+//! ```
+//! use uffd_gmem::seccomp::{Feature, rule};
+//!
+//! // A fault-handling process: the Firecracker handshake, then serving.
+//! let handshake = rule(Feature::FirecrackerHandshake);
+//! let serve = rule(Feature::Serve);
+//! assert!(serve.allows_ioctl(uffd_gmem::sys_bindings::UFFDIO_COPY));
+//! assert!(serve.threads); // also allow kvm_gmem::seccomp::thread_start()
+//! assert!(handshake.allows_syscall(libc::SYS_recvmsg));
+//! ```
+//!
+//! Two features need a word:
+//!
+//! - [`Feature::CreateDevice`] and [`Feature::CreateSyscall`]: the builder
+//!   always tries `/dev/userfaultfd` first and falls back to the system call
+//!   when opening it fails with `ENOENT`, `EACCES`, `EPERM`, `ENODEV` or
+//!   `ENXIO`. A filter that wants only the system call may therefore answer
+//!   `openat` of the device with `EACCES` (`SECCOMP_RET_ERRNO`) instead of
+//!   allowing it; [`Feature::CreateSyscall`] lists `openat` for the attempt.
+//! - [`Feature::Serve`] covers the server's own threads and calls; the page
+//!   source's calls are the source's ([`Feature::MappedFile`] for
+//!   [`MappedFile`](crate::serve::MappedFile); none for a `Vec<u8>`).
+//!
+//! The lists are checked by running features in a child process under a
+//! seccomp filter made of their rule and a documented runtime baseline
+//! (`uffd-gmem/tests/seccomp.rs`).
+
+use kvm_gmem::seccomp::{Ioctl, Syscall};
+use kvm_gmem_sys as sys;
+
+pub use kvm_gmem::seccomp::thread_start;
+
+/// What one feature needs; see [`kvm_gmem::seccomp`].
+pub type Rule = kvm_gmem::seccomp::Rule<Feature>;
+
+/// A feature of this crate, as a unit of seccomp policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Feature {
+    /// [`UffdBuilder::create`](crate::UffdBuilder::create) through
+    /// `/dev/userfaultfd` and `USERFAULTFD_IOC_NEW` (Linux 6.1), then the
+    /// `UFFDIO_API` handshake.
+    CreateDevice,
+    /// [`UffdBuilder::create`](crate::UffdBuilder::create) through the
+    /// `userfaultfd(2)` system call, after the device was refused; then the
+    /// `UFFDIO_API` handshake.
+    CreateSyscall,
+    /// [`Uffd::from_initialized`](crate::Uffd::from_initialized): adopting a
+    /// VMM's userfaultfd (it asks `/proc/self/fd` whether the fd is one).
+    Adopt,
+    /// [`Uffd::register`](crate::Uffd::register),
+    /// [`Uffd::register_guest_memfd`](crate::Uffd::register_guest_memfd),
+    /// [`Uffd::unregister`](crate::Uffd::unregister).
+    Register,
+    /// [`Uffd::copy`](crate::Uffd::copy).
+    Copy,
+    /// [`Uffd::zeropage`](crate::Uffd::zeropage).
+    Zeropage,
+    /// `Uffd::r#continue`.
+    Continue,
+    /// [`Uffd::wake`](crate::Uffd::wake).
+    Wake,
+    /// [`Uffd::writeprotect`](crate::Uffd::writeprotect).
+    WriteProtect,
+    /// [`Uffd::poison`](crate::Uffd::poison).
+    Poison,
+    /// `Uffd::r#move`.
+    Move,
+    /// [`Uffd::rwprotect`](crate::Uffd::rwprotect).
+    RwProtect,
+    /// [`Uffd::set_mode`](crate::Uffd::set_mode).
+    SetMode,
+    /// [`Uffd::read_events`](crate::Uffd::read_events),
+    /// [`Uffd::read_event`](crate::Uffd::read_event),
+    /// [`Uffd::poll_readable`](crate::Uffd::poll_readable); for a fork
+    /// event, adopting the child's userfaultfd (as [`Feature::Adopt`]) and
+    /// `close` when it is dropped.
+    Events,
+    /// [`serve::Server`](crate::serve::Server) from
+    /// [`ServerBuilder::spawn`](crate::serve::ServerBuilder::spawn) to
+    /// [`Server::shutdown`](crate::serve::Server::shutdown): worker and
+    /// prefetch threads, the wake-up eventfd, events, every resolving ioctl
+    /// it issues, `pwrite` for
+    /// [`Region::continue_via_pwrite`](crate::serve::Region::continue_via_pwrite),
+    /// the peer watch of
+    /// [`ServerBuilder::stop_when_closed`](crate::serve::ServerBuilder::stop_when_closed).
+    Serve,
+    /// [`MappedFile::open`](crate::serve::MappedFile::open) and
+    /// [`MappedFile::from_file`](crate::serve::MappedFile::from_file), and
+    /// its drop.
+    MappedFile,
+    /// [`firecracker::Handshake::recv`](crate::firecracker::Handshake::recv)
+    /// and `recv_timeout`: the message and its fds, the userfaultfd check
+    /// (`/proc/self/fd`, or `fstatfs` where `/proc` is not mounted),
+    /// `SO_PEERCRED`.
+    FirecrackerHandshake,
+    /// [`firecracker::send`](crate::firecracker::send) and
+    /// [`firecracker::send_payload`](crate::firecracker::send_payload) (the
+    /// VMM's side).
+    FirecrackerSend,
+}
+
+/// `Syscall` entries from `libc::SYS_*` names.
+macro_rules! sc {
+    ($($(#[$m:meta])* $nr:ident),* $(,)?) => {
+        &[$($(#[$m])* Syscall::new(strip_sys(stringify!($nr)), libc::$nr)),*]
+    };
+}
+
+/// `Ioctl` entries from `kvm-gmem-sys` constant names.
+macro_rules! io {
+    ($($req:ident),* $(,)?) => {
+        &[$(Ioctl::new(stringify!($req), sys::$req)),*]
+    };
+}
+
+/// `"SYS_openat"` -> `"openat"`.
+const fn strip_sys(s: &'static str) -> &'static str {
+    match s.as_bytes() {
+        [b'S', b'Y', b'S', b'_', rest @ ..] => match std::str::from_utf8(rest) {
+            Ok(name) => name,
+            Err(_) => s,
+        },
+        _ => s,
+    }
+}
+
+/// One ioctl and nothing else.
+const fn only(feature: Feature, ioctls: &'static [Ioctl]) -> Rule {
+    Rule::new(feature, &[], ioctls, false)
+}
+
+static RULES: &[Rule] = &[
+    Rule::new(
+        Feature::CreateDevice,
+        sc![
+            #[cfg(target_arch = "x86_64")]
+            SYS_open,
+            SYS_openat,
+            SYS_close,
+        ],
+        io![USERFAULTFD_IOC_NEW, UFFDIO_API],
+        false,
+    ),
+    Rule::new(
+        Feature::CreateSyscall,
+        sc![
+            #[cfg(target_arch = "x86_64")]
+            SYS_open,
+            SYS_openat,
+            SYS_userfaultfd,
+            SYS_close,
+        ],
+        io![UFFDIO_API],
+        false,
+    ),
+    Rule::new(
+        Feature::Adopt,
+        sc![
+            #[cfg(target_arch = "x86_64")]
+            SYS_readlink,
+            SYS_readlinkat,
+        ],
+        &[],
+        false,
+    ),
+    only(Feature::Register, io![UFFDIO_REGISTER, UFFDIO_UNREGISTER]),
+    only(Feature::Copy, io![UFFDIO_COPY]),
+    only(Feature::Zeropage, io![UFFDIO_ZEROPAGE]),
+    only(Feature::Continue, io![UFFDIO_CONTINUE]),
+    only(Feature::Wake, io![UFFDIO_WAKE]),
+    only(Feature::WriteProtect, io![UFFDIO_WRITEPROTECT]),
+    only(Feature::Poison, io![UFFDIO_POISON]),
+    only(Feature::Move, io![UFFDIO_MOVE]),
+    only(Feature::RwProtect, io![UFFDIO_RWPROTECT]),
+    only(Feature::SetMode, io![UFFDIO_SET_MODE]),
+    Rule::new(
+        Feature::Events,
+        sc![
+            SYS_read,
+            #[cfg(target_arch = "x86_64")]
+            SYS_poll,
+            SYS_ppoll,
+            #[cfg(target_arch = "x86_64")]
+            SYS_readlink,
+            SYS_readlinkat,
+            SYS_close,
+        ],
+        &[],
+        false,
+    ),
+    Rule::new(
+        Feature::Serve,
+        sc![
+            // O_NONBLOCK on the userfaultfd
+            SYS_fcntl,
+            // the wake-up eventfd: create, signal, poll, drain, close
+            SYS_eventfd2,
+            SYS_write,
+            SYS_read,
+            #[cfg(target_arch = "x86_64")]
+            SYS_poll,
+            SYS_ppoll,
+            SYS_close,
+            // Continue through pwrite
+            SYS_pwrite64,
+            // the peer watch (MSG_PEEK)
+            SYS_recvfrom,
+            // waits and latency
+            SYS_clock_nanosleep,
+            #[cfg(target_arch = "x86_64")]
+            SYS_nanosleep,
+            SYS_clock_gettime,
+        ],
+        io![
+            UFFDIO_COPY,
+            UFFDIO_ZEROPAGE,
+            UFFDIO_CONTINUE,
+            UFFDIO_WAKE,
+            UFFDIO_UNREGISTER,
+        ],
+        true,
+    ),
+    Rule::new(
+        Feature::MappedFile,
+        sc![
+            #[cfg(target_arch = "x86_64")]
+            SYS_open,
+            SYS_openat,
+            SYS_statx,
+            SYS_fstat,
+            SYS_newfstatat,
+            SYS_mmap,
+            SYS_munmap,
+            SYS_close,
+        ],
+        &[],
+        false,
+    ),
+    Rule::new(
+        Feature::FirecrackerHandshake,
+        sc![
+            SYS_recvmsg,
+            #[cfg(target_arch = "x86_64")]
+            SYS_poll,
+            SYS_ppoll,
+            #[cfg(target_arch = "x86_64")]
+            SYS_readlink,
+            SYS_readlinkat,
+            SYS_fstatfs,
+            SYS_getsockopt,
+            SYS_close,
+            SYS_clock_gettime,
+        ],
+        &[],
+        false,
+    ),
+    Rule::new(
+        Feature::FirecrackerSend,
+        sc![
+            SYS_sendmsg,
+            #[cfg(target_arch = "x86_64")]
+            SYS_poll,
+            SYS_ppoll,
+        ],
+        &[],
+        false,
+    ),
+];
+
+/// Every feature's rule.
+pub fn rules() -> &'static [Rule] {
+    RULES
+}
+
+/// The rule for `feature`.
+///
+/// # Panics
+///
+/// Never: every feature has a rule (the crate's tests check it).
+pub fn rule(feature: Feature) -> &'static Rule {
+    RULES
+        .iter()
+        .find(|r| r.feature == feature)
+        .expect("every Feature has a rule")
+}
