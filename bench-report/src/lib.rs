@@ -1,0 +1,520 @@
+//! Turns the JSON records the benchmarks write (`benches/harness/mod.rs`,
+//! one file per bench target) into `BENCHMARKS.md` and an SVG plot of the
+//! restore curves. Pure functions over parsed records; `main.rs` does the
+//! file handling.
+
+use serde_json::Value;
+use std::fmt::Write as _;
+
+/// One bench target's record.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// The bench target.
+    pub bench: String,
+    /// Whether it was a shrunken (`GMEM_BENCH_QUICK`) run.
+    pub quick: bool,
+    /// CPU, CPU count, kernel.
+    pub machine: String,
+    /// Seconds the target ran.
+    pub elapsed_s: f64,
+    /// The comparisons.
+    pub rows: Vec<Row>,
+    /// The curves.
+    pub series: Vec<Series>,
+    /// Remarks.
+    pub notes: Vec<String>,
+}
+
+/// One comparison.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// The case.
+    pub case: String,
+    /// The baseline's name.
+    pub baseline: String,
+    /// The baseline's value.
+    pub baseline_value: f64,
+    /// Ours: which implementation.
+    pub ours: String,
+    /// Ours: its value.
+    pub ours_value: f64,
+    /// The unit.
+    pub unit: String,
+    /// How many times better ours is (above 1: better).
+    pub speedup: f64,
+    /// The goal in words.
+    pub target: Option<String>,
+    /// Whether the goal is met.
+    pub met: Option<bool>,
+    /// How it was measured.
+    pub note: String,
+}
+
+/// One curve.
+#[derive(Clone, Debug)]
+pub struct Series {
+    /// The plot it belongs to.
+    pub plot: String,
+    /// The curve's label.
+    pub label: String,
+    /// The x axis's label.
+    pub x_label: String,
+    /// The y axis's label.
+    pub y_label: String,
+    /// The points.
+    pub points: Vec<(f64, f64)>,
+}
+
+fn s(v: &Value, k: &str) -> String {
+    v.get(k).and_then(Value::as_str).unwrap_or("").to_string()
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+/// Parses one record; the error names what is missing.
+pub fn parse(text: &str) -> Result<Record, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let bench = v
+        .get("bench")
+        .and_then(Value::as_str)
+        .ok_or("no \"bench\" field")?
+        .to_string();
+    let rows = v
+        .get("rows")
+        .and_then(Value::as_array)
+        .ok_or("no \"rows\" array")?
+        .iter()
+        .map(|r| Row {
+            case: s(r, "case"),
+            baseline: s(r, "baseline"),
+            baseline_value: f(r, "baseline_value"),
+            ours: s(r, "ours"),
+            ours_value: f(r, "ours_value"),
+            unit: s(r, "unit"),
+            speedup: f(r, "speedup"),
+            target: r.get("target").and_then(Value::as_str).map(str::to_string),
+            met: r.get("met").and_then(Value::as_bool),
+            note: s(r, "note"),
+        })
+        .collect();
+    let series = v
+        .get("series")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|c| Series {
+                    plot: s(c, "plot"),
+                    label: s(c, "label"),
+                    x_label: s(c, "x_label"),
+                    y_label: s(c, "y_label"),
+                    points: c
+                        .get("points")
+                        .and_then(Value::as_array)
+                        .map(|p| {
+                            p.iter()
+                                .filter_map(|xy| {
+                                    let xy = xy.as_array()?;
+                                    Some((xy.first()?.as_f64()?, xy.get(1)?.as_f64()?))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let notes = v
+        .get("notes")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Record {
+        bench,
+        quick: v.get("quick").and_then(Value::as_bool).unwrap_or(false),
+        machine: s(&v, "machine"),
+        elapsed_s: f(&v, "elapsed_s"),
+        rows,
+        series,
+        notes,
+    })
+}
+
+/// The order the sections appear in: the known targets first, then the
+/// rest by name.
+pub fn order(records: &mut [Record]) {
+    const KNOWN: [&str; 4] = ["overhead", "populate", "fault_rtt", "restore"];
+    records.sort_by_key(|r| {
+        (
+            KNOWN
+                .iter()
+                .position(|k| *k == r.bench)
+                .unwrap_or(KNOWN.len()),
+            r.bench.clone(),
+        )
+    });
+}
+
+fn title(bench: &str) -> &str {
+    match bench {
+        "overhead" => "Wrapper overhead",
+        "populate" => "Population of 1 GiB",
+        "fault_rtt" => "Fault round trip",
+        "restore" => "Lazy restore of a 1 GiB snapshot",
+        other => other,
+    }
+}
+
+fn num(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace('\n', " ")
+}
+
+/// `BENCHMARKS.md`: the command, the machine, one table per bench target
+/// and the targets' summary. `svg` is the plot's path relative to the
+/// Markdown file, when there is one.
+pub fn markdown(records: &[Record], svg: Option<&str>) -> String {
+    let mut md = String::new();
+    md.push_str("# Benchmarks\n\n");
+    md.push_str(
+        "Generated by `scripts/bench.sh` (`cargo bench` over the root package's bench targets, \
+         then `cargo run -p gmem-bench-report`); do not edit by hand. Every row is ours against \
+         one baseline, measured in the same process run, interleaved. **Speed-up** is how many \
+         times better ours is: baseline / ours for times, ours / baseline for throughputs; \
+         above 1 is better. A target is a minimum speed-up.\n\n",
+    );
+    let mut machines: Vec<&str> = Vec::new();
+    for r in records {
+        if !machines.contains(&r.machine.as_str()) {
+            machines.push(&r.machine);
+        }
+    }
+    for m in machines {
+        let _ = writeln!(md, "Machine: {m}.\n");
+    }
+    let all: Vec<&Row> = records.iter().flat_map(|r| &r.rows).collect();
+    let with_target: Vec<&&Row> = all.iter().filter(|r| r.met.is_some()).collect();
+    let missed: Vec<&&Row> = with_target
+        .iter()
+        .copied()
+        .filter(|r| r.met == Some(false))
+        .collect();
+    let _ = writeln!(
+        md,
+        "Targets: {} of {} met.\n",
+        with_target.len() - missed.len(),
+        with_target.len()
+    );
+    if !missed.is_empty() {
+        md.push_str("Missed:\n\n");
+        for r in &missed {
+            let _ = writeln!(
+                md,
+                "- {} (ours {}, vs {}): speed-up {}, goal {}",
+                cell(&r.case),
+                cell(&r.ours),
+                cell(&r.baseline),
+                num(r.speedup),
+                cell(r.target.as_deref().unwrap_or(""))
+            );
+        }
+        md.push('\n');
+    }
+    for rec in records {
+        let _ = writeln!(
+            md,
+            "## {} (`{}`{}, {:.0} s)\n",
+            title(&rec.bench),
+            rec.bench,
+            if rec.quick {
+                ", GMEM_BENCH_QUICK: shrunken run"
+            } else {
+                ""
+            },
+            rec.elapsed_s
+        );
+        md.push_str("| case | baseline | baseline value | ours | ours value | unit | speed-up | target | met |\n");
+        md.push_str("| --- | --- | ---: | --- | ---: | --- | ---: | --- | --- |\n");
+        for r in &rec.rows {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {}x | {} | {} |",
+                cell(&r.case),
+                cell(&r.baseline),
+                num(r.baseline_value),
+                cell(&r.ours),
+                num(r.ours_value),
+                cell(&r.unit),
+                num(r.speedup),
+                cell(r.target.as_deref().unwrap_or("")),
+                match r.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "",
+                }
+            );
+        }
+        let noted: Vec<&Row> = rec.rows.iter().filter(|r| !r.note.is_empty()).collect();
+        if !noted.is_empty() {
+            md.push_str("\nHow each row was measured:\n\n");
+            for r in noted {
+                let _ = writeln!(
+                    md,
+                    "- {} / {}: {}",
+                    cell(&r.case),
+                    cell(&r.baseline),
+                    cell(&r.note)
+                );
+            }
+        }
+        if !rec.notes.is_empty() {
+            md.push_str("\nNotes:\n\n");
+            for n in &rec.notes {
+                let _ = writeln!(md, "- {}", cell(n));
+            }
+        }
+        if !rec.series.is_empty()
+            && let Some(svg) = svg
+        {
+            let _ = writeln!(md, "\n![{} curves]({svg})", title(&rec.bench));
+        }
+        md.push('\n');
+    }
+    md
+}
+
+const PALETTE: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf",
+];
+
+fn esc(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A "nice" step for about `n` ticks over `span`.
+fn tick_step(span: f64, n: f64) -> f64 {
+    if span <= 0.0 || !span.is_finite() {
+        return 1.0;
+    }
+    let raw = span / n;
+    let mag = 10f64.powf(raw.log10().floor());
+    let norm = raw / mag;
+    let nice = if norm < 1.5 {
+        1.0
+    } else if norm < 3.5 {
+        2.0
+    } else if norm < 7.5 {
+        5.0
+    } else {
+        10.0
+    };
+    nice * mag
+}
+
+fn tick_label(v: f64, step: f64) -> String {
+    if step >= 1.0 {
+        format!("{v:.0}")
+    } else {
+        let digits = (-step.log10()).ceil() as usize;
+        format!("{v:.digits$}")
+    }
+}
+
+/// One SVG with a panel per plot id (in first-seen order), each with its
+/// curves, axes, ticks and a legend. `None` when there is no curve.
+pub fn svg(series: &[Series]) -> Option<String> {
+    let mut plots: Vec<&str> = Vec::new();
+    for c in series {
+        if !plots.contains(&c.plot.as_str()) {
+            plots.push(&c.plot);
+        }
+    }
+    if plots.is_empty() {
+        return None;
+    }
+    let (pw, ph) = (420.0, 300.0);
+    let (ml, mr, mt, mb) = (70.0, 15.0, 30.0, 95.0);
+    let width = pw * plots.len() as f64;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{ph}" viewBox="0 0 {width} {ph}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(out, r#"<rect width="{width}" height="{ph}" fill="white"/>"#);
+    for (i, plot) in plots.iter().enumerate() {
+        let curves: Vec<&Series> = series.iter().filter(|c| c.plot == *plot).collect();
+        let x0 = i as f64 * pw;
+        let (xmax, ymax) = curves
+            .iter()
+            .flat_map(|c| &c.points)
+            .fold((0f64, 0f64), |(a, b), (x, y)| (a.max(*x), b.max(*y)));
+        let xmax = if xmax > 0.0 { xmax } else { 1.0 };
+        let ymax = if ymax > 0.0 { ymax } else { 1.0 };
+        let (iw, ih) = (pw - ml - mr, ph - mt - mb);
+        let px = |x: f64| x0 + ml + x / xmax * iw;
+        let py = |y: f64| mt + ih - y / ymax * ih;
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="18" text-anchor="middle" font-size="13" font-weight="bold">{}</text>"#,
+            x0 + ml + iw / 2.0,
+            esc(plot)
+        );
+        let _ = writeln!(
+            out,
+            r##"<rect x="{}" y="{mt}" width="{iw}" height="{ih}" fill="none" stroke="#444"/>"##,
+            x0 + ml
+        );
+        for (max, horizontal) in [(xmax, true), (ymax, false)] {
+            let step = tick_step(max, 5.0);
+            let mut v = 0.0;
+            while v <= max * 1.0001 {
+                if horizontal {
+                    let x = px(v);
+                    let _ = writeln!(
+                        out,
+                        r##"<line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
+                        mt,
+                        mt + ih,
+                        mt + ih + 14.0,
+                        tick_label(v, step)
+                    );
+                } else {
+                    let y = py(v);
+                    let _ = writeln!(
+                        out,
+                        r##"<line x1="{}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+                        x0 + ml,
+                        x0 + ml + iw,
+                        x0 + ml - 4.0,
+                        y + 4.0,
+                        tick_label(v, step)
+                    );
+                }
+                v += step;
+            }
+        }
+        if let Some(c) = curves.first() {
+            let _ = writeln!(
+                out,
+                r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+                x0 + ml + iw / 2.0,
+                mt + ih + 30.0,
+                esc(&c.x_label)
+            );
+            let _ = writeln!(
+                out,
+                r#"<text transform="translate({},{}) rotate(-90)" text-anchor="middle">{}</text>"#,
+                x0 + 14.0,
+                mt + ih / 2.0,
+                esc(&c.y_label)
+            );
+        }
+        for (j, c) in curves.iter().enumerate() {
+            let color = PALETTE[j % PALETTE.len()];
+            let pts: Vec<String> = c
+                .points
+                .iter()
+                .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
+                .collect();
+            let _ = writeln!(
+                out,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
+                pts.join(" ")
+            );
+            let ly = mt + ih + 46.0 + 14.0 * j as f64;
+            let _ = writeln!(
+                out,
+                r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#,
+                x0 + ml,
+                x0 + ml + 18.0,
+                x0 + ml + 22.0,
+                ly + 4.0,
+                esc(&c.label)
+            );
+        }
+    }
+    out.push_str("</svg>\n");
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = r#"{"bench":"restore","quick":false,"machine":"AMD EPYC, 2 CPUs, Linux 6.18.44","elapsed_s":12.5,
+      "rows":[{"case":"sequential | 1 GiB","baseline":"firecracker","baseline_value":4000,"ours":"serve","ours_value":300,"unit":"ms","higher_is_better":false,"speedup":13.333,"target":">= 10x","target_min_speedup":10,"met":true,"note":"fault-around 512 KiB"},
+              {"case":"random","baseline":"firecracker","baseline_value":2700,"ours":"serve","ours_value":600,"unit":"ms","higher_is_better":false,"speedup":4.5,"target":">= 6x","target_min_speedup":6,"met":false,"note":""},
+              {"case":"max stall","baseline":"firecracker","baseline_value":100,"ours":"serve","ours_value":null,"unit":"µs/op","higher_is_better":false,"speedup":null,"target":null,"target_min_speedup":null,"met":null,"note":""}],
+      "series":[{"plot":"restore-sequential","label":"baseline","x_label":"s","y_label":"pages","points":[[0,0],[1.5,100],[4,262144]]},
+                {"plot":"restore-sequential","label":"serve <&>","x_label":"s","y_label":"pages","points":[[0,0],[0.3,262144]]},
+                {"plot":"restore-random","label":"serve","x_label":"s","y_label":"pages","points":[]}],
+      "notes":["snapshot in /var/tmp, page cache warm"]}"#;
+
+    #[test]
+    fn parses_and_renders_every_field() {
+        let rec = parse(FIXTURE).unwrap();
+        assert_eq!(rec.bench, "restore");
+        assert_eq!(rec.rows.len(), 3);
+        assert_eq!(rec.rows[1].met, Some(false));
+        assert!(rec.rows[2].ours_value.is_nan());
+        assert_eq!(rec.series[0].points.len(), 3);
+        let md = markdown(std::slice::from_ref(&rec), Some("docs/restore.svg"));
+        assert!(md.contains("Targets: 1 of 2 met."), "{md}");
+        assert!(md.contains("- random (ours serve, vs firecracker): speed-up 4.500, goal >= 6x"));
+        assert!(md.contains("| sequential \\| 1 GiB | firecracker | 4000 | serve | 300 | ms | 13.3x | >= 10x | yes |"), "{md}");
+        assert!(md.contains("| – | µs/op | –x |  |  |"), "{md}");
+        assert!(md.contains("snapshot in /var/tmp, page cache warm"));
+        assert!(md.contains("![Lazy restore of a 1 GiB snapshot curves](docs/restore.svg)"));
+        let svg = svg(&rec.series).unwrap();
+        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert!(svg.contains("serve &lt;&amp;&gt;"));
+        assert!(svg.contains(">restore-random<"));
+    }
+
+    #[test]
+    fn bad_records_are_refused_with_the_reason() {
+        assert!(parse("{").unwrap_err().starts_with("not JSON"));
+        assert_eq!(parse("{\"rows\":[]}").unwrap_err(), "no \"bench\" field");
+        assert_eq!(parse("{\"bench\":\"x\"}").unwrap_err(), "no \"rows\" array");
+        assert!(svg(&[]).is_none());
+    }
+
+    #[test]
+    fn ticks_are_round() {
+        assert_eq!(tick_step(262144.0, 5.0), 50000.0);
+        assert_eq!(tick_step(4.1, 5.0), 1.0);
+        assert_eq!(tick_step(0.35, 5.0), 0.05);
+        assert_eq!(tick_label(0.05, 0.05), "0.05");
+    }
+
+    #[test]
+    fn known_targets_come_first() {
+        let mut recs: Vec<Record> = ["zeta", "restore", "overhead"]
+            .iter()
+            .map(|b| parse(&format!("{{\"bench\":\"{b}\",\"rows\":[]}}")).unwrap())
+            .collect();
+        order(&mut recs);
+        let names: Vec<&str> = recs.iter().map(|r| r.bench.as_str()).collect();
+        assert_eq!(names, ["overhead", "restore", "zeta"]);
+    }
+}

@@ -1,0 +1,642 @@
+//! Wrapper overhead: each typed call of kvm-gmem / uffd-gmem against the same
+//! operation written directly on libc, and against kvm-ioctls 0.25 and
+//! userfaultfd-rs 0.9 where they have it.
+//!
+//! Every case times a batch of distinct operations (each candidate on its
+//! own object, so none disturbs another's state) and restores the state
+//! outside the timed part; the candidates' samples are interleaved and the
+//! median is reported in ns per operation.
+
+#[path = "harness/mod.rs"]
+mod harness;
+
+use harness::{Bench, Row, Target, Unit};
+use kvm_gmem::{GuestMemfd, GuestMemfdFlags};
+use kvm_gmem_sys as sys;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Instant;
+use uffd_gmem::{Features, Mode, RegisterMode, Uffd};
+
+const PAGE: usize = 4096;
+
+fn target_raw() -> Target {
+    Target::min(1.0 / 1.03, "ours <= 1.03x raw libc")
+}
+
+fn target_crate(name: &str) -> Target {
+    Target::min(1.0, format!("ours <= {name}"))
+}
+
+/// An anonymous or shared mapping owned by the bench, unmapped on drop.
+struct Map {
+    addr: usize,
+    len: usize,
+}
+
+impl Map {
+    /// `mmap(NULL, len, RW, flags, fd, 0)`.
+    fn new(len: usize, flags: i32, fd: i32) -> Map {
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL); it
+        // replaces nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        assert!(
+            p != libc::MAP_FAILED,
+            "mmap of {len} bytes: {}",
+            std::io::Error::last_os_error()
+        );
+        Map {
+            addr: p as usize,
+            len,
+        }
+    }
+
+    fn anon(len: usize) -> Map {
+        let m = Map::new(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        // SAFETY: advice on our own mapping; 4 KiB pages keep one page per op.
+        unsafe { libc::madvise(m.addr as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) };
+        m
+    }
+
+    /// Drops the page table entries (anonymous pages are freed; shmem pages
+    /// stay in the page cache).
+    fn zap(&self) {
+        // SAFETY: our own mapping, never referenced from Rust; only the
+        // bench's ioctls and volatile reads touch it.
+        let r = unsafe {
+            libc::madvise(
+                self.addr as *mut libc::c_void,
+                self.len,
+                libc::MADV_DONTNEED,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "madvise(DONTNEED): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    fn range(&self) -> std::ops::Range<u64> {
+        self.addr as u64..(self.addr + self.len) as u64
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; nothing refers to it any more.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+fn memfd(len: usize) -> OwnedFd {
+    // SAFETY: a NUL-terminated name and flags.
+    let raw = unsafe { libc::memfd_create(c"gmem-bench".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(
+        raw >= 0,
+        "memfd_create: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: memfd_create returned a new descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ftruncate on our descriptor.
+    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) };
+    assert_eq!(r, 0, "ftruncate: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// A raw userfaultfd: the system call and the `UFFDIO_API` handshake.
+fn raw_uffd(features: u64) -> OwnedFd {
+    // SAFETY: userfaultfd(2) takes only flags.
+    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    assert!(
+        raw >= 0,
+        "userfaultfd(2): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the system call returned a new descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let mut api = sys::uffdio_api {
+        api: sys::UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API takes a uffdio_api.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API as _, &mut api) };
+    assert_eq!(r, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
+    fd
+}
+
+fn raw_register(fd: &OwnedFd, map: &Map, mode: u64) {
+    let mut reg = sys::uffdio_register {
+        range: sys::uffdio_range {
+            start: map.addr as u64,
+            len: map.len as u64,
+        },
+        mode,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER takes a uffdio_register; the range is a mapping
+    // of this bench that no Rust reference points into.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_REGISTER as _, &mut reg) };
+    assert_eq!(r, 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
+}
+
+fn rs_uffd(features: u64) -> userfaultfd::Uffd {
+    userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .require_features(userfaultfd::FeatureFlags::from_bits_retain(features))
+        .create()
+        .expect("userfaultfd-rs: UffdBuilder::create")
+}
+
+fn ours_uffd(features: Features) -> Uffd {
+    Uffd::builder()
+        .non_blocking(true)
+        .require_features(features)
+        .create()
+        .expect("uffd-gmem: Uffd::builder().create()")
+}
+
+fn median_of(v: &[f64]) -> f64 {
+    harness::median(v)
+}
+
+fn main() {
+    let mut bench = Bench::new("overhead");
+    bench.note(
+        "userfaultfd-rs 0.9 has UFFDIO_CONTINUE and MINOR registration behind its linux5_13 \
+         feature (enabled here); its FeatureFlags do not name MINOR_SHMEM, which is passed with \
+         from_bits_retain",
+    );
+    bench.note(
+        "samples are many short interleaved batches (1024 ops; 250 for create) so that the \
+         median skips batches preempted by other load on this shared 2-CPU machine",
+    );
+    let samples = harness::size(101, 5);
+    let batch = harness::size(1024, 256);
+    gmem_cases(&mut bench, samples);
+    uffd_continue(&mut bench, samples, batch);
+    uffd_copy(&mut bench, samples, batch);
+    bench.finish();
+}
+
+// ---------------------------------------------------------------------------
+// guest_memfd: create + close, punch a hole
+// ---------------------------------------------------------------------------
+
+fn gmem_cases(bench: &mut Bench, samples: usize) {
+    let kvm = match kvm_ioctls::Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            bench.note(format!(
+                "guest_memfd cases skipped: /dev/kvm cannot be opened ({e})"
+            ));
+            return;
+        }
+    };
+    let vm = kvm.create_vm().expect("kvm-ioctls: KVM_CREATE_VM");
+    let vm_fd = kvm_gmem::interop::vm_fd(&vm);
+    if kvm_gmem::check_extension(&vm_fd, kvm_gmem::Cap::GUEST_MEMFD).unwrap_or(0) <= 0 {
+        bench.note("guest_memfd cases skipped: KVM_CAP_GUEST_MEMFD = 0 on a default VM");
+        return;
+    }
+    let supported = kvm_gmem::supported_flags(&vm_fd).expect("KVM_CAP_GUEST_MEMFD_FLAGS");
+    let want = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    let flags = if supported.contains(want) {
+        want
+    } else {
+        GuestMemfdFlags::empty()
+    };
+    // -- create + close ----------------------------------------------------
+    let size: u64 = 2 << 20;
+    let per = harness::size(250, 100);
+    let raw_vm = vm.as_raw_fd();
+    let mut ours = || {
+        harness::ns_per_op(per, || {
+            let g = GuestMemfd::builder(size)
+                .flags(flags)
+                .create(&vm_fd)
+                .expect("GuestMemfd::create");
+            drop(g);
+        })
+    };
+    let mut raw = || {
+        harness::ns_per_op(per, || {
+            let mut args = sys::kvm_create_guest_memfd {
+                size,
+                flags: flags.bits(),
+                ..Default::default()
+            };
+            // SAFETY: KVM_CREATE_GUEST_MEMFD takes a kvm_create_guest_memfd.
+            let fd = unsafe { libc::ioctl(raw_vm, sys::KVM_CREATE_GUEST_MEMFD as _, &mut args) };
+            assert!(
+                fd >= 0,
+                "KVM_CREATE_GUEST_MEMFD: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: the fd the ioctl just returned, owned by nobody else.
+            unsafe { libc::close(fd) };
+        })
+    };
+    let mut kvmi = || {
+        harness::ns_per_op(per, || {
+            let args = kvm_bindings::kvm_create_guest_memfd {
+                size,
+                flags: flags.bits(),
+                ..Default::default()
+            };
+            let fd = vm
+                .create_guest_memfd(args)
+                .expect("kvm-ioctls: create_guest_memfd");
+            // SAFETY: the fd kvm-ioctls just returned, owned by nobody else.
+            unsafe { libc::close(fd) };
+        })
+    };
+    let mut raw_cloexec = || {
+        harness::ns_per_op(per, || {
+            let mut args = sys::kvm_create_guest_memfd {
+                size,
+                flags: flags.bits(),
+                ..Default::default()
+            };
+            // SAFETY: KVM_CREATE_GUEST_MEMFD takes a kvm_create_guest_memfd.
+            let fd = unsafe { libc::ioctl(raw_vm, sys::KVM_CREATE_GUEST_MEMFD as _, &mut args) };
+            assert!(
+                fd >= 0,
+                "KVM_CREATE_GUEST_MEMFD: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: the fd the ioctl just returned; F_SETFD takes an integer.
+            let r = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            assert!(r == 0, "fcntl(F_SETFD)");
+            // SAFETY: the fd the ioctl just returned, owned by nobody else.
+            unsafe { libc::close(fd) };
+        })
+    };
+    let r = harness::interleaved(
+        samples,
+        &mut [&mut ours, &mut raw, &mut kvmi, &mut raw_cloexec],
+    );
+    let case = format!("create + close a guest_memfd (2 MiB, {flags})");
+    let note = format!(
+        "median of {samples} interleaved samples of {per} create+close; ours issues the ioctl \
+         and fcntl(F_SETFD, FD_CLOEXEC) (the kernel returns the fd without close-on-exec; \
+         kvm-ioctls and the plain raw call leave it inheritable across exec), and asks the \
+         capabilities only when the kernel refuses"
+    );
+    bench.row(Row {
+        case: case.clone(),
+        baseline: "raw libc ioctl + fcntl(FD_CLOEXEC) + close".into(),
+        baseline_value: median_of(&r[3]),
+        ours: "GuestMemfd::builder().create() + drop".into(),
+        ours_value: median_of(&r[0]),
+        unit: Unit::NsPerOp,
+        target: Some(target_raw()),
+        note: note.clone(),
+    });
+    bench.row(Row {
+        case: case.clone(),
+        baseline: "raw libc ioctl + close".into(),
+        baseline_value: median_of(&r[1]),
+        ours: "GuestMemfd::builder().create() + drop".into(),
+        ours_value: median_of(&r[0]),
+        unit: Unit::NsPerOp,
+        target: Some(target_raw()),
+        note: note.clone(),
+    });
+    bench.row(Row {
+        case,
+        baseline: "kvm-ioctls VmFd::create_guest_memfd + close".into(),
+        baseline_value: median_of(&r[2]),
+        ours: "GuestMemfd::builder().create() + drop".into(),
+        ours_value: median_of(&r[0]),
+        unit: Unit::NsPerOp,
+        target: Some(target_crate("kvm-ioctls")),
+        note,
+    });
+
+    // -- punch a 4 KiB hole -------------------------------------------------
+    let pages = harness::size(1024, 256);
+    let len = (pages * PAGE) as u64;
+    let gmem = GuestMemfd::builder(len)
+        .flags(flags)
+        .create(&vm_fd)
+        .expect("GuestMemfd::create for the punch-hole case");
+    let gfd = gmem.as_raw_fd();
+    let refill = |gmem: &GuestMemfd| gmem.allocate(0..len).expect("fallocate(KEEP_SIZE) refill");
+    let mut ours = || {
+        refill(&gmem);
+        let t = Instant::now();
+        for i in 0..pages as u64 {
+            let off = i * PAGE as u64;
+            gmem.punch_hole(off..off + PAGE as u64)
+                .expect("GuestMemfd::punch_hole");
+        }
+        t.elapsed().as_nanos() as f64 / pages as f64
+    };
+    let mut raw = || {
+        refill(&gmem);
+        let t = Instant::now();
+        for i in 0..pages as i64 {
+            // SAFETY: fallocate takes only integers; `gfd` is open.
+            let r = unsafe {
+                libc::fallocate(
+                    gfd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    i * PAGE as i64,
+                    PAGE as i64,
+                )
+            };
+            assert_eq!(
+                r,
+                0,
+                "fallocate(PUNCH_HOLE): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        t.elapsed().as_nanos() as f64 / pages as f64
+    };
+    let r = harness::interleaved(samples, &mut [&mut ours, &mut raw]);
+    bench.row(Row {
+        case: "punch a 4 KiB hole in a guest_memfd".into(),
+        baseline: "raw libc fallocate(PUNCH_HOLE|KEEP_SIZE)".into(),
+        baseline_value: median_of(&r[1]),
+        ours: "GuestMemfd::punch_hole".into(),
+        ours_value: median_of(&r[0]),
+        unit: Unit::NsPerOp,
+        target: Some(target_raw()),
+        note: format!(
+            "median of {samples} interleaved samples of {pages} distinct allocated pages of one \
+             {flags} guest_memfd (never mapped); refilled with fallocate(KEEP_SIZE) outside the \
+             timed part; kvm-ioctls has no fallocate wrapper"
+        ),
+    });
+    drop(gmem);
+}
+
+// ---------------------------------------------------------------------------
+// UFFDIO_CONTINUE: one 4 KiB shmem page, MINOR, page cache populated
+// ---------------------------------------------------------------------------
+
+fn uffd_continue(bench: &mut Bench, samples: usize, pages: usize) {
+    let len = pages * PAGE;
+    let fd = memfd(len);
+    let shared = libc::MAP_SHARED;
+    let alias = Map::new(len, shared, fd.as_raw_fd());
+    // Populate the page cache through the unregistered alias.
+    for i in 0..pages {
+        // SAFETY: inside our own shared mapping, which no Rust reference
+        // points into.
+        unsafe { std::ptr::write_volatile((alias.addr + i * PAGE) as *mut u64, i as u64 + 1) };
+    }
+    let minor = u64::from(sys::UFFD_FEATURE_MINOR_SHMEM);
+
+    let ours_view = Map::new(len, shared, fd.as_raw_fd());
+    let ours_uffd = match Uffd::builder()
+        .non_blocking(true)
+        .require_features(Features::MINOR_SHMEM)
+        .create()
+    {
+        Ok(u) => u,
+        Err(e) => {
+            bench.note(format!(
+                "UFFDIO_CONTINUE case skipped: no MINOR_SHMEM userfaultfd: {e}"
+            ));
+            return;
+        }
+    };
+    // SAFETY: a mapping of this bench that no Rust reference points into; it
+    // outlives the registration (the uffd is dropped first).
+    unsafe { ours_uffd.register(ours_view.range(), RegisterMode::MINOR) }
+        .expect("uffd-gmem: UFFDIO_REGISTER MINOR");
+
+    let raw_view = Map::new(len, shared, fd.as_raw_fd());
+    let raw_fd = raw_uffd(minor);
+    raw_register(&raw_fd, &raw_view, sys::UFFDIO_REGISTER_MODE_MINOR);
+
+    let rs_view = Map::new(len, shared, fd.as_raw_fd());
+    let rs = rs_uffd(minor);
+    rs.register_with_mode(
+        rs_view.addr as *mut libc::c_void,
+        len,
+        userfaultfd::RegisterMode::MINOR,
+    )
+    .expect("userfaultfd-rs: register MINOR");
+
+    let mut ours = || {
+        ours_view.zap();
+        let t = Instant::now();
+        for i in 0..pages as u64 {
+            let a = ours_view.addr as u64 + i * PAGE as u64;
+            ours_uffd
+                .r#continue(a..a + PAGE as u64, Mode::empty())
+                .expect("Uffd::continue");
+        }
+        t.elapsed().as_nanos() as f64 / pages as f64
+    };
+    let raw_ufd = raw_fd.as_raw_fd();
+    let mut raw = || {
+        raw_view.zap();
+        let t = Instant::now();
+        for i in 0..pages as u64 {
+            let mut arg = sys::uffdio_continue {
+                range: sys::uffdio_range {
+                    start: raw_view.addr as u64 + i * PAGE as u64,
+                    len: PAGE as u64,
+                },
+                mode: 0,
+                mapped: 0,
+            };
+            // SAFETY: UFFDIO_CONTINUE takes a uffdio_continue; the range is
+            // registered MINOR on this fd and its pages are in the page cache.
+            let r = unsafe { libc::ioctl(raw_ufd, sys::UFFDIO_CONTINUE as _, &mut arg) };
+            assert!(
+                r == 0,
+                "UFFDIO_CONTINUE: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        t.elapsed().as_nanos() as f64 / pages as f64
+    };
+    let mut rsf = || {
+        rs_view.zap();
+        let t = Instant::now();
+        for i in 0..pages {
+            rs.r#continue((rs_view.addr + i * PAGE) as *mut libc::c_void, PAGE, true)
+                .expect("userfaultfd-rs: continue");
+        }
+        t.elapsed().as_nanos() as f64 / pages as f64
+    };
+    let r = harness::interleaved(samples, &mut [&mut ours, &mut raw, &mut rsf]);
+    // Every view now maps the page cache: check one word per page.
+    for view in [&ours_view, &raw_view, &rs_view] {
+        for i in (0..pages).step_by(97) {
+            // SAFETY: mapped by the last CONTINUE; no Rust reference into it.
+            let v = unsafe { std::ptr::read_volatile((view.addr + i * PAGE) as *const u64) };
+            assert_eq!(v, i as u64 + 1, "UFFDIO_CONTINUE mapped the wrong page");
+        }
+    }
+    let case = "UFFDIO_CONTINUE one 4 KiB shmem page (MINOR)";
+    let note = format!(
+        "median of {samples} interleaved samples of {pages} distinct pages, one ioctl each (wake \
+         on); each candidate has its own view of one memfd whose page cache is populated; PTEs \
+         zapped with MADV_DONTNEED outside the timed part"
+    );
+    bench.row(Row {
+        case: case.into(),
+        baseline: "raw libc ioctl".into(),
+        baseline_value: median_of(&r[1]),
+        ours: "Uffd::continue".into(),
+        ours_value: median_of(&r[0]),
+        unit: Unit::NsPerOp,
+        target: Some(target_raw()),
+        note: note.clone(),
+    });
+    bench.row(Row {
+        case: case.into(),
+        baseline: "userfaultfd-rs Uffd::continue (feature linux5_13)".into(),
+        baseline_value: median_of(&r[2]),
+        ours: "Uffd::continue".into(),
+        ours_value: median_of(&r[0]),
+        unit: Unit::NsPerOp,
+        target: Some(target_crate("userfaultfd-rs")),
+        note,
+    });
+    // The userfaultfds go before their views.
+    drop(ours_uffd);
+    drop(raw_fd);
+    drop(rs);
+}
+
+// ---------------------------------------------------------------------------
+// UFFDIO_COPY: one 4 KiB anonymous page, MISSING
+// ---------------------------------------------------------------------------
+
+fn uffd_copy(bench: &mut Bench, samples: usize, pages: usize) {
+    let len = pages * PAGE;
+    let src: Vec<u8> = (0..len).map(|i| (i / PAGE) as u8 ^ (i as u8)).collect();
+    let src_addr = src.as_ptr() as usize;
+
+    let ours_dst = Map::anon(len);
+    let ours_uffd = ours_uffd(Features::empty());
+    // SAFETY: a mapping of this bench that no Rust reference points into; it
+    // outlives the registration (the uffd is dropped first).
+    unsafe { ours_uffd.register(ours_dst.range(), RegisterMode::MISSING) }
+        .expect("uffd-gmem: UFFDIO_REGISTER MISSING");
+
+    let raw_dst = Map::anon(len);
+    let raw_fd = raw_uffd(0);
+    raw_register(&raw_fd, &raw_dst, sys::UFFDIO_REGISTER_MODE_MISSING);
+
+    let rs_dst = Map::anon(len);
+    let rs = rs_uffd(0);
+    rs.register(rs_dst.addr as *mut libc::c_void, len)
+        .expect("userfaultfd-rs: register MISSING");
+
+    let mut ours = || {
+        ours_dst.zap();
+        let t = Instant::now();
+        for i in 0..pages {
+            let off = i * PAGE;
+            // SAFETY: `src` is readable for PAGE bytes at `off`; the
+            // destination is registered MISSING on this fd.
+            unsafe {
+                ours_uffd.copy(
+                    (ours_dst.addr + off) as u64,
+                    (src_addr + off) as *const u8,
+                    PAGE as u64,
+                    Mode::empty(),
+                )
+            }
+            .expect("Uffd::copy");
+        }
+        t.elapsed().as_nanos() as f64 / pages as f64
+    };
+    let raw_ufd = raw_fd.as_raw_fd();
+    let mut raw = || {
+        raw_dst.zap();
+        let t = Instant::now();
+        for i in 0..pages {
+            let off = i * PAGE;
+            let mut arg = sys::uffdio_copy {
+                dst: (raw_dst.addr + off) as u64,
+                src: (src_addr + off) as u64,
+                len: PAGE as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY takes a uffdio_copy; `src` is readable for
+            // PAGE bytes and the destination is registered MISSING.
+            let r = unsafe { libc::ioctl(raw_ufd, sys::UFFDIO_COPY as _, &mut arg) };
+            assert!(r == 0, "UFFDIO_COPY: {}", std::io::Error::last_os_error());
+        }
+        t.elapsed().as_nanos() as f64 / pages as f64
+    };
+    let mut rsf = || {
+        rs_dst.zap();
+        let t = Instant::now();
+        for i in 0..pages {
+            let off = i * PAGE;
+            // SAFETY: as for ours.
+            unsafe {
+                rs.copy(
+                    (src_addr + off) as *const libc::c_void,
+                    (rs_dst.addr + off) as *mut libc::c_void,
+                    PAGE,
+                    true,
+                )
+            }
+            .expect("userfaultfd-rs: copy");
+        }
+        t.elapsed().as_nanos() as f64 / pages as f64
+    };
+    let r = harness::interleaved(samples, &mut [&mut ours, &mut raw, &mut rsf]);
+    for dst in [&ours_dst, &raw_dst, &rs_dst] {
+        for i in (0..pages).step_by(97) {
+            // SAFETY: filled by the last COPY; no Rust reference into it.
+            let v = unsafe { std::ptr::read_volatile((dst.addr + i * PAGE + 8) as *const u8) };
+            assert_eq!(v, src[i * PAGE + 8], "UFFDIO_COPY copied the wrong bytes");
+        }
+    }
+    let case = "UFFDIO_COPY one 4 KiB anonymous page (MISSING)";
+    let note = format!(
+        "median of {samples} interleaved samples of {pages} distinct pages, one ioctl each (wake \
+         on); each candidate has its own anonymous mapping (THP off); pages freed with \
+         MADV_DONTNEED outside the timed part"
+    );
+    bench.row(Row {
+        case: case.into(),
+        baseline: "raw libc ioctl".into(),
+        baseline_value: median_of(&r[1]),
+        ours: "Uffd::copy".into(),
+        ours_value: median_of(&r[0]),
+        unit: Unit::NsPerOp,
+        target: Some(target_raw()),
+        note: note.clone(),
+    });
+    bench.row(Row {
+        case: case.into(),
+        baseline: "userfaultfd-rs Uffd::copy".into(),
+        baseline_value: median_of(&r[2]),
+        ours: "Uffd::copy".into(),
+        ours_value: median_of(&r[0]),
+        unit: Unit::NsPerOp,
+        target: Some(target_crate("userfaultfd-rs")),
+        note,
+    });
+    drop(ours_uffd);
+    drop(raw_fd);
+    drop(rs);
+}
