@@ -27,7 +27,7 @@
 #[path = "harness/mod.rs"]
 mod harness;
 
-use harness::{Bench, Row, Target, Unit};
+use harness::{Bench, Map, Row, Target, Unit};
 use kvm_gmem_sys as sys;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -77,68 +77,6 @@ enum Imp {
 // Memory
 // ---------------------------------------------------------------------------
 
-/// A mapping owned by the bench, unmapped on drop.
-struct Map {
-    addr: usize,
-    len: usize,
-}
-
-impl Map {
-    fn new(len: usize, flags: i32, fd: i32) -> Map {
-        // SAFETY: a fresh mapping chosen by the kernel (addr NULL); it
-        // replaces nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            )
-        };
-        assert!(
-            p != libc::MAP_FAILED,
-            "mmap of {len} bytes: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: advice on our own mapping: 4 KiB pages, one fault each.
-        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-        Map {
-            addr: p as usize,
-            len,
-        }
-    }
-
-    /// Drops the page table entries: anonymous pages are freed, shmem pages
-    /// stay in the page cache.
-    fn zap(&self) {
-        // SAFETY: our own mapping, which no Rust reference points into (only
-        // volatile reads, memcpy through raw pointers and ioctls touch it).
-        let r = unsafe {
-            libc::madvise(
-                self.addr as *mut libc::c_void,
-                self.len,
-                libc::MADV_DONTNEED,
-            )
-        };
-        assert_eq!(
-            r,
-            0,
-            "madvise(DONTNEED): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; every userfaultfd registered on
-        // it is closed before (samples drop their handlers first).
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
-
 /// One kind's memory: the page source, the registered range and, for
 /// MINOR, the shmem file and its unregistered alias.
 struct Setup {
@@ -169,7 +107,7 @@ impl Setup {
                 kind,
                 pages,
                 src,
-                dst: Map::new(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+                dst: Map::anon(len),
                 alias: None,
                 _memfd: None,
             },

@@ -10,7 +10,7 @@
 #[path = "harness/mod.rs"]
 mod harness;
 
-use harness::{Bench, Row, Target, Unit};
+use harness::{Bench, Map, Row, Target, Unit};
 use kvm_gmem::{GuestMemfd, GuestMemfdFlags};
 use kvm_gmem_sys as sys;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -25,77 +25,6 @@ fn target_raw() -> Target {
 
 fn target_crate(name: &str) -> Target {
     Target::min(1.0, format!("ours <= {name}"))
-}
-
-/// An anonymous or shared mapping owned by the bench, unmapped on drop.
-struct Map {
-    addr: usize,
-    len: usize,
-}
-
-impl Map {
-    /// `mmap(NULL, len, RW, flags, fd, 0)`.
-    fn new(len: usize, flags: i32, fd: i32) -> Map {
-        // SAFETY: a fresh mapping chosen by the kernel (addr NULL); it
-        // replaces nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            )
-        };
-        assert!(
-            p != libc::MAP_FAILED,
-            "mmap of {len} bytes: {}",
-            std::io::Error::last_os_error()
-        );
-        Map {
-            addr: p as usize,
-            len,
-        }
-    }
-
-    fn anon(len: usize) -> Map {
-        let m = Map::new(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
-        // SAFETY: advice on our own mapping; 4 KiB pages keep one page per op.
-        unsafe { libc::madvise(m.addr as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) };
-        m
-    }
-
-    /// Drops the page table entries (anonymous pages are freed; shmem pages
-    /// stay in the page cache).
-    fn zap(&self) {
-        // SAFETY: our own mapping, never referenced from Rust; only the
-        // bench's ioctls and volatile reads touch it.
-        let r = unsafe {
-            libc::madvise(
-                self.addr as *mut libc::c_void,
-                self.len,
-                libc::MADV_DONTNEED,
-            )
-        };
-        assert_eq!(
-            r,
-            0,
-            "madvise(DONTNEED): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-
-    fn range(&self) -> std::ops::Range<u64> {
-        self.addr as u64..(self.addr + self.len) as u64
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; nothing refers to it any more.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
 }
 
 fn memfd(len: usize) -> OwnedFd {

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every benchmark (`cargo bench`: overhead, populate, fault_rtt,
-# restore), then writes BENCHMARKS.md and docs/bench-restore.svg from their
-# JSON records with gmem-bench-report. Run it on a quiet machine: the rows
-# are ratios measured in the same process run, but noise still moves them.
+# restore, scaling), then writes BENCHMARKS.md and docs/bench-curves.svg
+# from their JSON records with gmem-bench-report. Run it on a quiet machine:
+# the rows are ratios measured in the same process run, but noise still
+# moves them.
 #
-#   scripts/bench.sh            full run (about 10 minutes on 2 cores), then the report
+#   scripts/bench.sh            full run (about 4 minutes on 2 cores), then the report
 #   scripts/bench.sh --quick    GMEM_BENCH_QUICK=1: shrunken sizes, report not written
 #   scripts/bench.sh --report   only rewrite the report from the last run's records
 set -euo pipefail
@@ -35,7 +36,7 @@ if [[ $mode != report ]]; then
         export GMEM_BENCH_QUICK=1
     fi
     SECONDS=0
-    cargo bench --bench overhead --bench populate --bench fault_rtt --bench restore
+    cargo bench --bench overhead --bench populate --bench fault_rtt --bench restore --bench scaling
     echo "==> benchmarks took ${SECONDS}s"
 fi
 if [[ $mode == quick ]]; then
@@ -43,4 +44,4 @@ if [[ $mode == quick ]]; then
     exit 0
 fi
 cargo run -q --release -p gmem-bench-report -- --results "$results" \
-    --out BENCHMARKS.md --svg docs/bench-restore.svg
+    --out BENCHMARKS.md --svg docs/bench-curves.svg

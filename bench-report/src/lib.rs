@@ -1,6 +1,6 @@
 //! Turns the JSON records the benchmarks write (`benches/harness/mod.rs`,
 //! one file per bench target) into `BENCHMARKS.md` and an SVG plot of the
-//! restore curves. Pure functions over parsed records; `main.rs` does the
+//! curves (restore progress, scaling). Pure functions over parsed records; `main.rs` does the
 //! file handling.
 
 use serde_json::Value;
@@ -149,7 +149,7 @@ pub fn parse(text: &str) -> Result<Record, String> {
 /// The order the sections appear in: the known targets first, then the
 /// rest by name.
 pub fn order(records: &mut [Record]) {
-    const KNOWN: [&str; 4] = ["overhead", "populate", "fault_rtt", "restore"];
+    const KNOWN: [&str; 5] = ["overhead", "populate", "fault_rtt", "restore", "scaling"];
     records.sort_by_key(|r| {
         (
             KNOWN
@@ -167,6 +167,7 @@ fn title(bench: &str) -> &str {
         "populate" => "Population of 1 GiB",
         "fault_rtt" => "Fault round trip",
         "restore" => "Lazy restore of a 1 GiB snapshot",
+        "scaling" => "Scaling with faulting threads",
         other => other,
     }
 }
@@ -509,12 +510,12 @@ mod tests {
 
     #[test]
     fn known_targets_come_first() {
-        let mut recs: Vec<Record> = ["zeta", "restore", "overhead"]
+        let mut recs: Vec<Record> = ["zeta", "scaling", "restore", "overhead"]
             .iter()
             .map(|b| parse(&format!("{{\"bench\":\"{b}\",\"rows\":[]}}")).unwrap())
             .collect();
         order(&mut recs);
         let names: Vec<&str> = recs.iter().map(|r| r.bench.as_str()).collect();
-        assert_eq!(names, ["overhead", "restore", "zeta"]);
+        assert_eq!(names, ["overhead", "restore", "scaling", "zeta"]);
     }
 }

@@ -1,11 +1,11 @@
-//! `gmem-bench-report`: writes `BENCHMARKS.md` and the restore plot from the
+//! `gmem-bench-report`: writes `BENCHMARKS.md` and the curves (SVG) from the
 //! benchmarks' JSON records.
 //!
 //! ```text
 //! gmem-bench-report [--results DIR] [--out FILE] [--svg FILE] [--allow-quick]
 //! ```
 //!
-//! Defaults: `target/tmp/gmem-bench`, `BENCHMARKS.md`, `docs/bench-restore.svg`
+//! Defaults: `target/tmp/gmem-bench`, `BENCHMARKS.md`, `docs/bench-curves.svg`
 //! (relative to the current directory; `scripts/bench.sh` runs it from the
 //! repository root). Shrunken (`GMEM_BENCH_QUICK`) records are refused
 //! unless `--allow-quick`: committed numbers come from full runs.
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), String> {
     let mut results = PathBuf::from("target/tmp/gmem-bench");
     let mut out = PathBuf::from("BENCHMARKS.md");
-    let mut svg_path = PathBuf::from("docs/bench-restore.svg");
+    let mut svg_path = PathBuf::from("docs/bench-curves.svg");
     let mut allow_quick = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {

@@ -428,3 +428,84 @@ pub fn pin_to(cpu: usize) -> bool {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
     }
 }
+
+// ---------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------
+
+/// A mapping owned by a bench, with transparent huge pages off (one 4 KiB
+/// fault per page), unmapped on drop. No Rust reference ever points into
+/// it: only ioctls, volatile accesses and copies through raw pointers.
+#[derive(Debug)]
+pub struct Map {
+    /// Its address.
+    pub addr: usize,
+    /// Its length in bytes.
+    pub len: usize,
+}
+
+impl Map {
+    /// `mmap(NULL, len, RW, flags, fd, 0)` and `MADV_NOHUGEPAGE`.
+    pub fn new(len: usize, flags: i32, fd: i32) -> Map {
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL); it
+        // replaces nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        assert!(
+            p != libc::MAP_FAILED,
+            "mmap of {len} bytes: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: advice on the mapping just made: 4 KiB pages, one fault each.
+        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+        Map {
+            addr: p as usize,
+            len,
+        }
+    }
+
+    /// An anonymous private mapping.
+    pub fn anon(len: usize) -> Map {
+        Map::new(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+    }
+
+    /// Drops the page table entries: anonymous pages are freed, shmem pages
+    /// stay in the page cache; the next access faults again.
+    pub fn zap(&self) {
+        // SAFETY: our own mapping, which no Rust reference points into.
+        let r = unsafe {
+            libc::madvise(
+                self.addr as *mut libc::c_void,
+                self.len,
+                libc::MADV_DONTNEED,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "madvise(DONTNEED): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Its address range.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.addr as u64..(self.addr + self.len) as u64
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; the benches close every
+        // userfaultfd registered on it before dropping it.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
