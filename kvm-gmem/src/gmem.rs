@@ -13,7 +13,8 @@ bitflags::bitflags! {
     /// `GUEST_MEMFD_FLAG_*`: how a guest_memfd is created.
     ///
     /// A VM accepts only the flags its `KVM_CAP_GUEST_MEMFD_FLAGS` reports;
-    /// [`GuestMemfdBuilder::create`] checks that before the ioctl.
+    /// when the kernel refuses, [`GuestMemfdBuilder::create`] names the
+    /// flags the VM does not offer.
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct GuestMemfdFlags: u64 {
         /// `GUEST_MEMFD_FLAG_MMAP` (Linux 6.18): the fd may be `mmap`ed.

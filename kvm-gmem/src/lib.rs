@@ -3,7 +3,7 @@
 //! - [`Kvm`] and [`Vm`] handles, and a typed [`Capabilities`] report queried
 //!   once, with every RFC feature confirmed by behaviour;
 //! - [`GuestMemfd::builder`] for `KVM_CREATE_GUEST_MEMFD`, with the size and
-//!   flag rules checked before the ioctl; [`GuestMemfd::punch_hole`] and
+//!   size rules checked before the ioctl and refused flags named; [`GuestMemfd::punch_hole`] and
 //!   [`GuestMemfd::allocate`];
 //! - [`Mapping`]: the host's view, which refuses to exist where any access
 //!   would raise SIGBUS, with volatile, bounds-checked copies;
