@@ -27,7 +27,7 @@
 #[path = "harness/mod.rs"]
 mod harness;
 
-use harness::{Bench, Map, Row, Target, Unit};
+use harness::{Bench, Map, Row, Target, Unit, raw};
 use kvm_gmem_sys as sys;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -238,37 +238,6 @@ impl Running {
     }
 }
 
-fn eventfd() -> OwnedFd {
-    // SAFETY: eventfd takes only integers.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    assert!(raw >= 0, "eventfd: {}", std::io::Error::last_os_error());
-    // SAFETY: eventfd returned a new descriptor nobody else owns.
-    unsafe { OwnedFd::from_raw_fd(raw) }
-}
-
-/// Sleeps in poll on the userfaultfd and the stop eventfd; false: stop.
-fn poll_both(uffd: i32, wake: i32) -> bool {
-    let mut p = [
-        libc::pollfd {
-            fd: uffd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: two valid pollfds.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), 2, -1) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        assert_eq!(e.raw_os_error(), Some(libc::EINTR), "poll: {e}");
-    }
-    p[1].revents == 0
-}
-
 /// What a baseline handler needs to resolve a fault at `addr`.
 #[derive(Clone, Copy)]
 struct Work {
@@ -294,27 +263,6 @@ impl Work {
     }
 }
 
-fn raw_uffd(features: u64) -> OwnedFd {
-    // SAFETY: userfaultfd(2) takes only flags.
-    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    assert!(
-        raw >= 0,
-        "userfaultfd(2): {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: the system call returned a new descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    let mut api = sys::uffdio_api {
-        api: sys::UFFD_API,
-        features,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API takes a uffdio_api.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API as _, &mut api) };
-    assert_eq!(r, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
-    fd
-}
-
 /// The raw libc handler: poll + read + ioctl (or a spinning read).
 fn raw_handler(fd: OwnedFd, wake: i32, stop: &AtomicBool, wait: Wait, t: Work) -> u64 {
     let uffd = fd.as_raw_fd();
@@ -323,7 +271,7 @@ fn raw_handler(fd: OwnedFd, wake: i32, stop: &AtomicBool, wait: Wait, t: Work) -
     loop {
         match wait {
             Wait::Poll => {
-                if !poll_both(uffd, wake) {
+                if !raw::poll_both(uffd, wake) {
                     break;
                 }
             }
@@ -409,7 +357,7 @@ fn rs_handler(uffd: userfaultfd::Uffd, wake: i32, stop: &AtomicBool, wait: Wait,
     loop {
         match wait {
             Wait::Poll => {
-                if !poll_both(uffd.as_raw_fd(), wake) {
+                if !raw::poll_both(uffd.as_raw_fd(), wake) {
                     break;
                 }
             }
@@ -476,7 +424,7 @@ fn start(imp: Imp, s: &Setup, wait: Wait) -> Running {
         alias: s.alias_addr(),
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let wake = eventfd();
+    let wake = raw::eventfd();
     let wake_raw = wake.as_raw_fd();
     match imp {
         Imp::Ours => {
@@ -513,7 +461,7 @@ fn start(imp: Imp, s: &Setup, wait: Wait) -> Running {
             Running::Ours(server)
         }
         Imp::Raw => {
-            let fd = raw_uffd(s.features());
+            let fd = raw::uffd(s.features());
             let mode = match s.kind {
                 Kind::Missing => sys::UFFDIO_REGISTER_MODE_MISSING,
                 Kind::Minor => sys::UFFDIO_REGISTER_MODE_MINOR,

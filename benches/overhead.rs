@@ -10,10 +10,10 @@
 #[path = "harness/mod.rs"]
 mod harness;
 
-use harness::{Bench, Map, Row, Target, Unit};
+use harness::{Bench, Map, Row, Target, Unit, raw};
 use kvm_gmem::{GuestMemfd, GuestMemfdFlags};
 use kvm_gmem_sys as sys;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::time::Instant;
 use uffd_gmem::{Features, Mode, RegisterMode, Uffd};
 
@@ -25,59 +25,6 @@ fn target_raw() -> Target {
 
 fn target_crate(name: &str) -> Target {
     Target::min(1.0, format!("ours <= {name}"))
-}
-
-fn memfd(len: usize) -> OwnedFd {
-    // SAFETY: a NUL-terminated name and flags.
-    let raw = unsafe { libc::memfd_create(c"gmem-bench".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(
-        raw >= 0,
-        "memfd_create: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: memfd_create returned a new descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ftruncate on our descriptor.
-    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) };
-    assert_eq!(r, 0, "ftruncate: {}", std::io::Error::last_os_error());
-    fd
-}
-
-/// A raw userfaultfd: the system call and the `UFFDIO_API` handshake.
-fn raw_uffd(features: u64) -> OwnedFd {
-    // SAFETY: userfaultfd(2) takes only flags.
-    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    assert!(
-        raw >= 0,
-        "userfaultfd(2): {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: the system call returned a new descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    let mut api = sys::uffdio_api {
-        api: sys::UFFD_API,
-        features,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API takes a uffdio_api.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API as _, &mut api) };
-    assert_eq!(r, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
-    fd
-}
-
-fn raw_register(fd: &OwnedFd, map: &Map, mode: u64) {
-    let mut reg = sys::uffdio_register {
-        range: sys::uffdio_range {
-            start: map.addr as u64,
-            len: map.len as u64,
-        },
-        mode,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_REGISTER takes a uffdio_register; the range is a mapping
-    // of this bench that no Rust reference points into.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_REGISTER as _, &mut reg) };
-    assert_eq!(r, 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
 }
 
 fn rs_uffd(features: u64) -> userfaultfd::Uffd {
@@ -321,7 +268,7 @@ fn gmem_cases(bench: &mut Bench, samples: usize) {
 
 fn uffd_continue(bench: &mut Bench, samples: usize, pages: usize) {
     let len = pages * PAGE;
-    let fd = memfd(len);
+    let fd = raw::memfd(len as u64);
     let shared = libc::MAP_SHARED;
     let alias = Map::new(len, shared, fd.as_raw_fd());
     // Populate the page cache through the unregistered alias.
@@ -352,8 +299,13 @@ fn uffd_continue(bench: &mut Bench, samples: usize, pages: usize) {
         .expect("uffd-gmem: UFFDIO_REGISTER MINOR");
 
     let raw_view = Map::new(len, shared, fd.as_raw_fd());
-    let raw_fd = raw_uffd(minor);
-    raw_register(&raw_fd, &raw_view, sys::UFFDIO_REGISTER_MODE_MINOR);
+    let raw_fd = raw::uffd(minor);
+    raw::register(
+        &raw_fd,
+        raw_view.addr,
+        raw_view.len,
+        sys::UFFDIO_REGISTER_MODE_MINOR,
+    );
 
     let rs_view = Map::new(len, shared, fd.as_raw_fd());
     let rs = rs_uffd(minor);
@@ -466,8 +418,13 @@ fn uffd_copy(bench: &mut Bench, samples: usize, pages: usize) {
         .expect("uffd-gmem: UFFDIO_REGISTER MISSING");
 
     let raw_dst = Map::anon(len);
-    let raw_fd = raw_uffd(0);
-    raw_register(&raw_fd, &raw_dst, sys::UFFDIO_REGISTER_MODE_MISSING);
+    let raw_fd = raw::uffd(0);
+    raw::register(
+        &raw_fd,
+        raw_dst.addr,
+        raw_dst.len,
+        sys::UFFDIO_REGISTER_MODE_MISSING,
+    );
 
     let rs_dst = Map::anon(len);
     let rs = rs_uffd(0);

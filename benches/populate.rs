@@ -158,7 +158,7 @@ fn main() {
         gbps(size, d)
     };
     let mut shmem_pwrite = || {
-        let fd = memfd(size);
+        let fd = harness::raw::memfd(size);
         let t = Instant::now();
         pwrite_chunks(&fd, src_bytes, MIB as usize);
         let d = t.elapsed();
@@ -497,21 +497,6 @@ fn raw_mmap_memcpy(g: &GuestMemfd, src: &[u8]) {
         std::ptr::copy_nonoverlapping(src.as_ptr(), p.cast::<u8>(), len);
         libc::munmap(p, len);
     }
-}
-
-fn memfd(size: u64) -> OwnedFd {
-    // SAFETY: a NUL-terminated name; memfd_create returns a new descriptor.
-    let raw = unsafe { libc::memfd_create(c"gmem-bench-shmem".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(
-        raw >= 0,
-        "memfd_create: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `raw` was just returned and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ftruncate on the descriptor just created.
-    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
-    fd
 }
 
 fn pwrite_chunks(fd: &OwnedFd, src: &[u8], chunk: usize) {

@@ -887,7 +887,7 @@ fn serve_summary(stats: &[&Stats]) -> String {
 
 fn run_baseline(snap: &Snapshot, order: &[u32]) -> RunResult {
     let guest = Guest::new(snap.len);
-    let uffd = raw_uffd();
+    let uffd = harness::raw::uffd(0);
     let mut reg = sys::uffdio_register {
         range: sys::uffdio_range {
             start: guest.addr,
@@ -931,42 +931,6 @@ fn run_baseline(snap: &Snapshot, order: &[u32]) -> RunResult {
         handler_delay: t.handler_delay,
         stats: None,
     }
-}
-
-/// A userfaultfd made as Firecracker makes one (non-blocking,
-/// close-on-exec), after the `UFFDIO_API` handshake with no features.
-fn raw_uffd() -> OwnedFd {
-    // SAFETY: userfaultfd(2) takes only flags.
-    let mut raw =
-        unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) } as i32;
-    if raw < 0 {
-        // SAFETY: a NUL-terminated path.
-        let dev =
-            unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        assert!(dev >= 0, "neither userfaultfd(2) nor /dev/userfaultfd");
-        // SAFETY: USERFAULTFD_IOC_NEW takes the new fd's flags as an integer.
-        raw = unsafe {
-            libc::ioctl(
-                dev,
-                sys::USERFAULTFD_IOC_NEW as _,
-                (libc::O_CLOEXEC | libc::O_NONBLOCK) as libc::c_ulong,
-            )
-        };
-        // SAFETY: `dev` is ours.
-        unsafe { libc::close(dev) };
-        assert!(raw >= 0, "USERFAULTFD_IOC_NEW");
-    }
-    // SAFETY: a new descriptor that nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut api = sys::uffdio_api {
-        api: sys::UFFD_API,
-        features: 0,
-        ioctls: 0,
-    };
-    // SAFETY: the request encodes `uffdio_api`, which holds no pointers.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API as _, &mut api) };
-    assert_eq!(r, 0, "UFFDIO_API");
-    fd
 }
 
 /// The handler's loop: `poll`, `read` one event, `UFFDIO_COPY` one page.

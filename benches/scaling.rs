@@ -25,9 +25,9 @@
 #[path = "harness/mod.rs"]
 mod harness;
 
-use harness::{Bench, Map, Row, Series, Unit};
+use harness::{Bench, Map, Row, Series, Unit, raw};
 use kvm_gmem_sys as sys;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
@@ -141,72 +141,6 @@ fn start_watchdog() {
 // Raw handlers
 // ---------------------------------------------------------------------------
 
-fn eventfd() -> OwnedFd {
-    // SAFETY: eventfd takes only integers.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    assert!(raw >= 0, "eventfd: {}", std::io::Error::last_os_error());
-    // SAFETY: eventfd returned a new descriptor nobody else owns.
-    unsafe { OwnedFd::from_raw_fd(raw) }
-}
-
-/// A userfaultfd (non-blocking, no extra features) registered MISSING on
-/// `len` bytes at `start`.
-fn raw_uffd(start: usize, len: usize) -> OwnedFd {
-    // SAFETY: userfaultfd(2) takes only flags.
-    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    assert!(
-        raw >= 0,
-        "userfaultfd(2): {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: the system call returned a new descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    let mut api = sys::uffdio_api {
-        api: sys::UFFD_API,
-        features: 0,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API takes a uffdio_api.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API as _, &mut api) };
-    assert_eq!(r, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
-    let mut reg = sys::uffdio_register {
-        range: sys::uffdio_range {
-            start: start as u64,
-            len: len as u64,
-        },
-        mode: sys::UFFDIO_REGISTER_MODE_MISSING,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_REGISTER takes a uffdio_register; the range is a mapping
-    // of this bench no Rust reference points into.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_REGISTER as _, &mut reg) };
-    assert_eq!(r, 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
-    fd
-}
-
-/// Sleeps in poll on the userfaultfd and the stop eventfd; false: stop.
-fn poll_both(uffd: i32, wake: i32) -> bool {
-    let mut p = [
-        libc::pollfd {
-            fd: uffd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: two valid pollfds.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), 2, -1) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        assert_eq!(e.raw_os_error(), Some(libc::EINTR), "poll: {e}");
-    }
-    p[1].revents == 0
-}
-
 /// The raw libc handler: poll + read + UFFDIO_COPY of the page at the same
 /// offset of the source (`src` and `dst` are the starts of the range this
 /// userfaultfd covers). Returns the faults served.
@@ -214,7 +148,7 @@ fn raw_handler(fd: OwnedFd, wake: OwnedFd, dst: usize, src: usize) -> u64 {
     let uffd = fd.as_raw_fd();
     let mut msgs = [sys::uffd_msg::default(); 64];
     let mut served = 0;
-    while poll_both(uffd, wake.as_raw_fd()) {
+    while raw::poll_both(uffd, wake.as_raw_fd()) {
         // SAFETY: `msgs` is a writable buffer of its size.
         let n = unsafe { libc::read(uffd, msgs.as_mut_ptr().cast(), size_of_val(&msgs)) };
         if n < 0 {
@@ -268,8 +202,9 @@ struct RawHandler {
 
 impl RawHandler {
     fn start(dst: usize, len: usize, src: usize) -> RawHandler {
-        let fd = raw_uffd(dst, len);
-        let wake = eventfd();
+        let fd = raw::uffd(0);
+        raw::register(&fd, dst, len, sys::UFFDIO_REGISTER_MODE_MISSING);
+        let wake = raw::eventfd();
         // A second descriptor of the same eventfd, owned by the handler.
         let w = wake.try_clone().expect("dup(eventfd)");
         let thread = std::thread::Builder::new()

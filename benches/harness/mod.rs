@@ -19,6 +19,8 @@
 
 #![allow(dead_code)] // each bench target uses a part of the harness
 
+pub mod raw;
+
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
