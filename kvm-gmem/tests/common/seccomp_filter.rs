@@ -303,3 +303,36 @@ pub fn run_child(child_test: &str, env: &str, scenario: &str) {
         eprintln!("{line}");
     }
 }
+
+/// Checks a crate's rule table: every ioctl request equals the kvm-gmem-sys
+/// constant of its name (`by_name`), `ioctl` itself is never listed as a
+/// system call, and no system call is listed twice. Returns the number of
+/// ioctls checked.
+pub fn check_rule_table<F: std::fmt::Debug>(
+    rules: &[kvm_gmem::seccomp::Rule<F>],
+    by_name: impl Fn(&str) -> Option<u32>,
+) -> usize {
+    let mut seen = 0;
+    for r in rules {
+        for i in r.ioctls {
+            let want = by_name(i.name)
+                .unwrap_or_else(|| panic!("{:?}: unknown request name {}", r.feature, i.name));
+            assert_eq!(
+                i.request, want,
+                "{:?}: {} is {:#x}, kvm-gmem-sys says {want:#x}",
+                r.feature, i.name, i.request
+            );
+            seen += 1;
+        }
+        assert!(
+            r.syscalls.iter().all(|s| s.nr != libc::SYS_ioctl),
+            "{:?}: ioctl belongs in `ioctls`",
+            r.feature
+        );
+        let mut names: Vec<_> = r.syscalls.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), r.syscalls.len(), "{:?}: duplicates", r.feature);
+    }
+    seen
+}
