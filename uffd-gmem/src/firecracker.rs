@@ -507,14 +507,13 @@ const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
 /// where `/proc` is not mounted, only that it is an anonymous inode
 /// (`fstatfs`), which refuses files, memfds, pipes, sockets and devices.
 fn check_is_userfaultfd(fd: BorrowedFd<'_>) -> Result<()> {
-    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    match std::fs::read_link(&link) {
-        Ok(target) if target.as_os_str() == "anon_inode:[userfaultfd]" => Ok(()),
-        Ok(target) => Err(protocol(format!(
+    match crate::uffd::proc_fd_link(fd) {
+        Some(target) if target.as_os_str() == crate::uffd::USERFAULTFD_LINK => Ok(()),
+        Some(target) => Err(protocol(format!(
             "the first fd is not a userfaultfd (it is {})",
             target.display()
         ))),
-        Err(_) => {
+        None => {
             // SAFETY: an all-zero `statfs` is a valid output buffer.
             let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
             // SAFETY: `fd` is open for the borrow; `sfs` is a writable statfs.

@@ -180,12 +180,19 @@ fn open_device(path: &Path) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// What `/proc/self/fd/N` names `fd`; `None` where it cannot be read
+/// (`/proc` not mounted).
+pub(crate) fn proc_fd_link(fd: BorrowedFd<'_>) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
+}
+
+/// What `/proc/self/fd/N` reads for a userfaultfd.
+pub(crate) const USERFAULTFD_LINK: &str = "anon_inode:[userfaultfd]";
+
 /// Whether `/proc/self/fd` names `fd` a userfaultfd; `None` where it cannot
 /// tell (`/proc` not mounted).
 pub(crate) fn proc_says_userfaultfd(fd: BorrowedFd<'_>) -> Option<bool> {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .ok()
-        .map(|target| target.as_os_str() == "anon_inode:[userfaultfd]")
+    proc_fd_link(fd).map(|target| target.as_os_str() == USERFAULTFD_LINK)
 }
 
 /// An owned userfaultfd.
