@@ -27,11 +27,17 @@
 //!   the data's address. The test accepts exactly those two outcomes.
 //!
 //! Without `/dev/kvm` the tests print `SKIP <test>: <why>` and pass, except
-//! under `CI=true`, where that is a failure.
+//! under `CI=true`, where that is a failure. Where the kernel lacks guest_memfd
+//! with MMAP|INIT_SHARED (or, for the guest_memfd-only slot, the TDP MMU) they
+//! print `SKIP <test>: <capability> = <value> on <kernel>` and pass
+//! (kvm-gmem's test helpers: `common::skip_capability`).
+
+#[path = "../kvm-gmem/tests/common/mod.rs"]
+mod common;
 
 use kvm_bindings::kvm_regs;
 use kvm_gmem::populate::{Populate, Source};
-use kvm_gmem::{GuestMemfd, GuestMemfdFlags, MemoryRegion2, delete_memory_region, supported_flags};
+use kvm_gmem::{GuestMemfd, GuestMemfdFlags, MemoryRegion2, delete_memory_region};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -91,10 +97,6 @@ const ENV_FD: &str = "GMEM_E2E_SOCK_FD";
 const ENV_SEED: &str = "GMEM_E2E_SEED";
 const ENV_OFFSET: &str = "GMEM_E2E_OFFSET";
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 /// kvm-ioctls' `/dev/kvm`, or why the test is skipped (`None`); under
 /// `CI=true` a missing device is a failure.
 fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
@@ -102,7 +104,7 @@ fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
         Ok(kvm) => Some(kvm),
         Err(e) => {
             assert!(
-                !ci(),
+                !common::ci(),
                 "{test}: /dev/kvm is required under CI=true but cannot be opened: {e}"
             );
             eprintln!(
@@ -113,16 +115,13 @@ fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
     }
 }
 
-/// A guest_memfd of `size` bytes with MMAP|INIT_SHARED, or why the test is
-/// skipped (`None`: the kernel predates guest_memfd mmap, Linux 6.18).
-fn shared_gmem(test: &str, vm: &VmFd, size: u64) -> Option<GuestMemfd> {
+/// A guest_memfd of `size` bytes with MMAP|INIT_SHARED, or `None` after a
+/// capability skip (no guest_memfd, or a kernel before guest_memfd mmap,
+/// Linux 6.18).
+fn shared_gmem(vm: &VmFd, size: u64) -> Option<GuestMemfd> {
     let vm = kvm_gmem::interop::vm_fd(vm);
     let want = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
-    let offered = supported_flags(&vm).expect("KVM_CAP_GUEST_MEMFD_FLAGS");
-    if !offered.contains(want) {
-        eprintln!(
-            "SKIP {test}: the VM does not offer {want} (KVM_CAP_GUEST_MEMFD_FLAGS = {offered}); needs Linux 6.18"
-        );
+    if !common::has_guest_memfd(&vm, want) {
         return None;
     }
     Some(
@@ -309,7 +308,7 @@ fn guest_runs_from_populated_guest_memfd() {
     };
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
     const SIZE: u64 = 0x10000;
-    let Some(gmem) = shared_gmem(TEST, &vm, SIZE) else {
+    let Some(gmem) = shared_gmem(&vm, SIZE) else {
         return;
     };
     let map = gmem.map().expect("map the guest_memfd");
@@ -420,7 +419,7 @@ fn guest_memfd_only_memslot() {
     // Slot 0: ordinary memory at 0..DATA_GPA holding the code.
     // Slot 1: the guest_memfd, only, at DATA_GPA.. (data page, then result).
     const GMEM_SIZE: u64 = 0x2000;
-    let Some(gmem) = shared_gmem(TEST, &vm, GMEM_SIZE) else {
+    let Some(gmem) = shared_gmem(&vm, GMEM_SIZE) else {
         return;
     };
     let map = gmem.map().expect("map the guest_memfd");
@@ -483,6 +482,10 @@ fn guest_memfd_only_memslot() {
             );
             println!(
                 "guest_memfd-only memslot not runnable on this host (shadow paging): MMIO exit at gpa {gpa:#x}"
+            );
+            common::skip_capability(
+                "KVM_TDP_MMU",
+                format_args!("{tdp_mmu:?} (kvm.tdp_mmu; shadow paging)"),
             );
         }
     }

@@ -666,7 +666,10 @@ where
                 Err(_) => inline.push(part(i)),
             }
         }
-        let mut result = work(part(0));
+        // Part 0 is empty when there are fewer pages than threads: no call
+        // with an empty range (the parts above are skipped the same way).
+        let first = part(0);
+        let mut result = if first.is_empty() { Ok(()) } else { work(first) };
         for r in inline {
             if result.is_ok() {
                 result = work(r);

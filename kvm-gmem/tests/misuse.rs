@@ -4,13 +4,15 @@
 //! and the descriptors the crate creates are close-on-exec and never leak.
 //!
 //! Tests that need `/dev/kvm` print `SKIP <test>: <why>` and pass when it
-//! cannot be opened, except under `CI=true`, where that is a failure. Every
-//! test holds the file-wide lock (`common::lock`): `no_fd_leaks` counts this
+//! cannot be opened, except under `CI=true`, where that is a failure; a part
+//! that needs a capability the kernel lacks (guest_memfd, its flags) prints
+//! `SKIP <test>: <capability> = <value> on <kernel>` and is left out
+//! (`common::skip_capability`). Every test holds the file-wide lock (`common::lock`): `no_fd_leaks` counts this
 //! process's descriptors.
 
 mod common;
 
-use common::{assert_no_fd_leaks, page, shared};
+use common::{assert_no_fd_leaks, has_guest_memfd, page, shared};
 use kvm_gmem::{
     Error, GuestMemfd, GuestMemfdFlags, Kvm, MemoryAttributes, MemoryRegion2, Vm, VmType,
     delete_memory_region, pre_fault_memory, set_memory_attributes, supported_attributes,
@@ -24,16 +26,15 @@ fn vm(kvm: &Kvm) -> Vm {
         .expect("KVM_CREATE_VM(default)")
 }
 
-/// Whether the VM offers MMAP|INIT_SHARED; says SKIP for `what` if not.
-fn offers_mmap(vm: &Vm, what: &str) -> bool {
-    let offered = supported_flags(vm).unwrap();
-    if offered.contains(shared()) {
-        true
-    } else {
-        eprintln!(
-            "SKIP {what}: the VM does not offer MMAP|INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS = {offered})"
+/// A VM without guest_memfd: creating one is [`Error::Unsupported`] naming
+/// `KVM_CAP_GUEST_MEMFD`, whatever the flags.
+fn assert_no_guest_memfd(vm: &Vm) {
+    for flags in [GuestMemfdFlags::empty(), shared()] {
+        unsupported(
+            GuestMemfd::builder(page()).flags(flags).create(vm),
+            "KVM_CREATE_GUEST_MEMFD",
+            "KVM_CAP_GUEST_MEMFD",
         );
-        false
     }
 }
 
@@ -192,6 +193,10 @@ fn case_gmem_builder(kvm: &Kvm) {
         "largest file size",
     );
 
+    if !has_guest_memfd(&vm, GuestMemfdFlags::empty()) {
+        assert_no_guest_memfd(&vm);
+        return;
+    }
     // A flag the VM does not offer: typed, naming the bit and the offer.
     let offered = supported_flags(&vm).unwrap();
     let bit = (0..64)
@@ -251,6 +256,9 @@ fn case_gmem_builder(kvm: &Kvm) {
 fn case_fallocate_rules(kvm: &Kvm) {
     let p = page();
     let vm = vm(kvm);
+    if !has_guest_memfd(&vm, GuestMemfdFlags::empty()) {
+        return;
+    }
     let g = GuestMemfd::builder(4 * p).create(&vm).unwrap();
     for (op, f) in [
         (
@@ -276,6 +284,9 @@ fn case_memslot_builder(kvm: &Kvm) {
     let op = "KVM_SET_USER_MEMORY_REGION2";
     let p = page();
     let vm = vm(kvm);
+    if !has_guest_memfd(&vm, GuestMemfdFlags::empty()) {
+        return;
+    }
     let g = GuestMemfd::builder(4 * p).create(&vm).unwrap();
     let b = |gpa, size| MemoryRegion2::builder(0, gpa, size).guest_memfd(&g, 0);
 
@@ -345,7 +356,7 @@ fn case_memslot_builder(kvm: &Kvm) {
     assert!(r.flags().contains(kvm_gmem::RegionFlags::GUEST_MEMFD));
     assert_eq!(r.as_raw().guest_memfd, g.as_raw_fd() as u32);
 
-    if offers_mmap(&vm, "memslot mapping-too-small rule") {
+    if has_guest_memfd(&vm, shared()) {
         let small = GuestMemfd::builder(2 * p)
             .flags(shared())
             .create(&vm)
@@ -360,7 +371,7 @@ fn case_memslot_builder(kvm: &Kvm) {
 fn case_mapping_bounds(kvm: &Kvm) {
     let p = page();
     let vm = vm(kvm);
-    if !offers_mmap(&vm, "mapping bounds") {
+    if !has_guest_memfd(&vm, shared()) {
         return;
     }
     let g = GuestMemfd::builder(4 * p)
@@ -523,6 +534,9 @@ fn case_pre_fault(kvm: &Kvm) {
 
     // A memslot covering the range, so that the only reason to refuse is the
     // missing feature.
+    if !has_guest_memfd(&vm_fd_as_borrowed(&vm_fd), GuestMemfdFlags::empty()) {
+        return;
+    }
     let g = GuestMemfd::builder(4 * p)
         .create(&vm_fd_as_borrowed(&vm_fd))
         .unwrap();
@@ -585,6 +599,9 @@ fn case_overlapping_memslots(kvm: &Kvm) {
     let op = "KVM_SET_USER_MEMORY_REGION2";
     let p = page();
     let vm = vm(kvm);
+    if !has_guest_memfd(&vm, GuestMemfdFlags::empty()) {
+        return;
+    }
     let g1 = GuestMemfd::builder(2 * p).create(&vm).unwrap();
     let g2 = GuestMemfd::builder(2 * p).create(&vm).unwrap();
     let a = MemoryRegion2::builder(0, 0, 2 * p)
@@ -610,6 +627,9 @@ fn case_same_gmem_range_twice(kvm: &Kvm) {
     let op = "KVM_SET_USER_MEMORY_REGION2";
     let p = page();
     let vm = vm(kvm);
+    if !has_guest_memfd(&vm, GuestMemfdFlags::empty()) {
+        return;
+    }
     let g = GuestMemfd::builder(4 * p).create(&vm).unwrap();
     let a = MemoryRegion2::builder(0, 0, 2 * p)
         .guest_memfd(&g, 0)
@@ -644,6 +664,9 @@ fn case_gmem_of_other_vm(kvm: &Kvm) {
     let p = page();
     let vm1 = vm(kvm);
     let vm2 = vm(kvm);
+    if !has_guest_memfd(&vm1, GuestMemfdFlags::empty()) {
+        return;
+    }
     let g = GuestMemfd::builder(p).create(&vm1).unwrap();
     let r = MemoryRegion2::builder(0, 0, p)
         .guest_memfd(&g, 0)
@@ -672,13 +695,19 @@ fn case_other_kernel_refusals(kvm: &Kvm) {
         &[libc::ENOTTY, libc::EINVAL],
     );
     // KVM_CREATE_GUEST_MEMFD is a VM ioctl: /dev/kvm answers the capability
-    // query but refuses the creation.
-    let e = kernel(
-        GuestMemfd::builder(page()).create(kvm),
-        "KVM_CREATE_GUEST_MEMFD",
-        &[libc::EINVAL, libc::ENOTTY],
-    );
-    eprintln!("KVM_CREATE_GUEST_MEMFD on /dev/kvm: {}", kvm_gmem::Errno(e));
+    // query but refuses the creation (where /dev/kvm says guest_memfd is
+    // absent, the refusal is typed as such).
+    let create = GuestMemfd::builder(page()).create(kvm);
+    if kvm.check_extension(kvm_gmem::Cap::GUEST_MEMFD).unwrap() > 0 {
+        let e = kernel(
+            create,
+            "KVM_CREATE_GUEST_MEMFD",
+            &[libc::EINVAL, libc::ENOTTY],
+        );
+        eprintln!("KVM_CREATE_GUEST_MEMFD on /dev/kvm: {}", kvm_gmem::Errno(e));
+    } else {
+        unsupported(create, "KVM_CREATE_GUEST_MEMFD", "KVM_CAP_GUEST_MEMFD");
+    }
     assert_eq!(kvm.api_version().unwrap(), 12);
 }
 
@@ -698,7 +727,7 @@ fn case_cloexec(kvm: &Kvm) {
     let vm = vm(kvm);
     assert_ne!(fd_flags(vm.as_raw_fd()) & libc::FD_CLOEXEC, 0, "Vm fd");
     for flags in [GuestMemfdFlags::empty(), shared()] {
-        if !supported_flags(&vm).unwrap().contains(flags) {
+        if !has_guest_memfd(&vm, flags) {
             continue;
         }
         let g = GuestMemfd::builder(page())

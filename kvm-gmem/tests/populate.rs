@@ -9,14 +9,16 @@
 //! the capability report.
 //!
 //! Tests need `/dev/kvm`; without it they print `SKIP` and pass, except under
-//! `CI=true`, where that is a failure. Every test holds the file-wide lock
+//! `CI=true`, where that is a failure. They also need guest_memfd (most with
+//! MMAP|INIT_SHARED): where the kernel lacks it they print `SKIP <test>:
+//! <capability> = <value> on <kernel>` and pass. Every test holds the file-wide lock
 //! (`common::lock`), because some count this process's fds.
 
 mod common;
 
-use common::{lock, open_fds, shared, vm_or_skip};
+use common::{gmem_vm_or_skip, lock, open_fds, shared};
 use kvm_gmem::populate::{Populate, Source, Strategy};
-use kvm_gmem::{Capabilities, Error, GuestMemfd, Vm, VmType};
+use kvm_gmem::{Capabilities, Error, GuestMemfd, GuestMemfdFlags, Vm, VmType};
 use std::io::Write;
 
 const SIZE: u64 = 64 << 20;
@@ -119,7 +121,7 @@ fn check_tried(test: &str, tried: &[(Strategy, String)], detached: bool, caps: &
 fn mmap_copy_from_bytes_fills_every_byte() {
     let _g = lock();
     let test = "mmap_copy_from_bytes_fills_every_byte";
-    let Some((kvm, vm)) = vm_or_skip(test) else {
+    let Some((kvm, vm)) = gmem_vm_or_skip(test, shared()) else {
         return;
     };
     let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT).expect("capabilities");
@@ -155,7 +157,7 @@ fn mmap_copy_from_bytes_fills_every_byte() {
 fn mmap_copy_from_a_file_at_an_unaligned_offset() {
     let _g = lock();
     let test = "mmap_copy_from_a_file_at_an_unaligned_offset";
-    let Some((kvm, vm)) = vm_or_skip(test) else {
+    let Some((kvm, vm)) = gmem_vm_or_skip(test, shared()) else {
         return;
     };
     let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT).expect("capabilities");
@@ -188,7 +190,7 @@ fn mmap_copy_from_a_file_at_an_unaligned_offset() {
 fn a_sub_range_is_filled_and_nothing_else() {
     let _g = lock();
     let test = "a_sub_range_is_filled_and_nothing_else";
-    let Some((_kvm, vm)) = vm_or_skip(test) else {
+    let Some((_kvm, vm)) = gmem_vm_or_skip(test, shared()) else {
         return;
     };
     let g = gmem(&vm, 16 * MIB);
@@ -225,7 +227,7 @@ fn a_sub_range_is_filled_and_nothing_else() {
 fn explicit_strategies_that_cannot_run_are_refused() {
     let _g = lock();
     let test = "explicit_strategies_that_cannot_run_are_refused";
-    let Some((kvm, vm)) = vm_or_skip(test) else {
+    let Some((kvm, vm)) = gmem_vm_or_skip(test, shared()) else {
         return;
     };
     let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT).expect("capabilities");
@@ -300,7 +302,7 @@ fn explicit_strategies_that_cannot_run_are_refused() {
 fn a_guest_memfd_that_cannot_be_mapped_is_refused() {
     let _g = lock();
     let test = "a_guest_memfd_that_cannot_be_mapped_is_refused";
-    let Some((_kvm, vm)) = vm_or_skip(test) else {
+    let Some((_kvm, vm)) = gmem_vm_or_skip(test, GuestMemfdFlags::MMAP) else {
         return;
     };
     let fds = open_fds();
@@ -337,7 +339,7 @@ fn a_guest_memfd_that_cannot_be_mapped_is_refused() {
 fn misuse_is_invalid_before_any_write() {
     let _g = lock();
     let test = "misuse_is_invalid_before_any_write";
-    let Some((_kvm, vm)) = vm_or_skip(test) else {
+    let Some((_kvm, vm)) = gmem_vm_or_skip(test, shared()) else {
         return;
     };
     let size = 4 * MIB;

@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{header, lock, open_fds, vm_or_skip};
+use common::{gmem_vm_or_skip, has_guest_memfd, header, lock, open_fds, vm_or_skip};
 use kvm_gmem::populate::{Populate, Source, Strategy as PopStrategy};
 use kvm_gmem::{
     Error, GuestMemfd, GuestMemfdFlags, MemoryRegion2, RegionFlags, page_size, share,
@@ -216,6 +216,9 @@ fn guest_memfd_builder_arbitrary_sizes_and_flags() {
     let Some((_kvm, vm)) = vm_or_skip(test) else {
         return;
     };
+    // Without guest_memfd the kernel part is a capability skip, and the
+    // property becomes: the rules checked before the ioctl, else Unsupported.
+    let has = has_guest_memfd(&vm, GuestMemfdFlags::empty());
     let offered = supported_flags(&vm).unwrap();
     let op = "KVM_CREATE_GUEST_MEMFD";
     let p = page_size();
@@ -231,6 +234,19 @@ fn guest_memfd_builder_arbitrary_sizes_and_flags() {
             }
             if size > i64::MAX as u64 {
                 return expect_invalid(r, op, "largest file size");
+            }
+            if !has {
+                return match r {
+                    Err(Error::Unsupported {
+                        op: o, capability, ..
+                    }) => {
+                        prop_assert_eq!((o, capability), (op, "KVM_CAP_GUEST_MEMFD"));
+                        Ok(())
+                    }
+                    other => Err(TestCaseError::fail(format!(
+                        "{size:#x} {flags} without guest_memfd: expected Unsupported, got {other:?}"
+                    ))),
+                };
             }
             let missing = flags.difference(offered);
             if !missing.is_empty() {
@@ -265,7 +281,7 @@ fn guest_memfd_builder_arbitrary_sizes_and_flags() {
 fn memslot_builder_arbitrary_fields() {
     let _g = lock();
     let test = "memslot_builder_arbitrary_fields";
-    let Some((_kvm, vm)) = vm_or_skip(test) else {
+    let Some((_kvm, vm)) = gmem_vm_or_skip(test, GuestMemfdFlags::empty()) else {
         return;
     };
     let p = page_size();
@@ -349,7 +365,7 @@ fn memslot_builder_arbitrary_fields() {
 fn fallocate_arbitrary_ranges() {
     let _g = lock();
     let test = "fallocate_arbitrary_ranges";
-    let Some((_kvm, vm)) = vm_or_skip(test) else {
+    let Some((_kvm, vm)) = gmem_vm_or_skip(test, GuestMemfdFlags::empty()) else {
         return;
     };
     let p = page_size();
@@ -396,7 +412,7 @@ fn pop_strategy() -> impl Strategy<Value = PopStrategy> {
 fn populate_arbitrary_parameters() {
     let _g = lock();
     let test = "populate_arbitrary_parameters";
-    let Some((_kvm, vm)) = vm_or_skip(test) else {
+    let Some((_kvm, vm)) = gmem_vm_or_skip(test, GuestMemfdFlags::empty()) else {
         return;
     };
     let p = page_size();
@@ -479,7 +495,9 @@ fn populate_arbitrary_parameters() {
 #[test]
 fn no_fd_leaks_after_the_properties() {
     let _g = lock();
-    let Some((kvm, vm)) = vm_or_skip("no_fd_leaks_after_the_properties") else {
+    let Some((kvm, vm)) =
+        gmem_vm_or_skip("no_fd_leaks_after_the_properties", GuestMemfdFlags::empty())
+    else {
         return;
     };
     let before = open_fds();

@@ -4,7 +4,9 @@
 //! they sent closed.
 //!
 //! Tests need `/dev/kvm`; without it they print `SKIP` and pass, except under
-//! `CI=true`, where that is a failure. Every test holds the file-wide lock
+//! `CI=true`, where that is a failure. They also need guest_memfd with
+//! MMAP|INIT_SHARED: where the kernel lacks it they print `SKIP <test>:
+//! <capability> = <value> on <kernel>` and pass. Every test holds the file-wide lock
 //! (`common::lock`): some count this process's fds, and one clears
 //! `FD_CLOEXEC` on a socket for a spawn.
 
@@ -12,7 +14,7 @@
 
 mod common;
 
-use common::{gmem, header, lock, open_fds, shared, vm_or_skip};
+use common::{gmem, gmem_vm_or_skip, header, lock, open_fds, shared};
 use kvm_gmem::populate::{Populate, Source, Strategy};
 use kvm_gmem::share;
 use kvm_gmem::{Error, GuestMemfd, GuestMemfdFlags};
@@ -137,7 +139,7 @@ fn populator_child() {
 fn populated_by_a_separate_process() {
     let _g = lock();
     let test = "populated_by_a_separate_process";
-    let Some((_kvm, vm)) = vm_or_skip(test) else {
+    let Some((_kvm, vm)) = gmem_vm_or_skip(test, shared()) else {
         return;
     };
     let fds = open_fds();
@@ -196,7 +198,7 @@ fn populated_by_a_separate_process() {
 fn send_and_recv_in_one_process() {
     let _g = lock();
     let test = "send_and_recv_in_one_process";
-    let Some((_kvm, vm)) = vm_or_skip(test) else {
+    let Some((_kvm, vm)) = gmem_vm_or_skip(test, shared()) else {
         return;
     };
     let fds = open_fds();
@@ -234,7 +236,7 @@ fn send_and_recv_in_one_process() {
 fn hostile_peers_are_refused_without_leaks() {
     let _g = lock();
     let test = "hostile_peers_are_refused_without_leaks";
-    let Some((_kvm, vm)) = vm_or_skip(test) else {
+    let Some((_kvm, vm)) = gmem_vm_or_skip(test, shared()) else {
         return;
     };
     let fds = open_fds();

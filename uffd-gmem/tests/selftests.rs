@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{ci, serial};
+use common::{ci, serial, skip_capability, skip_missing_features};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,8 +100,8 @@ fn uffd_with(test: &str, features: Features) -> Option<Uffd> {
         .create()
     {
         Ok(u) => Some(u),
-        Err(Error::MissingFeatures { missing, .. }) => {
-            eprintln!("SKIP {test}: the kernel does not offer {missing:?}");
+        Err(Error::MissingFeatures { missing, supported }) => {
+            skip_missing_features(missing, supported);
             None
         }
         Err(Error::Kernel {
@@ -638,11 +638,14 @@ fn register_ioctls() {
             let mode = RegisterMode::from_bits_retain(bits);
             let wp = mode.contains(RegisterMode::WP);
             let minor = mode.contains(RegisterMode::MINOR);
-            if wp && !offered.contains(Features::PAGEFAULT_FLAG_WP)
-                || wp && kind == "shmem" && !offered.contains(Features::WP_HUGETLBFS_SHMEM)
-                || minor && kind == "shmem" && !offered.contains(Features::MINOR_SHMEM)
-            {
-                eprintln!("SKIP register_ioctls {kind} {mode:?}: not offered by the kernel");
+            let shmem = kind == "shmem";
+            let mut needs = Features::empty();
+            needs.set(Features::PAGEFAULT_FLAG_WP, wp);
+            needs.set(Features::WP_HUGETLBFS_SHMEM, wp && shmem);
+            needs.set(Features::MINOR_SHMEM, minor && shmem);
+            if !offered.contains(needs) {
+                eprintln!("register_ioctls: {kind} {mode:?} left out");
+                skip_missing_features(needs.difference(offered), offered);
                 continue;
             }
             // SAFETY: `map` is ours and nothing references it.
@@ -856,13 +859,35 @@ fn guest_memfd_pair(
     ),
     String,
 > {
-    let kvm = kvm_gmem::Kvm::open().map_err(|e| format!("/dev/kvm: {e}"))?;
+    let kvm = match kvm_gmem::Kvm::open() {
+        Ok(kvm) => kvm,
+        Err(e) => {
+            assert!(
+                !ci(),
+                "guest_memfd: /dev/kvm is required under CI=true: {e}"
+            );
+            return Err(format!("/dev/kvm: {e}"));
+        }
+    };
     let vm = kvm
         .create_vm(kvm_gmem::VmType::DEFAULT)
         .map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    let want = kvm_gmem::GuestMemfdFlags::MMAP | kvm_gmem::GuestMemfdFlags::INIT_SHARED;
+    let cap = vm
+        .check_extension(kvm_gmem::Cap::GUEST_MEMFD)
+        .map_err(|e| format!("KVM_CHECK_EXTENSION: {e}"))?;
+    let offered = kvm_gmem::supported_flags(&vm).map_err(|e| format!("{e}"))?;
+    if cap <= 0 {
+        skip_capability("KVM_CAP_GUEST_MEMFD", cap);
+        return Err("no guest_memfd".into());
+    }
+    if !offered.contains(want) {
+        let flags = format!("absent (KVM_CAP_GUEST_MEMFD_FLAGS = {offered})");
+        skip_capability("GUEST_MEMFD_FLAG_INIT_SHARED", flags);
+        return Err("no guest_memfd with MMAP|INIT_SHARED".into());
+    }
     let gmem = kvm_gmem::GuestMemfd::builder(pages * ps())
-        .mmap(true)
-        .init_shared(true)
+        .flags(want)
         .create(&vm)
         .map_err(|e| format!("guest_memfd with MMAP|INIT_SHARED: {e}"))?;
     let a = gmem.map().map_err(|e| format!("mmap: {e}"))?;
@@ -877,7 +902,7 @@ fn guest_memfd() {
     };
     let pages = 4;
     match guest_memfd_pair(pages) {
-        Err(why) => eprintln!("SKIP guest_memfd (guest_memfd part): {why}"),
+        Err(why) => eprintln!("guest_memfd: the guest_memfd part is left out: {why}"),
         Ok((_vm, _gmem, a, b)) => {
             let range = a.addr()..a.addr() + a.len() as u64;
             for mode in [RegisterMode::MINOR, RegisterMode::MISSING] {
@@ -1479,9 +1504,9 @@ fn rwp() {
     }
     drop(plain);
     if !offered.contains(Features::RWP) {
-        eprintln!(
-            "note: rwp: the kernel does not offer UFFD_FEATURE_RWP; typed Unsupported checked"
-        );
+        // The typed Unsupported answers were checked above; the fault part
+        // needs the feature.
+        skip_missing_features(Features::RWP, offered);
         return;
     }
 

@@ -1,16 +1,32 @@
 //! Helpers shared by `kvm-gmem`'s integration tests, each of which includes
 //! this module with `mod common;` (it is not a test target of its own):
-//! the file-wide lock, the skip rule (where `/dev/kvm` cannot be opened a
-//! test prints `SKIP <test>: <why>` and passes, except under `CI=true`,
-//! where that is a failure), the fd count, guest_memfd creation and the
-//! hand-over header. Every test binary uses only part of it.
+//! the file-wide lock, the two skip rules, the fd count, guest_memfd
+//! creation and the hand-over header. Every test binary uses only part of it.
 //!
-//! `seccomp_filter.rs` next to it is not part of this module: the seccomp
-//! tests of both crates include it with `#[path]`.
+//! The skip rules:
+//!
+//! - a missing **device** (`/dev/kvm` cannot be opened): the test prints
+//!   `SKIP <test>: <why>` and passes, except under `CI=true`, where that is
+//!   a failure ([`kvm_or_skip`]);
+//! - a **capability** the host kernel lacks (guest_memfd, one of its flags,
+//!   pre-fault, ...): the test prints `SKIP <test>: <capability> = <value>
+//!   on <kernel>` and passes, under `CI=true` too, because CI proves those
+//!   paths in the kernel lanes; a lane lists the capabilities its kernel must
+//!   have in `GMEM_REQUIRED_CAPS`, and a skip of one of those fails
+//!   ([`skip_capability`], [`has_guest_memfd`]).
+//!
+//! `capability.rs` (the capability skip rule) and `seccomp_filter.rs` next
+//! to it depend on nothing but `std` and `libc`: the tests of both crates
+//! include them with `#[path]`.
 
 #![allow(dead_code)]
 
-use kvm_gmem::{GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmType};
+mod capability;
+
+#[allow(unused_imports)]
+pub use capability::{ci, kernel_release, skip_capability, test_name};
+use kvm_gmem::{Cap, GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmType, supported_flags};
+use std::os::fd::AsFd;
 use std::sync::{Mutex, MutexGuard};
 
 static LOCK: Mutex<()> = Mutex::new(());
@@ -19,11 +35,6 @@ static LOCK: Mutex<()> = Mutex::new(());
 /// descriptors ([`open_fds`]).
 pub fn lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Whether `CI=true`: a skip is then a failure.
-pub fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 /// Opens `/dev/kvm`, or says why the test is skipped (`None`); under
@@ -44,12 +55,77 @@ pub fn kvm_or_skip(test: &str) -> Option<Kvm> {
     }
 }
 
+/// The guest_memfd flags a test may need, with their uAPI names.
+fn flag_names() -> Vec<(GuestMemfdFlags, &'static str)> {
+    #[allow(unused_mut)]
+    let mut names = vec![
+        (GuestMemfdFlags::MMAP, "GUEST_MEMFD_FLAG_MMAP"),
+        (GuestMemfdFlags::INIT_SHARED, "GUEST_MEMFD_FLAG_INIT_SHARED"),
+    ];
+    #[cfg(feature = "rfc-no-direct-map")]
+    names.push((
+        GuestMemfdFlags::NO_DIRECT_MAP,
+        "GUEST_MEMFD_FLAG_NO_DIRECT_MAP",
+    ));
+    #[cfg(feature = "rfc-gmem-write")]
+    names.push((GuestMemfdFlags::WRITE, "GUEST_MEMFD_FLAG_WRITE"));
+    names
+}
+
+/// Whether `vm` offers guest_memfd with every flag in `flags`; otherwise a
+/// capability skip ([`skip_capability`]) naming the first thing missing
+/// (`KVM_CAP_GUEST_MEMFD`, or the flag with `KVM_CAP_GUEST_MEMFD_FLAGS`).
+pub fn has_guest_memfd(vm: &impl AsFd, flags: GuestMemfdFlags) -> bool {
+    let cap = kvm_gmem::check_extension(vm, Cap::GUEST_MEMFD)
+        .expect("KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD) on a VM fd");
+    if cap <= 0 {
+        skip_capability("KVM_CAP_GUEST_MEMFD", cap);
+        return false;
+    }
+    let offered = supported_flags(vm).expect("KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD_FLAGS)");
+    let missing = flag_names()
+        .into_iter()
+        .find(|&(flag, _)| flags.contains(flag) && !offered.contains(flag));
+    if let Some((_, name)) = missing {
+        skip_capability(
+            name,
+            format!("absent (KVM_CAP_GUEST_MEMFD_FLAGS = {offered})"),
+        );
+        return false;
+    }
+    true
+}
+
+/// [`has_guest_memfd`] asked of a fresh VM of the default type.
+pub fn kvm_has_guest_memfd(kvm: &Kvm, flags: GuestMemfdFlags) -> bool {
+    let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
+    has_guest_memfd(&vm, flags)
+}
+
+/// Whether `cap` is positive on `fd` (`/dev/kvm` or a VM); otherwise a
+/// capability skip naming it (`name`) with its value.
+pub fn has_cap(fd: &impl AsFd, cap: Cap, name: &str) -> bool {
+    let v = kvm_gmem::check_extension(fd, cap)
+        .unwrap_or_else(|e| panic!("KVM_CHECK_EXTENSION({name}): {e}"));
+    if v <= 0 {
+        skip_capability(name, v);
+    }
+    v > 0
+}
+
 /// `/dev/kvm` and a VM of the default type, or `None` as [`kvm_or_skip`].
 /// Once `/dev/kvm` is open, a VM that cannot be created is a failure.
 pub fn vm_or_skip(test: &str) -> Option<(Kvm, Vm)> {
     let kvm = kvm_or_skip(test)?;
     let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
     Some((kvm, vm))
+}
+
+/// [`vm_or_skip`], then [`has_guest_memfd`] with `flags` on that VM: `None`
+/// after a device or capability skip.
+pub fn gmem_vm_or_skip(test: &str, flags: GuestMemfdFlags) -> Option<(Kvm, Vm)> {
+    let (kvm, vm) = vm_or_skip(test)?;
+    has_guest_memfd(&vm, flags).then_some((kvm, vm))
 }
 
 /// How many descriptors this process has open.
@@ -107,9 +183,23 @@ pub fn header(magic: &[u8; 8], version: u32, reserved: u32, size: u64, flags: u6
 
 /// `kvm_test!(name, case)`: a test `name` that holds [`lock`], opens
 /// `/dev/kvm` (or skips: [`kvm_or_skip`]) and runs `case(&kvm)`.
+///
+/// `kvm_test!(name, needs guest_memfd(FLAGS), case)`: the same, after
+/// [`kvm_has_guest_memfd`] (a capability skip where a default VM does not
+/// offer guest_memfd with `FLAGS`).
 #[macro_export]
 macro_rules! kvm_test {
     ($name:ident, $body:expr) => {
+        $crate::kvm_test!(@ $name, |_: &kvm_gmem::Kvm| true, $body);
+    };
+    ($name:ident, needs guest_memfd($flags:expr), $body:expr) => {
+        $crate::kvm_test!(
+            @ $name,
+            |kvm: &kvm_gmem::Kvm| $crate::common::kvm_has_guest_memfd(kvm, $flags),
+            $body
+        );
+    };
+    (@ $name:ident, $needs:expr, $body:expr) => {
         #[test]
         fn $name() {
             let _guard = $crate::common::lock();
@@ -117,7 +207,9 @@ macro_rules! kvm_test {
                 return;
             };
             #[allow(clippy::redundant_closure_call)]
-            ($body)(&kvm);
+            if ($needs)(&kvm) {
+                ($body)(&kvm);
+            }
         }
     };
 }

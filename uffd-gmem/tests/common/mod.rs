@@ -1,8 +1,12 @@
 //! Helpers shared by `uffd-gmem`'s integration tests, each of which includes
 //! this module with `mod common;` (it is not a test target of its own).
 //!
-//! - the file-wide lock and the skip rule: without a userfaultfd a test
-//!   prints `SKIP <test>: <why>` and passes, unless `CI=true`, where it fails;
+//! - the file-wide lock and the two skip rules: without a userfaultfd at
+//!   all a test prints `SKIP <test>: <why>` and passes, unless `CI=true`,
+//!   where it fails ([`skip`]); where the kernel lacks a feature it prints
+//!   `SKIP <test>: UFFD_FEATURE_<NAME> = absent (...) on <kernel>` and
+//!   passes, under `CI=true` too, unless a kernel lane lists the feature in
+//!   `GMEM_REQUIRED_CAPS` (kvm-gmem's `tests/common/capability.rs`, shared);
 //! - the page source pattern, a shuffle, and test-owned mappings;
 //! - what the fd and thread checks count (`/proc/self/fd`,
 //!   `/proc/self/task`);
@@ -56,12 +60,11 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Whether `CI=true`: a skip is then a failure.
-pub fn ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
+#[path = "../../../kvm-gmem/tests/common/capability.rs"]
+mod capability;
+pub use capability::{ci, skip_capability};
 
-/// Prints `SKIP <test>: <why>` (or fails under `CI=true`).
+/// The device skip: prints `SKIP <test>: <why>` (or fails under `CI=true`).
 pub fn skip(test: &str, why: &str) {
     if ci() {
         panic!("{test}: {why} (CI=true: a skip is a failure)");
@@ -69,8 +72,10 @@ pub fn skip(test: &str, why: &str) {
     eprintln!("SKIP {test}: {why}");
 }
 
-/// A non-blocking userfaultfd with `features`, or `None` after a
-/// [`skip`].
+/// A non-blocking userfaultfd with `features`, or `None` after a skip: a
+/// capability skip naming the first feature the kernel does not offer
+/// ([`skip_missing_features`]), or a device [`skip`] when no userfaultfd
+/// can be created at all.
 pub fn uffd_or_skip(test: &str, features: Features) -> Option<Uffd> {
     match Uffd::builder()
         .non_blocking(true)
@@ -78,11 +83,28 @@ pub fn uffd_or_skip(test: &str, features: Features) -> Option<Uffd> {
         .create()
     {
         Ok(u) => Some(u),
+        Err(uffd_gmem::Error::MissingFeatures { missing, supported }) => {
+            skip_missing_features(missing, supported);
+            None
+        }
         Err(e) => {
             skip(test, &format!("no userfaultfd with {features:?}: {e}"));
             None
         }
     }
+}
+
+/// The capability skip for features the kernel does not offer: names the
+/// first of `missing` as `UFFD_FEATURE_<NAME>`, with what UFFDIO_API offers.
+pub fn skip_missing_features(missing: Features, supported: Features) {
+    let name = missing.iter_names().next().map_or_else(
+        || format!("UFFD_FEATURE bits {missing:?}"),
+        |(n, _)| format!("UFFD_FEATURE_{n}"),
+    );
+    skip_capability(
+        &name,
+        format_args!("absent (UFFDIO_API offers {:#x})", supported.bits()),
+    );
 }
 
 // ---------------------------------------------------------------------------
