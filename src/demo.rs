@@ -1,29 +1,39 @@
-//! `gmem demo`: the whole story on this machine, end to end.
+//! `gmem demo`: the whole story on this machine, end to end, in three parts;
+//! each runs where the host offers what it needs (probed, never assumed),
+//! and the summary names every part skipped and why.
 //!
-//! 1. A VM (kvm-ioctls) whose memory slot 0 is a **guest_memfd**
-//!    (`MMAP | INIT_SHARED`), holding the guest's code and a 64 KiB data
-//!    block that a **separate process** populates: the guest_memfd travels
-//!    over a Unix socket (`kvm_gmem::share`), and the child fills it
-//!    (`kvm_gmem::populate`).
-//! 2. Memory slot 1 is **restored lazily**: a shmem memfd registered
-//!    `MISSING | MINOR` with a userfaultfd and served by `uffd_gmem::serve`
-//!    (page cache filled through a second mapping, then `UFFDIO_CONTINUE`).
-//!    That is the guest_memfd MINOR flow on the nearest equivalent this
-//!    kernel offers; on a kernel with userfaultfd on guest_memfd the same
-//!    server serves the guest_memfd mapping itself.
-//! 3. A real-mode guest checksums both regions, stores the sums in guest
-//!    memory and reports them over port I/O. The host checks them against
-//!    its own sums and reads the guest's stores back through the mapping.
+//! 1. **Separate-process population** (needs a guest_memfd with
+//!    `MMAP | INIT_SHARED`): memory slot 0 is a guest_memfd holding the
+//!    guest's code and a 64 KiB data block that a **separate process**
+//!    populates: the guest_memfd travels over a Unix socket
+//!    (`kvm_gmem::share`), and the child fills it (`kvm_gmem::populate`).
+//!    Skipped, slot 0 is an ordinary memfd and the VMM writes the data
+//!    block itself (the hand-over carries only guest_memfds).
+//! 2. **Lazy restore** (needs userfaultfd `MISSING_SHMEM | MINOR_SHMEM`):
+//!    memory slot 1 is a shmem memfd registered `MISSING | MINOR` with a
+//!    userfaultfd and served by `uffd_gmem::serve` (page cache filled
+//!    through a second mapping, then `UFFDIO_CONTINUE`). That is the
+//!    guest_memfd MINOR flow on the nearest equivalent the kernels offer;
+//!    on a kernel with userfaultfd on guest_memfd the same server serves the
+//!    guest_memfd mapping itself. Skipped, the VMM copies the snapshot in.
+//! 3. **Guest checksum** (needs a KVM VM and `KVM_CAP_USER_MEMORY2`): a
+//!    real-mode guest checksums both regions, stores the sums in guest
+//!    memory and reports them over port I/O. Skipped, a host thread reads
+//!    and checksums the same memory instead (which still takes the lazy
+//!    region's faults through the server).
 //!
-//! The logic lives in the crates; this file only wires them together.
+//! The host checks every sum against its own. The logic lives in the
+//! crates; this file only wires them together.
 
 use kvm_gmem::populate::{Populate, Source};
-use kvm_gmem::{GuestMemfd, MemoryRegion2, interop};
-use kvm_ioctls::{Kvm, VcpuExit};
+use kvm_gmem::{
+    Cap, GuestMemfd, GuestMemfdFlags, Mapping, MemoryRegion2, check_extension, interop,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
-use uffd_gmem::serve::{Region, Server};
+use uffd_gmem::serve::{Region, Server, Stats};
 use uffd_gmem::{Features, RegisterMode, Uffd};
 
 /// The hidden subcommand the child process runs.
@@ -34,10 +44,14 @@ const CODE_GPA: u64 = 0x1000;
 const RESULT_GPA: u64 = 0x3000;
 const DATA_GPA: u64 = 0x1_0000;
 const DATA_LEN: u64 = 0x1_0000;
+const DATA_SEED: u64 = 0xD1CE;
 const LAZY_GPA: u64 = 0x8_0000;
 const LAZY_LEN: u64 = 0x4_0000;
+const LAZY_SEED: u64 = 0x5EED;
 const PORT_A: u16 = 0x10;
 const PORT_B: u16 = 0x11;
+/// Width of a report line's label.
+const LABEL_W: usize = 36;
 
 /// The guest: sums the bytes of the data block (segment 0x1000) and of the
 /// lazy region (segments 0x8000..0xC000) modulo 2^16, stores the sums at
@@ -103,6 +117,247 @@ fn e<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |err| format!("{what}: {err}")
 }
 
+// ---------------------------------------------------------------------------
+// The plan
+// ---------------------------------------------------------------------------
+
+/// The demo's parts, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Populate,
+    LazyRestore,
+    Guest,
+}
+
+impl Part {
+    fn name(self) -> &'static str {
+        match self {
+            Part::Populate => "separate-process population (guest_memfd)",
+            Part::LazyRestore => "lazy restore (userfaultfd)",
+            Part::Guest => "guest checksum (real-mode vCPU)",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Status {
+    Run,
+    /// Why not: the capability and its value, or the probe's error.
+    Skipped(String),
+}
+
+/// Which parts run on this host.
+#[derive(Debug)]
+struct Plan {
+    parts: [(Part, Status); 3],
+}
+
+impl Plan {
+    /// Probes the host: `vm` is the demo's VM (or why there is none), asked
+    /// for its capabilities; a throwaway userfaultfd is asked for its
+    /// features.
+    fn probe(vm: &Res<VmFd>) -> Plan {
+        let release = crate::probe::uname().map_or_else(|_| "?".into(), |k| k.release);
+        let on_vm = |check: fn(&VmFd, &str) -> Res<()>| match vm {
+            Ok(vm) => check(vm, &release),
+            Err(why) => Err(why.clone()),
+        };
+        let status = |r: Res<()>| r.map_or_else(Status::Skipped, |()| Status::Run);
+        Plan {
+            parts: [
+                (Part::Populate, status(on_vm(guest_memfd_usable))),
+                (Part::LazyRestore, status(uffd_usable())),
+                (
+                    Part::Guest,
+                    status(on_vm(|vm, release| {
+                        cap_set(vm, Cap::USER_MEMORY2, "KVM_CAP_USER_MEMORY2", release)
+                    })),
+                ),
+            ],
+        }
+    }
+
+    fn runs(&self, part: Part) -> bool {
+        self.parts
+            .iter()
+            .any(|(p, s)| *p == part && matches!(s, Status::Run))
+    }
+
+    /// The closing lines: what ran, what was skipped and why.
+    fn summary(&self) -> String {
+        let ran: Vec<&str> = self
+            .parts
+            .iter()
+            .filter(|(_, s)| matches!(s, Status::Run))
+            .map(|(p, _)| p.name())
+            .collect();
+        let mut text = format!(
+            "  ran      {}\n",
+            if ran.is_empty() {
+                "nothing".to_string()
+            } else {
+                ran.join(", ")
+            }
+        );
+        let mut skipped = false;
+        for (part, status) in &self.parts {
+            if let Status::Skipped(why) = status {
+                text += &format!("  skipped  {}: {why}\n", part.name());
+                skipped = true;
+            }
+        }
+        if skipped {
+            text += "  to see the skipped parts: scripts/kernel-lane.sh (the kernel lane) runs this demo on \
+                     Linux 7.3 under QEMU\n";
+        }
+        text
+    }
+}
+
+/// The demo's VM, or why this host has none.
+fn create_vm() -> Res<VmFd> {
+    let kvm = Kvm::new().map_err(e("no KVM: open /dev/kvm"))?;
+    kvm.create_vm()
+        .map_err(e("no KVM: KVM_CREATE_VM on /dev/kvm"))
+}
+
+/// `KVM_CHECK_EXTENSION(cap)` on the VM is non-zero, or its value as the
+/// reason.
+fn cap_set(vm: &VmFd, cap: Cap, name: &str, release: &str) -> Res<()> {
+    match check_extension(&interop::vm_fd(vm), cap) {
+        Ok(v) if v > 0 => Ok(()),
+        Ok(v) => Err(format!("{name} = {v} on {release}")),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// A guest_memfd the host can map and fill (part 1's needs).
+fn guest_memfd_usable(vm: &VmFd, release: &str) -> Res<()> {
+    cap_set(vm, Cap::GUEST_MEMFD, "KVM_CAP_GUEST_MEMFD", release)?;
+    let needed = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    let flags = kvm_gmem::supported_flags(&interop::vm_fd(vm)).map_err(|err| err.to_string())?;
+    if flags.contains(needed) {
+        Ok(())
+    } else {
+        Err(format!(
+            "KVM_CAP_GUEST_MEMFD_FLAGS = {flags} on {release}, needs MMAP|INIT_SHARED"
+        ))
+    }
+}
+
+/// A userfaultfd offering MISSING and MINOR faults on shmem (part 2's needs).
+fn uffd_usable() -> Res<()> {
+    let uffd = Uffd::builder().create().map_err(|err| err.to_string())?;
+    let offered = uffd.supported_features().unwrap_or_default();
+    if offered.contains(Features::MISSING_SHMEM | Features::MINOR_SHMEM) {
+        Ok(())
+    } else {
+        Err(format!(
+            "UFFDIO_API features {:#x} lack UFFD_FEATURE_MISSING_SHMEM|UFFD_FEATURE_MINOR_SHMEM",
+            offered.bits()
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------
+
+/// Runs the parts this host supports and prints the report.
+pub fn run() -> Res<()> {
+    let started = Instant::now();
+    let vm = create_vm();
+    let plan = Plan::probe(&vm);
+    let data = pattern(DATA_LEN, DATA_SEED);
+    let snapshot = pattern(LAZY_LEN, LAZY_SEED);
+    let in_part = |part: Part| move |err: String| format!("{}: {err}", part.name());
+
+    let (slot0, filled) = match &vm {
+        Ok(vm) if plan.runs(Part::Populate) => {
+            populate_guest_memfd(vm).map_err(in_part(Part::Populate))?
+        }
+        _ => (
+            Slot0::memfd(&data)?,
+            ("data block", "written by the VMM into a memfd".to_string()),
+        ),
+    };
+    slot0.write_at(CODE_GPA, GUEST)?;
+    let lazy = if plan.runs(Part::LazyRestore) {
+        lazy_restore(&snapshot).map_err(in_part(Part::LazyRestore))?
+    } else {
+        LazyRegion::eager(&snapshot)?
+    };
+    let check = match &vm {
+        Ok(vm) if plan.runs(Part::Guest) => {
+            run_guest(vm, &slot0, &lazy.view).map_err(in_part(Part::Guest))?
+        }
+        _ => host_check(&slot0, &lazy.view)?,
+    };
+    let stats = lazy.finish().map_err(in_part(Part::LazyRestore))?;
+
+    let (want_a, want_b) = (sum16(&data), sum16(&snapshot));
+    let errors = stats.as_ref().map_or(&[][..], |s| &s.errors[..]);
+    let ok = check.data.iter().all(|(_, v)| *v == Some(want_a))
+        && check.lazy.iter().all(|(_, v)| *v == Some(want_b))
+        && errors.is_empty();
+
+    println!(
+        "gmem demo: a guest_memfd populated by another process, a region restored lazily by\n\
+         userfaultfd, a real-mode guest that checksums both: each part this host supports\n"
+    );
+    println!("  {:<LABEL_W$}{}", filled.0, filled.1);
+    match &stats {
+        Some(stats) => {
+            println!(
+                "  {:<LABEL_W$}{} faults, {} pages continued, {} copied, fault-around 16 KiB",
+                "lazy restore (serve)", stats.faults, stats.pages_continued, stats.pages_copied
+            );
+            println!(
+                "  {:<LABEL_W$}p50 <= {:?}, p99 <= {:?}, max {:?}",
+                "time per fault",
+                stats.latency_quantile(0.5).unwrap_or_default(),
+                stats.latency_quantile(0.99).unwrap_or_default(),
+                stats.max_latency
+            );
+        }
+        None => println!("  {:<LABEL_W$}copied in by the VMM", "lazy region"),
+    }
+    for (region, seen, want) in [
+        ("data block", &check.data, want_a),
+        ("lazy region", &check.lazy, want_b),
+    ] {
+        let got: Vec<String> = seen
+            .iter()
+            .map(|(how, v)| match v {
+                Some(v) => format!("{how} {v:#06x}"),
+                None => format!("{how} none"),
+            })
+            .collect();
+        let label = format!("{} checksum, {region}", check.by);
+        println!("  {label:<LABEL_W$}{}, host {want:#06x}", got.join(", "));
+    }
+    println!(
+        "  {} run {:?}, whole demo {:?}: {}",
+        check.by,
+        check.elapsed,
+        started.elapsed(),
+        if ok { "OK" } else { "MISMATCH" }
+    );
+    for err in errors {
+        println!("  serve error: {err}");
+    }
+    println!("\n{}", plan.summary());
+    if ok {
+        Ok(())
+    } else {
+        Err("the checksums do not match the host's".into())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Part 1: separate-process population
+// ---------------------------------------------------------------------------
+
 /// The child process: receive the guest_memfd, fill the data block, say so.
 pub fn child(fd_arg: &str) -> Res<()> {
     let raw: i32 = fd_arg.parse().map_err(e("socket fd argument"))?;
@@ -110,7 +365,7 @@ pub fn child(fd_arg: &str) -> Res<()> {
     // it is an inherited socket nothing else in this process owns.
     let sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(raw) });
     let gmem = kvm_gmem::share::recv(&sock).map_err(e("share::recv"))?;
-    let data = pattern(DATA_LEN, 0xD1CE);
+    let data = pattern(DATA_LEN, DATA_SEED);
     let report = Populate::detached(&gmem)
         .run(DATA_GPA..DATA_GPA + DATA_LEN, Source::bytes(&data))
         .map_err(e("populate"))?;
@@ -124,22 +379,15 @@ pub fn child(fd_arg: &str) -> Res<()> {
     Ok(())
 }
 
-/// Runs the demo and prints its report.
-pub fn run() -> Res<()> {
-    let started = Instant::now();
-    let kvm = Kvm::new().map_err(e("open /dev/kvm"))?;
-    let vm = kvm.create_vm().map_err(e("KVM_CREATE_VM"))?;
-    let vmfd = interop::vm_fd(&vm);
-
-    // Slot 0: guest_memfd with the code; its data block comes from a child.
+/// Part 1: a guest_memfd for slot 0 whose data block a child process fills;
+/// with the report line (label, text).
+fn populate_guest_memfd(vm: &VmFd) -> Res<(Slot0, (&'static str, String))> {
     let gmem = GuestMemfd::builder(GMEM_SIZE)
         .mmap(true)
         .init_shared(true)
-        .create(&vmfd)
+        .create(&interop::vm_fd(vm))
         .map_err(e("guest_memfd"))?;
     let map = gmem.map().map_err(e("map guest_memfd"))?;
-    map.write_at(CODE_GPA, GUEST)
-        .map_err(e("write guest code"))?;
 
     let (ours, theirs) = UnixStream::pair().map_err(e("socketpair"))?;
     clear_cloexec(theirs.as_raw_fd())?;
@@ -160,145 +408,17 @@ pub fn run() -> Res<()> {
     }
     let mut parts = reply.split_whitespace();
     let (bytes, strategy, micros) = (parts.next(), parts.next(), parts.next());
-
-    let region0 = MemoryRegion2::builder(0, 0, GMEM_SIZE)
-        .guest_memfd(&gmem, 0)
-        .userspace(&map)
-        .build()
-        .map_err(e("memslot 0"))?;
-    // SAFETY: the slot is deleted below before `map` is dropped. On an early
-    // return `map` is unmapped while the VM still exists, but no vCPU runs
-    // then and the VM is closed right after, so KVM never uses the address.
-    unsafe { region0.set(&vmfd) }.map_err(e("KVM_SET_USER_MEMORY_REGION2 slot 0"))?;
-
-    // Slot 1: a shmem region restored lazily from a "snapshot".
-    let snapshot = pattern(LAZY_LEN, 0x5EED);
-    let lazy = Shmem::new(LAZY_LEN)?;
-    let alias = lazy.map()?;
-    let guest_view = lazy.map()?;
-    let uffd = Uffd::builder()
-        .non_blocking(true)
-        .require_features(Features::MISSING_SHMEM | Features::MINOR_SHMEM)
-        .create()
-        .map_err(e("userfaultfd"))?;
-    // SAFETY: `guest_view` is a shared mapping only the guest (through KVM)
-    // touches; no Rust reference points into it, and it outlives the server.
-    unsafe {
-        uffd.register(
-            guest_view.range(),
-            RegisterMode::MISSING | RegisterMode::MINOR,
-        )
-    }
-    .map_err(e("UFFDIO_REGISTER"))?;
-    // SAFETY: `alias` maps the same memfd, is not registered, and lives until
-    // the server has been shut down below.
-    let region = unsafe { Region::new(guest_view.addr, LAZY_LEN).continue_via_alias(alias.addr) };
-    let server = Server::builder(uffd)
-        .region(region)
-        .source(snapshot.clone())
-        .fault_around(16 << 10)
-        .workers(1)
-        .spawn()
-        .map_err(e("serve"))?;
-    let region1 = MemoryRegion2::builder(1, LAZY_GPA, LAZY_LEN)
-        .userspace_addr(guest_view.addr)
-        .build()
-        .map_err(e("memslot 1"))?;
-    // SAFETY: `guest_view` stays mapped until after the slot is deleted below.
-    unsafe { region1.set(&vmfd) }.map_err(e("KVM_SET_USER_MEMORY_REGION2 slot 1"))?;
-
-    // The guest.
-    let mut vcpu = vm.create_vcpu(0).map_err(e("KVM_CREATE_VCPU"))?;
-    let mut sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).map_err(e("KVM_SET_SREGS"))?;
-    let regs = kvm_bindings::kvm_regs {
-        rip: CODE_GPA,
-        rflags: 2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(e("KVM_SET_REGS"))?;
-    let guest_start = Instant::now();
-    let (mut sum_a, mut sum_b) = (None, None);
-    loop {
-        match vcpu.run().map_err(e("KVM_RUN"))? {
-            VcpuExit::IoOut(port, data) if data.len() >= 2 => {
-                let v = u16::from_le_bytes([data[0], data[1]]);
-                match port {
-                    PORT_A => sum_a = Some(v),
-                    PORT_B => sum_b = Some(v),
-                    p => return Err(format!("unexpected port {p:#x}")),
-                }
-            }
-            VcpuExit::Hlt => break,
-            other => return Err(format!("unexpected exit: {other:?}")),
-        }
-        if guest_start.elapsed() > Duration::from_secs(60) {
-            return Err("the guest did not finish within 60 s".into());
-        }
-    }
-    let guest_time = guest_start.elapsed();
-    kvm_gmem::delete_memory_region(&vmfd, 1).map_err(e("delete slot 1"))?;
-    kvm_gmem::delete_memory_region(&vmfd, 0).map_err(e("delete slot 0"))?;
-    let stats = server.shutdown().map_err(e("serve shutdown"))?;
-
-    // The host's view.
-    let data = pattern(DATA_LEN, 0xD1CE);
-    let want_a = sum16(&data);
-    let want_b = sum16(&snapshot);
-    let mut stored = [0u8; 4];
-    map.read_at(RESULT_GPA, &mut stored)
-        .map_err(e("read the guest's result"))?;
-    let stored_a = u16::from_le_bytes([stored[0], stored[1]]);
-    let stored_b = u16::from_le_bytes([stored[2], stored[3]]);
-    let ok = sum_a == Some(want_a)
-        && sum_b == Some(want_b)
-        && stored_a == want_a
-        && stored_b == want_b
-        && stats.errors.is_empty();
-
-    println!(
-        "gmem demo: a guest_memfd VM populated by another process, plus a lazily restored region\n"
-    );
-    println!(
-        "  separate-process population   {} bytes via {} in {} us (pid {})",
+    let line = format!(
+        "{} bytes via {} in {} us (pid {})",
         bytes.unwrap_or("?"),
         strategy.unwrap_or("?"),
         micros.unwrap_or("?"),
         child.id()
     );
-    println!(
-        "  lazy restore (serve)          {} faults, {} pages continued, {} copied, fault-around 16 KiB",
-        stats.faults, stats.pages_continued, stats.pages_copied
-    );
-    println!(
-        "  time per fault                p50 <= {:?}, p99 <= {:?}, max {:?}",
-        stats.latency_quantile(0.5).unwrap_or_default(),
-        stats.latency_quantile(0.99).unwrap_or_default(),
-        stats.max_latency
-    );
-    println!(
-        "  guest checksum, data block    reported {:#06x}, stored {stored_a:#06x}, host {want_a:#06x}",
-        sum_a.unwrap_or(0)
-    );
-    println!(
-        "  guest checksum, lazy region   reported {:#06x}, stored {stored_b:#06x}, host {want_b:#06x}",
-        sum_b.unwrap_or(0)
-    );
-    println!(
-        "  guest run {guest_time:?}, whole demo {:?}: {}",
-        started.elapsed(),
-        if ok { "OK" } else { "MISMATCH" }
-    );
-    for err in &stats.errors {
-        println!("  serve error: {err}");
-    }
-    if ok {
-        Ok(())
-    } else {
-        Err("the guest's checksums do not match the host's".into())
-    }
+    Ok((
+        Slot0::GuestMemfd { gmem, map },
+        ("separate-process population", line),
+    ))
 }
 
 fn clear_cloexec(fd: i32) -> Res<()> {
@@ -312,7 +432,230 @@ fn clear_cloexec(fd: i32) -> Res<()> {
     Ok(())
 }
 
-/// A shmem memfd and its mappings (the lazily restored region).
+/// Slot 0's memory (code, results, data block): the guest_memfd of part 1,
+/// or, where that part is skipped, an ordinary memfd.
+enum Slot0 {
+    GuestMemfd { gmem: GuestMemfd, map: Mapping },
+    Memfd(ShmemMap),
+}
+
+impl Slot0 {
+    /// An ordinary memfd with the data block written in by the VMM.
+    fn memfd(data: &[u8]) -> Res<Slot0> {
+        let map = Shmem::new(GMEM_SIZE)?.map()?;
+        map.write_at(DATA_GPA, data)?;
+        Ok(Slot0::Memfd(map))
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Res<()> {
+        match self {
+            Slot0::GuestMemfd { map, .. } => map.write_at(offset, data).map_err(e("slot 0")),
+            Slot0::Memfd(map) => map.write_at(offset, data),
+        }
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Res<()> {
+        match self {
+            Slot0::GuestMemfd { map, .. } => map.read_at(offset, buf).map_err(e("slot 0")),
+            Slot0::Memfd(map) => map.read_at(offset, buf),
+        }
+    }
+
+    fn region(&self) -> Res<MemoryRegion2<'_>> {
+        let slot = MemoryRegion2::builder(0, 0, GMEM_SIZE);
+        match self {
+            Slot0::GuestMemfd { gmem, map } => slot.guest_memfd(gmem, 0).userspace(map).build(),
+            Slot0::Memfd(map) => slot.userspace_addr(map.addr).build(),
+        }
+        .map_err(e("memslot 0"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Part 2: lazy restore
+// ---------------------------------------------------------------------------
+
+/// Slot 1's memory: a shmem memfd holding the snapshot, restored lazily by
+/// part 2 or, where it is skipped, copied in by the VMM.
+struct LazyRegion {
+    /// Part 2's fault server and the alias it fills the page cache through;
+    /// the server is dropped (stopped) first.
+    restore: Option<(Server, ShmemMap)>,
+    /// What the guest (or the host thread) reads.
+    view: ShmemMap,
+}
+
+impl LazyRegion {
+    fn eager(snapshot: &[u8]) -> Res<LazyRegion> {
+        let view = Shmem::new(LAZY_LEN)?.map()?;
+        view.write_at(0, snapshot)?;
+        Ok(LazyRegion {
+            restore: None,
+            view,
+        })
+    }
+
+    /// Stops the server: its statistics, where part 2 ran.
+    fn finish(self) -> Res<Option<Stats>> {
+        match self.restore {
+            Some((server, _alias)) => server.shutdown().map(Some).map_err(e("serve shutdown")),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Part 2: slot 1's memory, registered with a userfaultfd and served from
+/// `snapshot` on first touch.
+fn lazy_restore(snapshot: &[u8]) -> Res<LazyRegion> {
+    let lazy = Shmem::new(LAZY_LEN)?;
+    let alias = lazy.map()?;
+    let view = lazy.map()?;
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .require_features(Features::MISSING_SHMEM | Features::MINOR_SHMEM)
+        .create()
+        .map_err(e("userfaultfd"))?;
+    // SAFETY: `view` is a shared mapping that only the guest (through KVM)
+    // or the host thread reads, with raw copies; no Rust reference points
+    // into it, and it outlives the server (`LazyRegion` drops it last).
+    unsafe { uffd.register(view.range(), RegisterMode::MISSING | RegisterMode::MINOR) }
+        .map_err(e("UFFDIO_REGISTER"))?;
+    // SAFETY: `alias` maps the same memfd, is not registered, and is kept
+    // next to the server, which stops before it is unmapped.
+    let region = unsafe { Region::new(view.addr, LAZY_LEN).continue_via_alias(alias.addr) };
+    let server = Server::builder(uffd)
+        .region(region)
+        .source(snapshot.to_vec())
+        .fault_around(16 << 10)
+        .workers(1)
+        .spawn()
+        .map_err(e("serve"))?;
+    Ok(LazyRegion {
+        restore: Some((server, alias)),
+        view,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Part 3: the guest's checksums (or a host thread's)
+// ---------------------------------------------------------------------------
+
+/// What the checker (the guest or a host thread) found.
+struct Check {
+    by: &'static str,
+    /// Per region, each sum the checker gave, named by how it gave it.
+    data: Vec<(&'static str, Option<u16>)>,
+    lazy: Vec<(&'static str, Option<u16>)>,
+    elapsed: Duration,
+}
+
+/// Part 3: a real-mode guest over slot 0 and slot 1 (`lazy`).
+fn run_guest(vm: &VmFd, slot0: &Slot0, lazy: &ShmemMap) -> Res<Check> {
+    let vmfd = interop::vm_fd(vm);
+    let region0 = slot0.region()?;
+    let region1 = MemoryRegion2::builder(1, LAZY_GPA, LAZY_LEN)
+        .userspace_addr(lazy.addr)
+        .build()
+        .map_err(e("memslot 1"))?;
+    // SAFETY: slot 0 is deleted below, on every path, before this function
+    // returns; `slot0` outlives the call.
+    unsafe { region0.set(&vmfd) }.map_err(e("KVM_SET_USER_MEMORY_REGION2 slot 0"))?;
+    let started = Instant::now();
+    // SAFETY: slot 1 is deleted right after the guest ran, on every path;
+    // `lazy` outlives the call.
+    let ran = unsafe { region1.set(&vmfd) }
+        .map_err(e("KVM_SET_USER_MEMORY_REGION2 slot 1"))
+        .and_then(|()| {
+            let sums = drive_guest(vm);
+            let deleted = kvm_gmem::delete_memory_region(&vmfd, 1).map_err(e("delete slot 1"));
+            sums.and_then(|sums| deleted.map(|()| sums))
+        });
+    let elapsed = started.elapsed();
+    let deleted = kvm_gmem::delete_memory_region(&vmfd, 0).map_err(e("delete slot 0"));
+    let (sum_a, sum_b) = ran?;
+    deleted?;
+    let mut stored = [0u8; 4];
+    slot0.read_at(RESULT_GPA, &mut stored)?;
+    Ok(Check {
+        by: "guest",
+        data: vec![
+            ("reported", sum_a),
+            ("stored", Some(u16::from_le_bytes([stored[0], stored[1]]))),
+        ],
+        lazy: vec![
+            ("reported", sum_b),
+            ("stored", Some(u16::from_le_bytes([stored[2], stored[3]]))),
+        ],
+        elapsed,
+    })
+}
+
+/// Runs vCPU 0 from `CODE_GPA` until it halts: the sums it reported.
+fn drive_guest(vm: &VmFd) -> Res<(Option<u16>, Option<u16>)> {
+    let mut vcpu = vm.create_vcpu(0).map_err(e("KVM_CREATE_VCPU"))?;
+    let mut sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).map_err(e("KVM_SET_SREGS"))?;
+    let regs = kvm_bindings::kvm_regs {
+        rip: CODE_GPA,
+        rflags: 2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(e("KVM_SET_REGS"))?;
+    let started = Instant::now();
+    let (mut sum_a, mut sum_b) = (None, None);
+    loop {
+        match vcpu.run().map_err(e("KVM_RUN"))? {
+            VcpuExit::IoOut(port, data) if data.len() >= 2 => {
+                let v = u16::from_le_bytes([data[0], data[1]]);
+                match port {
+                    PORT_A => sum_a = Some(v),
+                    PORT_B => sum_b = Some(v),
+                    p => return Err(format!("unexpected port {p:#x}")),
+                }
+            }
+            VcpuExit::Hlt => return Ok((sum_a, sum_b)),
+            other => return Err(format!("unexpected exit: {other:?}")),
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err("the guest did not finish within 60 s".into());
+        }
+    }
+}
+
+/// Without a guest: a host thread reads both regions as the guest would (the
+/// lazy region's first touches are faults the server resolves).
+fn host_check(slot0: &Slot0, lazy: &ShmemMap) -> Res<Check> {
+    let started = Instant::now();
+    let (sum_a, sum_b) = std::thread::scope(|s| {
+        let reader = std::thread::Builder::new()
+            .name("gmem-demo-reader".into())
+            .spawn_scoped(s, || -> Res<(u16, u16)> {
+                let mut data = vec![0u8; DATA_LEN as usize];
+                slot0.read_at(DATA_GPA, &mut data)?;
+                let mut region = vec![0u8; LAZY_LEN as usize];
+                lazy.read_at(0, &mut region)?;
+                Ok((sum16(&data), sum16(&region)))
+            })
+            .map_err(e("spawn the reader thread"))?;
+        reader
+            .join()
+            .map_err(|_| "the reader thread panicked".to_string())?
+    })?;
+    Ok(Check {
+        by: "host thread",
+        data: vec![("read", Some(sum_a))],
+        lazy: vec![("read", Some(sum_b))],
+        elapsed: started.elapsed(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Memfd memory
+// ---------------------------------------------------------------------------
+
+/// A shmem memfd; its mappings keep the memory after it is dropped.
 struct Shmem {
     fd: OwnedFd,
     len: u64,
@@ -327,7 +670,7 @@ struct ShmemMap {
 impl Shmem {
     fn new(len: u64) -> Res<Shmem> {
         // SAFETY: memfd_create reads a NUL-terminated name.
-        let raw = unsafe { libc::memfd_create(c"gmem-demo-lazy".as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe { libc::memfd_create(c"gmem-demo".as_ptr(), libc::MFD_CLOEXEC) };
         if raw < 0 {
             return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
         }
@@ -365,6 +708,35 @@ impl Shmem {
 impl ShmemMap {
     fn range(&self) -> std::ops::Range<u64> {
         self.addr..self.addr + self.len
+    }
+
+    /// The address of `offset .. offset + len`, checked to lie inside.
+    fn at(&self, offset: u64, len: usize) -> Res<u64> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.len => Ok(self.addr + offset),
+            _ => Err(format!(
+                "range {offset:#x}+{len:#x} is outside the memfd mapping (size {:#x})",
+                self.len
+            )),
+        }
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Res<()> {
+        let dst = self.at(offset, data.len())? as *mut u8;
+        // SAFETY: `dst .. dst + data.len()` lies inside this live, writable
+        // shared mapping of a memfd at least as long (checked), so the copy
+        // stays in bounds and cannot raise SIGBUS; no Rust reference points
+        // into the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Res<()> {
+        let src = self.at(offset, buf.len())? as *const u8;
+        // SAFETY: as in `write_at`, reading; `buf` is a distinct Rust buffer.
+        // A registered range's missing pages are faults the server resolves.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
     }
 }
 

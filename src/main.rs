@@ -26,7 +26,9 @@ Commands:
   demo     Run a real-mode guest whose memory is a guest_memfd populated by
            a separate process, plus a region restored lazily by the
            userfaultfd fault server; print pages populated, faults served
-           and time per fault
+           and time per fault. Runs each part the host supports and names
+           each part skipped with the capability that is missing; fails
+           only when a part the host supports fails
   help     Print this help
 
 Without a command, gmem runs probe and then demo; options without a command

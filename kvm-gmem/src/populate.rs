@@ -669,7 +669,11 @@ where
         // Part 0 is empty when there are fewer pages than threads: no call
         // with an empty range (the parts above are skipped the same way).
         let first = part(0);
-        let mut result = if first.is_empty() { Ok(()) } else { work(first) };
+        let mut result = if first.is_empty() {
+            Ok(())
+        } else {
+            work(first)
+        };
         for r in inline {
             if result.is_ok() {
                 result = work(r);
