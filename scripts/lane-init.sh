@@ -7,6 +7,8 @@
 #   /lane/modules/<name>.ko       the KVM modules, decompressed, in load order
 #   /lane/modules.list            their names, one a line, in load order
 #   /lane/tests.list              "<name> <absolute path> [extra args]" per test binary
+#   /lane/required-caps           the capabilities this kernel must have, comma-separated
+#                                 (kernel-lane.sh's REQUIRED_CAPS)
 #   the test binaries and the gmem command at their host paths (so the
 #   CARGO_BIN_EXE_* paths compiled into the tests resolve), and their ldd
 #   libraries and dynamic loader.
@@ -64,13 +66,18 @@ echo "lane: $(grep -c ^processor /proc/cpuinfo) cpu(s)," \
     "tdp_mmu=$(cat /sys/module/kvm/parameters/tdp_mmu 2>/dev/null || echo ?)"
 
 export CI=true GMEM_KERNEL_LANE=1 RUST_BACKTRACE=1 HOME=/tmp TMPDIR=/tmp
+# A test that would skip for want of one of these fails instead.
+GMEM_REQUIRED_CAPS="$(cat /lane/required-caps 2>/dev/null)"
+export GMEM_REQUIRED_CAPS
+echo "lane: GMEM_REQUIRED_CAPS=$GMEM_REQUIRED_CAPS"
 cd /tmp || echo "LANE-ERROR cd /tmp"
 
 while read -r name path args; do
     [ -n "$name" ] || continue
     echo "LANE-BEGIN $name"
+    # --show-output: the output of passing tests (their SKIP lines) too.
     # shellcheck disable=SC2086 # args are split on purpose
-    timeout -s KILL "$per_test_timeout" "$path" --test-threads=1 $args
+    timeout -s KILL "$per_test_timeout" "$path" --test-threads=1 --show-output $args
     rc=$?
     echo "LANE-END $name rc=$rc"
 done < /lane/tests.list
