@@ -4,7 +4,9 @@
 //!
 //! - ours: a `uffd_gmem::serve::Server` with one worker;
 //! - raw libc: `poll` + `read` + `ioctl` (or a spinning non-blocking `read`);
-//! - userfaultfd-rs 0.9 (feature `linux5_13`): the same loop on its `Uffd`.
+//! - userfaultfd-rs 0.9 (feature `linux5_13`): the same loop on its `Uffd`
+//!   (needs feature `bench-userfaultfd-rs`; without it its rows are
+//!   reported as skipped).
 //!
 //! Kinds: MISSING + `UFFDIO_COPY` on anonymous memory, and MINOR +
 //! `UFFDIO_CONTINUE` on shmem whose page cache is populated beforehand. For
@@ -27,7 +29,7 @@
 #[path = "harness/mod.rs"]
 mod harness;
 
-use harness::{Bench, Map, Row, Target, Unit, raw};
+use harness::{Bench, Map, Target, Unit, raw};
 use kvm_gmem_sys as sys;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -66,11 +68,24 @@ enum Wait {
     Busy,
 }
 
+/// A candidate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Imp {
     Ours,
     Raw,
+    #[cfg(feature = "bench-userfaultfd-rs")]
     Rs,
+}
+
+impl Imp {
+    fn label(self) -> &'static str {
+        match self {
+            Imp::Ours => "ours",
+            Imp::Raw => "raw",
+            #[cfg(feature = "bench-userfaultfd-rs")]
+            Imp::Rs => "userfaultfd-rs",
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -351,6 +366,7 @@ fn raw_handler(fd: OwnedFd, wake: i32, stop: &AtomicBool, wait: Wait, t: Work) -
 }
 
 /// The userfaultfd-rs handler: the same loop on its API.
+#[cfg(feature = "bench-userfaultfd-rs")]
 fn rs_handler(uffd: userfaultfd::Uffd, wake: i32, stop: &AtomicBool, wait: Wait, t: Work) -> u64 {
     let mut buf = userfaultfd::EventBuffer::new(64);
     let mut served = 0;
@@ -485,6 +501,7 @@ fn start(imp: Imp, s: &Setup, wait: Wait) -> Running {
                 .expect("spawn the raw handler");
             Running::Thread { stop, wake, thread }
         }
+        #[cfg(feature = "bench-userfaultfd-rs")]
         Imp::Rs => {
             let uffd = userfaultfd::UffdBuilder::new()
                 .close_on_exec(true)
@@ -579,11 +596,7 @@ fn main() {
     if !harness::pin_to(0) {
         bench.note("cannot pin to CPU 0: placements are not enforced");
     }
-    if Uffd::builder().create().is_err() {
-        bench.note("no userfaultfd on this machine: every case skipped");
-        bench.finish();
-        return;
-    }
+    let uffd = harness::userfaultfd();
     bench.note(
         "serve's Resolve::Continue always refreshes the page cache from the page source \
          (a 4 KiB copy through the alias) before UFFDIO_CONTINUE; the MINOR baselines do the \
@@ -598,14 +611,22 @@ fn main() {
         let setup = Setup::new(kind, pages);
         for wait in [Wait::Poll, Wait::Busy] {
             for (handler_cpu, placement) in [(0usize, "same CPU"), (1, "2 CPUs")] {
-                if handler_cpu >= cpus {
-                    bench.note(format!(
-                        "{} {wait:?} {placement}: skipped, only {cpus} CPU(s)",
-                        kind.label()
-                    ));
-                    continue;
-                }
-                run_case(&mut bench, &setup, wait, handler_cpu, placement, samples);
+                let skip = match &uffd {
+                    Err(why) => Some(why.clone()),
+                    Ok(()) if handler_cpu >= cpus => {
+                        Some(format!("needs 2 CPUs, this host has {cpus}"))
+                    }
+                    Ok(()) => None,
+                };
+                run_case(
+                    &mut bench,
+                    &setup,
+                    wait,
+                    handler_cpu,
+                    placement,
+                    samples,
+                    skip,
+                );
             }
         }
     }
@@ -619,6 +640,7 @@ fn run_case(
     handler_cpu: usize,
     placement: &str,
     samples: usize,
+    skip: Option<String>,
 ) {
     let mode = match wait {
         Wait::Poll => "poll",
@@ -630,26 +652,6 @@ fn run_case(
     {
         return;
     }
-    let mut lats = [Vec::new(), Vec::new(), Vec::new()];
-    let [lo, lr, ls] = &mut lats;
-    let mut ours = || pass(Imp::Ours, setup, wait, handler_cpu, lo);
-    let mut raw = || pass(Imp::Raw, setup, wait, handler_cpu, lr);
-    let mut rs = || pass(Imp::Rs, setup, wait, handler_cpu, ls);
-    let r = harness::interleaved(samples, &mut [&mut ours, &mut raw, &mut rs]);
-    let q: Vec<(f64, f64)> = lats.iter().map(|l| lat_quantiles(l)).collect();
-    if std::env::var_os("GMEM_BENCH_VERBOSE").is_some() {
-        eprintln!(
-            "{case}: passes (µs/fault) ours {:.2?} raw {:.2?} rs {:.2?}",
-            r[0], r[1], r[2]
-        );
-    }
-    let note = format!(
-        "median of {samples} interleaved passes over {} pages (one fault each, fault-around off; \
-         µs/fault = faulting thread's wall time / faults); faulting thread on CPU 0, handler on \
-         CPU {handler_cpu}; per-fault p50/p99 µs (all passes incl. warm-up): ours {:.2}/{:.2}, raw \
-         {:.2}/{:.2}, userfaultfd-rs {:.2}/{:.2}",
-        setup.pages, q[0].0, q[0].1, q[1].0, q[1].1, q[2].0, q[2].1
-    );
     let ours_name = format!(
         "serve::Server, 1 worker{}",
         if wait == Wait::Busy {
@@ -658,27 +660,64 @@ fn run_case(
             ""
         }
     );
-    if std::env::var_os("GMEM_BENCH_VERBOSE").is_some() {
+    let raw_row = (
+        format!("raw libc ({mode} + read + ioctl)"),
+        Target::min(1.0 / 1.05, "ours <= 1.05x raw"),
+    );
+    let rs_row = (
+        format!("userfaultfd-rs 0.9 ({mode} + read_events + ioctl)"),
+        Target::min(1.0, "ours <= userfaultfd-rs"),
+    );
+    if let Some(why) = skip {
+        bench.skip_vs(&case, &ours_name, &[raw_row, rs_row], &why);
+        return;
+    }
+    // The candidates: ours, raw, and userfaultfd-rs where it is built.
+    let imps = [
+        Imp::Ours,
+        Imp::Raw,
+        #[cfg(feature = "bench-userfaultfd-rs")]
+        Imp::Rs,
+    ];
+    let baselines = [
+        raw_row,
+        #[cfg(feature = "bench-userfaultfd-rs")]
+        rs_row,
+    ];
+    let mut lats = vec![Vec::new(); imps.len()];
+    let mut passes: Vec<_> = imps
+        .iter()
+        .zip(&mut lats)
+        .map(|(&imp, lat)| move || pass(imp, setup, wait, handler_cpu, lat))
+        .collect();
+    let mut refs: Vec<&mut dyn FnMut() -> f64> = passes
+        .iter_mut()
+        .map(|f| f as &mut dyn FnMut() -> f64)
+        .collect();
+    let r = harness::interleaved(samples, &mut refs);
+    let verbose = std::env::var_os("GMEM_BENCH_VERBOSE").is_some();
+    if verbose {
+        eprintln!("{case}: passes (µs/fault) {imps:?}: {r:.2?}");
+    }
+    let quantiles = imps
+        .iter()
+        .zip(&lats)
+        .map(|(imp, lat)| {
+            let (p50, p99) = lat_quantiles(lat);
+            format!("{} {p50:.2}/{p99:.2}", imp.label())
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let note = format!(
+        "median of {samples} interleaved passes over {} pages (one fault each, fault-around off; \
+         µs/fault = faulting thread's wall time / faults); faulting thread on CPU 0, handler on \
+         CPU {handler_cpu}; per-fault p50/p99 µs (all passes incl. warm-up): {quantiles}",
+        setup.pages
+    );
+    if verbose {
         eprintln!("  {note}");
     }
-    bench.row(Row {
-        case: case.clone(),
-        baseline: format!("raw libc ({mode} + read + ioctl)"),
-        baseline_value: harness::median(&r[1]),
-        ours: ours_name.clone(),
-        ours_value: harness::median(&r[0]),
-        unit: Unit::UsPerOp,
-        target: Some(Target::min(1.0 / 1.05, "ours <= 1.05x raw")),
-        note: note.clone(),
-    });
-    bench.row(Row {
-        case,
-        baseline: format!("userfaultfd-rs 0.9 ({mode} + read_events + ioctl)"),
-        baseline_value: harness::median(&r[2]),
-        ours: ours_name,
-        ours_value: harness::median(&r[0]),
-        unit: Unit::UsPerOp,
-        target: Some(Target::min(1.0, "ours <= userfaultfd-rs")),
-        note,
-    });
+    bench.rows_vs(&case, &ours_name, Unit::UsPerOp, &baselines, &r, &note);
+    #[cfg(not(feature = "bench-userfaultfd-rs"))]
+    bench.skip_vs(&case, &ours_name, &[rs_row], harness::RS_SKIPPED);
 }

@@ -6,11 +6,15 @@
 //! own object, so none disturbs another's state) and restores the state
 //! outside the timed part; the candidates' samples are interleaved and the
 //! median is reported in ns per operation.
+//!
+//! The userfaultfd-rs rows need feature `bench-userfaultfd-rs` (libclang at
+//! build time); without it they are reported as skipped, as is every row
+//! this host cannot run (no guest_memfd, no userfaultfd).
 
 #[path = "harness/mod.rs"]
 mod harness;
 
-use harness::{Bench, Map, Row, Target, Unit, raw};
+use harness::{Bench, Map, Target, Unit, raw};
 use kvm_gmem::{GuestMemfd, GuestMemfdFlags};
 use kvm_gmem_sys as sys;
 use std::os::fd::AsRawFd;
@@ -27,6 +31,22 @@ fn target_crate(name: &str) -> Target {
     Target::min(1.0, format!("ours <= {name}"))
 }
 
+/// A userfaultfd case's baselines: their names and goals.
+fn uffd_baselines(rs_name: &str) -> [(String, Target); 2] {
+    [
+        ("raw libc ioctl".into(), target_raw()),
+        (rs_name.into(), target_crate("userfaultfd-rs")),
+    ]
+}
+
+const CONTINUE_CASE: &str = "UFFDIO_CONTINUE one 4 KiB shmem page (MINOR)";
+const CONTINUE_OURS: &str = "Uffd::continue";
+const CONTINUE_RS: &str = "userfaultfd-rs Uffd::continue (feature linux5_13)";
+const COPY_CASE: &str = "UFFDIO_COPY one 4 KiB anonymous page (MISSING)";
+const COPY_OURS: &str = "Uffd::copy";
+const COPY_RS: &str = "userfaultfd-rs Uffd::copy";
+
+#[cfg(feature = "bench-userfaultfd-rs")]
 fn rs_uffd(features: u64) -> userfaultfd::Uffd {
     userfaultfd::UffdBuilder::new()
         .close_on_exec(true)
@@ -45,12 +65,9 @@ fn ours_uffd(features: Features) -> Uffd {
         .expect("uffd-gmem: Uffd::builder().create()")
 }
 
-fn median_of(v: &[f64]) -> f64 {
-    harness::median(v)
-}
-
 fn main() {
     let mut bench = Bench::new("overhead");
+    #[cfg(feature = "bench-userfaultfd-rs")]
     bench.note(
         "userfaultfd-rs 0.9 has UFFDIO_CONTINUE and MINOR registration behind its linux5_13 \
          feature (enabled here); its FeatureFlags do not name MINOR_SHMEM, which is passed with \
@@ -63,8 +80,18 @@ fn main() {
     let samples = harness::size(101, 5);
     let batch = harness::size(1024, 256);
     gmem_cases(&mut bench, samples);
-    uffd_continue(&mut bench, samples, batch);
-    uffd_copy(&mut bench, samples, batch);
+    match harness::userfaultfd() {
+        Ok(()) => {
+            uffd_continue(&mut bench, samples, batch);
+            uffd_copy(&mut bench, samples, batch);
+        }
+        Err(why) => {
+            let b = uffd_baselines(CONTINUE_RS);
+            bench.skip_vs(CONTINUE_CASE, CONTINUE_OURS, &b, &why);
+            let b = uffd_baselines(COPY_RS);
+            bench.skip_vs(COPY_CASE, COPY_OURS, &b, &why);
+        }
+    }
     bench.finish();
 }
 
@@ -73,22 +100,34 @@ fn main() {
 // ---------------------------------------------------------------------------
 
 fn gmem_cases(bench: &mut Bench, samples: usize) {
-    let kvm = match kvm_ioctls::Kvm::new() {
-        Ok(k) => k,
-        Err(e) => {
-            bench.note(format!(
-                "guest_memfd cases skipped: /dev/kvm cannot be opened ({e})"
-            ));
+    const CREATE_OURS: &str = "GuestMemfd::builder().create() + drop";
+    const PUNCH_CASE: &str = "punch a 4 KiB hole in a guest_memfd";
+    const PUNCH_OURS: &str = "GuestMemfd::punch_hole";
+    let create_baselines: [(String, Target); 3] = [
+        (
+            "raw libc ioctl + fcntl(FD_CLOEXEC) + close".into(),
+            target_raw(),
+        ),
+        ("raw libc ioctl + close".into(), target_raw()),
+        (
+            "kvm-ioctls VmFd::create_guest_memfd + close".into(),
+            target_crate("kvm-ioctls"),
+        ),
+    ];
+    let punch_baselines: [(String, Target); 1] = [(
+        "raw libc fallocate(PUNCH_HOLE|KEEP_SIZE)".into(),
+        target_raw(),
+    )];
+    let (vm, supported) = match harness::gmem_vm(GuestMemfdFlags::empty()) {
+        Ok(v) => v,
+        Err(why) => {
+            let create = "create + close a guest_memfd (2 MiB)";
+            bench.skip_vs(create, CREATE_OURS, &create_baselines, &why);
+            bench.skip_vs(PUNCH_CASE, PUNCH_OURS, &punch_baselines, &why);
             return;
         }
     };
-    let vm = kvm.create_vm().expect("kvm-ioctls: KVM_CREATE_VM");
     let vm_fd = kvm_gmem::interop::vm_fd(&vm);
-    if kvm_gmem::check_extension(&vm_fd, kvm_gmem::Cap::GUEST_MEMFD).unwrap_or(0) <= 0 {
-        bench.note("guest_memfd cases skipped: KVM_CAP_GUEST_MEMFD = 0 on a default VM");
-        return;
-    }
-    let supported = kvm_gmem::supported_flags(&vm_fd).expect("KVM_CAP_GUEST_MEMFD_FLAGS");
     let want = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
     let flags = if supported.contains(want) {
         want
@@ -163,7 +202,7 @@ fn gmem_cases(bench: &mut Bench, samples: usize) {
     };
     let r = harness::interleaved(
         samples,
-        &mut [&mut ours, &mut raw, &mut kvmi, &mut raw_cloexec],
+        &mut [&mut ours, &mut raw_cloexec, &mut raw, &mut kvmi],
     );
     let case = format!("create + close a guest_memfd (2 MiB, {flags})");
     let note = format!(
@@ -172,36 +211,14 @@ fn gmem_cases(bench: &mut Bench, samples: usize) {
          kvm-ioctls and the plain raw call leave it inheritable across exec), and asks the \
          capabilities only when the kernel refuses"
     );
-    bench.row(Row {
-        case: case.clone(),
-        baseline: "raw libc ioctl + fcntl(FD_CLOEXEC) + close".into(),
-        baseline_value: median_of(&r[3]),
-        ours: "GuestMemfd::builder().create() + drop".into(),
-        ours_value: median_of(&r[0]),
-        unit: Unit::NsPerOp,
-        target: Some(target_raw()),
-        note: note.clone(),
-    });
-    bench.row(Row {
-        case: case.clone(),
-        baseline: "raw libc ioctl + close".into(),
-        baseline_value: median_of(&r[1]),
-        ours: "GuestMemfd::builder().create() + drop".into(),
-        ours_value: median_of(&r[0]),
-        unit: Unit::NsPerOp,
-        target: Some(target_raw()),
-        note: note.clone(),
-    });
-    bench.row(Row {
-        case,
-        baseline: "kvm-ioctls VmFd::create_guest_memfd + close".into(),
-        baseline_value: median_of(&r[2]),
-        ours: "GuestMemfd::builder().create() + drop".into(),
-        ours_value: median_of(&r[0]),
-        unit: Unit::NsPerOp,
-        target: Some(target_crate("kvm-ioctls")),
-        note,
-    });
+    bench.rows_vs(
+        &case,
+        CREATE_OURS,
+        Unit::NsPerOp,
+        &create_baselines,
+        &r,
+        &note,
+    );
 
     // -- punch a 4 KiB hole -------------------------------------------------
     let pages = harness::size(1024, 256);
@@ -245,20 +262,19 @@ fn gmem_cases(bench: &mut Bench, samples: usize) {
         t.elapsed().as_nanos() as f64 / pages as f64
     };
     let r = harness::interleaved(samples, &mut [&mut ours, &mut raw]);
-    bench.row(Row {
-        case: "punch a 4 KiB hole in a guest_memfd".into(),
-        baseline: "raw libc fallocate(PUNCH_HOLE|KEEP_SIZE)".into(),
-        baseline_value: median_of(&r[1]),
-        ours: "GuestMemfd::punch_hole".into(),
-        ours_value: median_of(&r[0]),
-        unit: Unit::NsPerOp,
-        target: Some(target_raw()),
-        note: format!(
-            "median of {samples} interleaved samples of {pages} distinct allocated pages of one \
-             {flags} guest_memfd (never mapped); refilled with fallocate(KEEP_SIZE) outside the \
-             timed part; kvm-ioctls has no fallocate wrapper"
-        ),
-    });
+    let note = format!(
+        "median of {samples} interleaved samples of {pages} distinct allocated pages of one \
+         {flags} guest_memfd (never mapped); refilled with fallocate(KEEP_SIZE) outside the \
+         timed part; kvm-ioctls has no fallocate wrapper"
+    );
+    bench.rows_vs(
+        PUNCH_CASE,
+        PUNCH_OURS,
+        Unit::NsPerOp,
+        &punch_baselines,
+        &r,
+        &note,
+    );
     drop(gmem);
 }
 
@@ -287,9 +303,9 @@ fn uffd_continue(bench: &mut Bench, samples: usize, pages: usize) {
     {
         Ok(u) => u,
         Err(e) => {
-            bench.note(format!(
-                "UFFDIO_CONTINUE case skipped: no MINOR_SHMEM userfaultfd: {e}"
-            ));
+            let why = format!("no MINOR_SHMEM userfaultfd: {e}");
+            let b = uffd_baselines(CONTINUE_RS);
+            bench.skip_vs(CONTINUE_CASE, CONTINUE_OURS, &b, &why);
             return;
         }
     };
@@ -307,14 +323,18 @@ fn uffd_continue(bench: &mut Bench, samples: usize, pages: usize) {
         sys::UFFDIO_REGISTER_MODE_MINOR,
     );
 
-    let rs_view = Map::new(len, shared, fd.as_raw_fd());
-    let rs = rs_uffd(minor);
-    rs.register_with_mode(
-        rs_view.addr as *mut libc::c_void,
-        len,
-        userfaultfd::RegisterMode::MINOR,
-    )
-    .expect("userfaultfd-rs: register MINOR");
+    #[cfg(feature = "bench-userfaultfd-rs")]
+    let (rs_view, rs) = {
+        let view = Map::new(len, shared, fd.as_raw_fd());
+        let rs = rs_uffd(minor);
+        rs.register_with_mode(
+            view.addr as *mut libc::c_void,
+            len,
+            userfaultfd::RegisterMode::MINOR,
+        )
+        .expect("userfaultfd-rs: register MINOR");
+        (view, rs)
+    };
 
     let mut ours = || {
         ours_view.zap();
@@ -351,6 +371,7 @@ fn uffd_continue(bench: &mut Bench, samples: usize, pages: usize) {
         }
         t.elapsed().as_nanos() as f64 / pages as f64
     };
+    #[cfg(feature = "bench-userfaultfd-rs")]
     let mut rsf = || {
         rs_view.zap();
         let t = Instant::now();
@@ -360,44 +381,38 @@ fn uffd_continue(bench: &mut Bench, samples: usize, pages: usize) {
         }
         t.elapsed().as_nanos() as f64 / pages as f64
     };
-    let r = harness::interleaved(samples, &mut [&mut ours, &mut raw, &mut rsf]);
+    let r = harness::interleaved(
+        samples,
+        &mut [
+            &mut ours,
+            &mut raw,
+            #[cfg(feature = "bench-userfaultfd-rs")]
+            &mut rsf,
+        ],
+    );
     // Every view now maps the page cache: check one word per page.
-    for view in [&ours_view, &raw_view, &rs_view] {
+    for view in [
+        &ours_view,
+        &raw_view,
+        #[cfg(feature = "bench-userfaultfd-rs")]
+        &rs_view,
+    ] {
         for i in (0..pages).step_by(97) {
             // SAFETY: mapped by the last CONTINUE; no Rust reference into it.
             let v = unsafe { std::ptr::read_volatile((view.addr + i * PAGE) as *const u64) };
             assert_eq!(v, i as u64 + 1, "UFFDIO_CONTINUE mapped the wrong page");
         }
     }
-    let case = "UFFDIO_CONTINUE one 4 KiB shmem page (MINOR)";
     let note = format!(
         "median of {samples} interleaved samples of {pages} distinct pages, one ioctl each (wake \
          on); each candidate has its own view of one memfd whose page cache is populated; PTEs \
          zapped with MADV_DONTNEED outside the timed part"
     );
-    bench.row(Row {
-        case: case.into(),
-        baseline: "raw libc ioctl".into(),
-        baseline_value: median_of(&r[1]),
-        ours: "Uffd::continue".into(),
-        ours_value: median_of(&r[0]),
-        unit: Unit::NsPerOp,
-        target: Some(target_raw()),
-        note: note.clone(),
-    });
-    bench.row(Row {
-        case: case.into(),
-        baseline: "userfaultfd-rs Uffd::continue (feature linux5_13)".into(),
-        baseline_value: median_of(&r[2]),
-        ours: "Uffd::continue".into(),
-        ours_value: median_of(&r[0]),
-        unit: Unit::NsPerOp,
-        target: Some(target_crate("userfaultfd-rs")),
-        note,
-    });
+    measured_rows(bench, CONTINUE_CASE, CONTINUE_OURS, CONTINUE_RS, &r, &note);
     // The userfaultfds go before their views.
     drop(ours_uffd);
     drop(raw_fd);
+    #[cfg(feature = "bench-userfaultfd-rs")]
     drop(rs);
 }
 
@@ -426,10 +441,14 @@ fn uffd_copy(bench: &mut Bench, samples: usize, pages: usize) {
         sys::UFFDIO_REGISTER_MODE_MISSING,
     );
 
-    let rs_dst = Map::anon(len);
-    let rs = rs_uffd(0);
-    rs.register(rs_dst.addr as *mut libc::c_void, len)
-        .expect("userfaultfd-rs: register MISSING");
+    #[cfg(feature = "bench-userfaultfd-rs")]
+    let (rs_dst, rs) = {
+        let dst = Map::anon(len);
+        let rs = rs_uffd(0);
+        rs.register(dst.addr as *mut libc::c_void, len)
+            .expect("userfaultfd-rs: register MISSING");
+        (dst, rs)
+    };
 
     let mut ours = || {
         ours_dst.zap();
@@ -470,6 +489,7 @@ fn uffd_copy(bench: &mut Bench, samples: usize, pages: usize) {
         }
         t.elapsed().as_nanos() as f64 / pages as f64
     };
+    #[cfg(feature = "bench-userfaultfd-rs")]
     let mut rsf = || {
         rs_dst.zap();
         let t = Instant::now();
@@ -488,41 +508,49 @@ fn uffd_copy(bench: &mut Bench, samples: usize, pages: usize) {
         }
         t.elapsed().as_nanos() as f64 / pages as f64
     };
-    let r = harness::interleaved(samples, &mut [&mut ours, &mut raw, &mut rsf]);
-    for dst in [&ours_dst, &raw_dst, &rs_dst] {
+    let r = harness::interleaved(
+        samples,
+        &mut [
+            &mut ours,
+            &mut raw,
+            #[cfg(feature = "bench-userfaultfd-rs")]
+            &mut rsf,
+        ],
+    );
+    for dst in [
+        &ours_dst,
+        &raw_dst,
+        #[cfg(feature = "bench-userfaultfd-rs")]
+        &rs_dst,
+    ] {
         for i in (0..pages).step_by(97) {
             // SAFETY: filled by the last COPY; no Rust reference into it.
             let v = unsafe { std::ptr::read_volatile((dst.addr + i * PAGE + 8) as *const u8) };
             assert_eq!(v, src[i * PAGE + 8], "UFFDIO_COPY copied the wrong bytes");
         }
     }
-    let case = "UFFDIO_COPY one 4 KiB anonymous page (MISSING)";
     let note = format!(
         "median of {samples} interleaved samples of {pages} distinct pages, one ioctl each (wake \
          on); each candidate has its own anonymous mapping (THP off); pages freed with \
          MADV_DONTNEED outside the timed part"
     );
-    bench.row(Row {
-        case: case.into(),
-        baseline: "raw libc ioctl".into(),
-        baseline_value: median_of(&r[1]),
-        ours: "Uffd::copy".into(),
-        ours_value: median_of(&r[0]),
-        unit: Unit::NsPerOp,
-        target: Some(target_raw()),
-        note: note.clone(),
-    });
-    bench.row(Row {
-        case: case.into(),
-        baseline: "userfaultfd-rs Uffd::copy".into(),
-        baseline_value: median_of(&r[2]),
-        ours: "Uffd::copy".into(),
-        ours_value: median_of(&r[0]),
-        unit: Unit::NsPerOp,
-        target: Some(target_crate("userfaultfd-rs")),
-        note,
-    });
+    measured_rows(bench, COPY_CASE, COPY_OURS, COPY_RS, &r, &note);
     drop(ours_uffd);
     drop(raw_fd);
+    #[cfg(feature = "bench-userfaultfd-rs")]
     drop(rs);
+}
+
+/// The rows of a userfaultfd case measured as `[ours, raw, userfaultfd-rs]`
+/// (the last only with feature `bench-userfaultfd-rs`; skipped without it).
+fn measured_rows(bench: &mut Bench, case: &str, ours: &str, rs: &str, r: &[Vec<f64>], note: &str) {
+    let [raw, rs] = uffd_baselines(rs);
+    let measured = [
+        raw,
+        #[cfg(feature = "bench-userfaultfd-rs")]
+        rs,
+    ];
+    bench.rows_vs(case, ours, Unit::NsPerOp, &measured, r, note);
+    #[cfg(not(feature = "bench-userfaultfd-rs"))]
+    bench.skip_vs(case, ours, &[rs], harness::RS_SKIPPED);
 }

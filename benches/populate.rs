@@ -17,15 +17,19 @@
 //! GB/s (10^9 bytes/s), the notes the best. After every run a sample of the
 //! destination (4 pages per MiB: the first and three pseudo-random ones,
 //! whole pages) is compared with the source, so nothing is faked.
+//!
+//! On a host without guest_memfd (or without `MMAP | INIT_SHARED`) every
+//! guest_memfd row is reported as skipped with the reason; the `pwrite`
+//! stand-in and the bound still run (their own row compares them).
 
 #[path = "harness/mod.rs"]
 mod harness;
 
-use harness::{Bench, Row, Target, Unit, gbps, interleaved, median};
+use harness::{Bench, Row, Target, Unit, gbps, interleaved, max, median};
 use kvm_gmem::populate::{Populate, Report, Source, Strategy};
-use kvm_gmem::{GuestMemfd, Kvm, Vm, VmType, share};
+use kvm_gmem::{GuestMemfd, GuestMemfdFlags, share};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -45,118 +49,14 @@ fn main() {
     let samples = harness::size(5, 2);
     let mut bench = Bench::new("populate");
 
-    let kvm = Kvm::open().expect("open /dev/kvm (the bench needs KVM, run as root)");
-    let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
     let src = Anon::new(size as usize);
     fill_pattern(src.bytes_mut());
     let src_bytes = src.bytes();
     let bound_dst = Anon::new(size as usize);
     // Pre-fault the bound's destination (write every page).
     bound_dst.bytes_mut().fill(1);
-    let mut child = PopulatorChild::spawn(size);
 
-    let mut auto_report: Option<Report> = None;
-    let mut mc1_report: Option<Report> = None;
-    let mut mc2_report: Option<Report> = None;
-    let mut child_reports: Vec<String> = Vec::new();
-    // (Mapping::copy_from, memcpy) GB/s into already populated pages.
-    let mut copy_step: (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
-
-    let mut raw = || {
-        let g = fresh(&vm, size);
-        let t = Instant::now();
-        raw_mmap_memcpy(&g, src_bytes);
-        let d = t.elapsed();
-        verify("raw mmap + memcpy", &g, src_bytes, d.as_nanos() as u64);
-        gbps(size, d)
-    };
-    let mut mmap_copy_1 = || {
-        let g = fresh(&vm, size);
-        let t = Instant::now();
-        let r = Populate::new(&vm, &g)
-            .strategy(Strategy::MmapCopy)
-            .threads(1)
-            .run(0..size, Source::bytes(src_bytes))
-            .expect("Populate MmapCopy, 1 thread");
-        let d = t.elapsed();
-        verify("MmapCopy 1 thread", &g, src_bytes, d.as_nanos() as u64);
-        mc1_report = Some(r);
-        gbps(size, d)
-    };
-    let mut mmap_copy_2 = || {
-        let g = fresh(&vm, size);
-        let t = Instant::now();
-        let r = Populate::new(&vm, &g)
-            .strategy(Strategy::MmapCopy)
-            .threads(2)
-            .run(0..size, Source::bytes(src_bytes))
-            .expect("Populate MmapCopy, 2 threads");
-        let d = t.elapsed();
-        verify("MmapCopy 2 threads", &g, src_bytes, d.as_nanos() as u64);
-        mc2_report = Some(r);
-        gbps(size, d)
-    };
-    let mut auto = || {
-        let g = fresh(&vm, size);
-        let t = Instant::now();
-        // The default, as a VMM calls it: every strategy eligible (the VM
-        // and the memslot's base given, so the RFC ioctl is probed too).
-        let r = Populate::new(&vm, &g)
-            .gpa_base(0)
-            .run(0..size, Source::bytes(src_bytes))
-            .expect("Populate Auto");
-        let d = t.elapsed();
-        verify("Auto", &g, src_bytes, d.as_nanos() as u64);
-        auto_report = Some(r);
-        gbps(size, d)
-    };
-    let mut populate_write = || {
-        let g = fresh(&vm, size);
-        let t = Instant::now();
-        let map = g.map().expect("map");
-        map.populate_write(0, size as usize)
-            .expect("MADV_POPULATE_WRITE");
-        map.copy_from(0, src_bytes).expect("copy_from");
-        drop(map);
-        let d = t.elapsed();
-        verify(
-            "populate_write + copy_from",
-            &g,
-            src_bytes,
-            d.as_nanos() as u64,
-        );
-        // The copy step alone, into the now populated guest_memfd: ours'
-        // volatile copy against libc memcpy, through one mapping.
-        let map = g.map().expect("map");
-        // SAFETY: touches every page so that neither copy below faults.
-        let r = unsafe {
-            libc::madvise(
-                map.as_ptr().cast(),
-                size as usize,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        assert_eq!(r, 0, "MADV_POPULATE_WRITE");
-        let t = Instant::now();
-        map.copy_from(0, src_bytes).expect("copy_from");
-        copy_step.0.push(gbps(size, t.elapsed()));
-        let t = Instant::now();
-        // SAFETY: the mapping holds `size` writable bytes of a guest_memfd
-        // with MMAP|INIT_SHARED that nothing else uses; `src` does not
-        // overlap it.
-        unsafe { std::ptr::copy_nonoverlapping(src_bytes.as_ptr(), map.as_ptr(), size as usize) };
-        copy_step.1.push(gbps(size, t.elapsed()));
-        drop(map);
-        verify("copy step", &g, src_bytes, d.as_nanos() as u64 ^ 1);
-        gbps(size, d)
-    };
-    let mut separate = || {
-        let g = fresh(&vm, size);
-        let (d, line) = child.populate(&g);
-        verify("separate process", &g, src_bytes, d.as_nanos() as u64);
-        child_reports.push(line);
-        gbps(size, d)
-    };
+    // The candidates that need no guest_memfd: they run on every host.
     let mut shmem_pwrite = || {
         let fd = harness::raw::memfd(size);
         let t = Instant::now();
@@ -173,192 +73,399 @@ fn main() {
         assert!(bound_dst.bytes()[..PAGE] == src_bytes[..PAGE]);
         gbps(size, d)
     };
-
-    let v = interleaved(
-        samples,
-        &mut [
-            &mut raw,
-            &mut mmap_copy_1,
-            &mut mmap_copy_2,
-            &mut auto,
-            &mut populate_write,
-            &mut separate,
-            &mut shmem_pwrite,
-            &mut bound,
-        ],
-    );
-    let [raw_v, mc1_v, mc2_v, auto_v, pw_v, sep_v, shm_v, bound_v] = &v[..] else {
-        unreachable!()
+    let need = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    let (gmem, shm_v, bound_v) = match harness::gmem_vm(need) {
+        Ok((vm, _)) => {
+            let vm = kvm_gmem::interop::vm_fd(&vm);
+            let (g, [shm, bound]) = GmemRuns::measure(
+                &vm,
+                size,
+                samples,
+                src_bytes,
+                [&mut shmem_pwrite, &mut bound],
+            );
+            (Ok(g), shm, bound)
+        }
+        Err(why) => {
+            let v = interleaved(samples, &mut [&mut shmem_pwrite, &mut bound]);
+            (Err(why), v[0].clone(), v[1].clone())
+        }
     };
-    child.finish();
 
-    let best = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
     // Rows give the best run (bandwidth: the other jobs on the 2 CPUs only
     // ever slow a run down), notes the median.
-    let (raw_m, bound_m) = (best(raw_v), best(bound_v));
+    let bound_m = max(&bound_v);
     let mib = size >> 20;
     let case = |what: &str| format!("populate {mib} MiB: {what}");
-    let baseline = "raw libc mmap + memcpy, 1 thread";
     let frac = |m: f64| format!("{:.0}% of the memcpy bound", 100.0 * m / bound_m);
-    let stats = |v: &[f64]| {
+    let stats = |g: &GmemRuns, v: &[f64]| {
         format!(
             "best of {} runs (median {:.3} GB/s, baseline median {:.3}); {}",
             v.len(),
             median(v),
-            median(raw_v),
-            frac(best(v))
+            median(&g.raw),
+            frac(max(v))
         )
     };
-    let describe = |r: &Option<Report>| {
-        r.as_ref().map_or_else(
-            || "no report".to_string(),
-            |r| {
-                let tried = r
-                    .tried
-                    .iter()
-                    .map(|(s, why)| format!("{s:?} skipped: {why}"))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                format!(
-                    "ran {:?} on {} thread(s){}",
-                    r.strategy,
-                    r.threads,
-                    if tried.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" [{tried}]")
-                    }
-                )
-            },
-        )
-    };
-    let row = |bench: &mut Bench, what: &str, ours: &str, v: &[f64], target, note: String| {
-        bench.row(Row {
+    // One row, or its skip where this host has no guest_memfd: `got` is the
+    // baseline's value, ours and the note.
+    let row = |bench: &mut Bench,
+               what: &str,
+               baseline: &str,
+               ours: &str,
+               target: Option<Target>,
+               got: Result<(f64, f64, String), &String>| match got {
+        Ok((baseline_value, ours_value, note)) => bench.row(Row {
             case: case(what),
             baseline: baseline.into(),
-            baseline_value: raw_m,
+            baseline_value,
             ours: ours.into(),
-            ours_value: best(v),
+            ours_value,
             unit: Unit::GBps,
             target,
             note,
-        });
+        }),
+        Err(why) => bench.skip(case(what), baseline, ours, why.as_str()),
     };
-
+    let g = gmem.as_ref();
     row(
         &mut bench,
         "MmapCopy, 1 thread",
+        RAW,
         "Populate MmapCopy threads(1)",
-        mc1_v,
         None,
-        format!(
-            "{}; {}; fallocate + MADV_POPULATE_READ per 4 MiB batch, then a volatile copy",
-            describe(&mc1_report),
-            stats(mc1_v)
-        ),
+        g.map(|g| {
+            let note = format!(
+                "{}; {}; fallocate + MADV_POPULATE_READ per 4 MiB batch, then a volatile copy",
+                describe(&g.mc1_report),
+                stats(g, &g.mc1)
+            );
+            (max(&g.raw), max(&g.mc1), note)
+        }),
     );
     row(
         &mut bench,
         "MmapCopy, 2 threads",
+        RAW,
         "Populate MmapCopy threads(2)",
-        mc2_v,
         None,
-        format!("{}; {}", describe(&mc2_report), stats(mc2_v)),
+        g.map(|g| {
+            let note = format!("{}; {}", describe(&g.mc2_report), stats(g, &g.mc2));
+            (max(&g.raw), max(&g.mc2), note)
+        }),
     );
     row(
         &mut bench,
         "default (Strategy::Auto)",
+        RAW,
         "Populate::new(vm).gpa_base(0) Auto",
-        auto_v,
         Some(Target::min(2.0, "default >= 2x raw mmap+memcpy")),
-        format!(
-            "{}; {}; Auto's MmapCopy pre-faults each 4 MiB batch with fallocate(KEEP_SIZE) + \
-             MADV_POPULATE_READ (no separate MADV_POPULATE_WRITE strategy in Populate)",
-            describe(&auto_report),
-            stats(auto_v)
-        ),
+        g.map(|g| {
+            let note = format!(
+                "{}; {}; Auto's MmapCopy pre-faults each 4 MiB batch with fallocate(KEEP_SIZE) + \
+                 MADV_POPULATE_READ (no separate MADV_POPULATE_WRITE strategy in Populate)",
+                describe(&g.auto_report),
+                stats(g, &g.auto)
+            );
+            (max(&g.raw), max(&g.auto), note)
+        }),
     );
     row(
         &mut bench,
         "MADV_POPULATE_WRITE, then copy",
+        RAW,
         "Mapping::populate_write + copy_from",
-        pw_v,
         None,
-        format!(
-            "kvm-gmem's Mapping API, 1 thread: one MADV_POPULATE_WRITE over the whole range, \
-             then one volatile copy; {}",
-            stats(pw_v)
-        ),
+        g.map(|g| {
+            let note = format!(
+                "kvm-gmem's Mapping API, 1 thread: one MADV_POPULATE_WRITE over the whole range, \
+                 then one volatile copy; {}",
+                stats(g, &g.populate_write)
+            );
+            (max(&g.raw), max(&g.populate_write), note)
+        }),
     );
-    let child_line = child_reports.last().cloned().unwrap_or_default();
     row(
         &mut bench,
         "separate process (share::send + detached)",
+        RAW,
         "Populate::detached in a child",
-        sep_v,
         None,
-        format!(
-            "time from share::send to the child's done message (recv, checks, populate, \
-             reply); child reported: {child_line}; {}",
-            stats(sep_v)
-        ),
+        g.map(|g| {
+            let note = format!(
+                "time from share::send to the child's done message (recv, checks, populate, \
+                 reply); child reported: {}; {}",
+                g.child_line,
+                stats(g, &g.separate)
+            );
+            (max(&g.raw), max(&g.separate), note)
+        }),
     );
     row(
         &mut bench,
         "write() stand-in: pwrite into shmem memfd",
-        "pwrite 1 MiB chunks, shmem memfd, 1 thread",
-        shm_v,
+        RAW,
+        PWRITE,
         None,
-        format!(
-            "stand-in for Strategy::Write (this kernel has no guest_memfd write()): a fresh \
-             memfd per run, pwrite in 1 MiB chunks; the baseline is still the guest_memfd \
-             mmap + memcpy; {}",
-            stats(shm_v)
-        ),
+        g.map(|g| {
+            let note = format!(
+                "stand-in for Strategy::Write (this kernel has no guest_memfd write()): a fresh \
+                 memfd per run, pwrite in 1 MiB chunks; the baseline is still the guest_memfd \
+                 mmap + memcpy; {}",
+                stats(g, &shm_v)
+            );
+            (max(&g.raw), max(&shm_v), note)
+        }),
+    );
+    row(
+        &mut bench,
+        "default vs memcpy bound",
+        BOUND,
+        "Populate Auto",
+        None,
+        g.map(|g| {
+            let note = format!(
+                "speed-up = fraction of the bound (the copy alone, no page allocation or fault); \
+                 best of {} (bound median {:.3} GB/s, Auto median {:.3}); the raw baseline is {}",
+                bound_v.len(),
+                median(&bound_v),
+                median(&g.auto),
+                frac(max(&g.raw))
+            );
+            (bound_m, max(&g.auto), note)
+        }),
+    );
+    row(
+        &mut bench,
+        "copy step alone (pages already mapped)",
+        "libc memcpy through the mapping",
+        "Mapping::copy_from (volatile 8-byte stores)",
+        None,
+        g.map(|g| {
+            let (vol, mc) = &g.copy_step;
+            let note = format!(
+                "diagnostic: the copy MmapCopy does after pre-faulting, into a guest_memfd whose \
+                 pages are all mapped (no faults), best of {} (medians {:.3} vs {:.3} GB/s)",
+                vol.len(),
+                median(vol),
+                median(mc)
+            );
+            (max(mc), max(vol), note)
+        }),
     );
     bench.row(Row {
-        case: case("default vs memcpy bound"),
-        baseline: "memcpy into pre-faulted anonymous memory, 1 thread".into(),
+        case: case("write() stand-in vs memcpy bound"),
+        baseline: BOUND.into(),
         baseline_value: bound_m,
-        ours: "Populate Auto".into(),
-        ours_value: best(auto_v),
+        ours: PWRITE.into(),
+        ours_value: max(&shm_v),
         unit: Unit::GBps,
         target: None,
         note: format!(
-            "speed-up = fraction of the bound (the copy alone, no page allocation or fault); \
-             best of {} (bound median {:.3} GB/s, Auto median {:.3}); the raw baseline is {}",
-            bound_v.len(),
-            median(bound_v),
-            median(auto_v),
-            frac(raw_m)
-        ),
-    });
-    // The warm-up round's values are not samples.
-    let (vol, mc) = (&copy_step.0[1..], &copy_step.1[1..]);
-    bench.row(Row {
-        case: case("copy step alone (pages already mapped)"),
-        baseline: "libc memcpy through the mapping".into(),
-        baseline_value: best(mc),
-        ours: "Mapping::copy_from (volatile 8-byte stores)".into(),
-        ours_value: best(vol),
-        unit: Unit::GBps,
-        target: None,
-        note: format!(
-            "diagnostic: the copy MmapCopy does after pre-faulting, into a guest_memfd whose \
-             pages are all mapped (no faults), best of {} (medians {:.3} vs {:.3} GB/s)",
-            vol.len(),
-            median(vol),
-            median(mc)
+            "needs no guest_memfd, so it runs on every host: speed-up = fraction of the bound; a \
+             fresh shmem memfd per run, pwrite in 1 MiB chunks; best of {} (medians {:.3} vs \
+             {:.3} GB/s)",
+            shm_v.len(),
+            median(&shm_v),
+            median(&bound_v)
         ),
     });
     bench.note(format!(
-        "populate: every run creates a fresh {mib} MiB guest_memfd (MMAP|INIT_SHARED); the source \
-         is a pre-faulted anonymous buffer with a per-word pattern; after each run 4 whole pages \
-         per MiB are compared with the source; candidates interleaved, {samples} rounds after a \
-         warm-up; rows give the best run, notes the median: the machine's 2 CPUs are shared with \
-         other developers' jobs, which only ever slow a run down, so medians are noisy"
+        "populate: every run creates a fresh {mib} MiB guest_memfd (MMAP|INIT_SHARED) or shmem \
+         memfd; the source is a pre-faulted anonymous buffer with a per-word pattern; after each \
+         run 4 whole pages per MiB are compared with the source; candidates interleaved, \
+         {samples} rounds after a warm-up; rows give the best run, notes the median: the \
+         machine's 2 CPUs are shared with other developers' jobs, which only ever slow a run \
+         down, so medians are noisy"
     ));
     bench.finish();
+}
+
+const RAW: &str = "raw libc mmap + memcpy, 1 thread";
+const BOUND: &str = "memcpy into pre-faulted anonymous memory, 1 thread";
+const PWRITE: &str = "pwrite 1 MiB chunks, shmem memfd, 1 thread";
+
+/// The guest_memfd candidates' samples (GB/s, one per run) and what they
+/// reported.
+struct GmemRuns {
+    raw: Vec<f64>,
+    mc1: Vec<f64>,
+    mc2: Vec<f64>,
+    auto: Vec<f64>,
+    populate_write: Vec<f64>,
+    separate: Vec<f64>,
+    /// (Mapping::copy_from, memcpy) GB/s into already populated pages,
+    /// without the warm-up round.
+    copy_step: (Vec<f64>, Vec<f64>),
+    mc1_report: Option<Report>,
+    mc2_report: Option<Report>,
+    auto_report: Option<Report>,
+    /// The child's last report.
+    child_line: String,
+}
+
+impl GmemRuns {
+    /// Runs the guest_memfd candidates on `vm` interleaved with `others`
+    /// (the candidates every host runs); returns theirs and the others'
+    /// samples.
+    fn measure(
+        vm: &impl AsFd,
+        size: u64,
+        samples: usize,
+        src_bytes: &[u8],
+        others: [&mut dyn FnMut() -> f64; 2],
+    ) -> (GmemRuns, [Vec<f64>; 2]) {
+        let mut child = PopulatorChild::spawn(size);
+        let mut auto_report: Option<Report> = None;
+        let mut mc1_report: Option<Report> = None;
+        let mut mc2_report: Option<Report> = None;
+        let mut child_reports: Vec<String> = Vec::new();
+        let mut copy_step: (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+
+        let mut raw = || {
+            let g = fresh(vm, size);
+            let t = Instant::now();
+            raw_mmap_memcpy(&g, src_bytes);
+            let d = t.elapsed();
+            verify("raw mmap + memcpy", &g, src_bytes, d.as_nanos() as u64);
+            gbps(size, d)
+        };
+        let mmap_copy = |threads: usize, report: &mut Option<Report>| {
+            let g = fresh(vm, size);
+            let t = Instant::now();
+            let r = Populate::new(vm, &g)
+                .strategy(Strategy::MmapCopy)
+                .threads(threads)
+                .run(0..size, Source::bytes(src_bytes))
+                .expect("Populate MmapCopy");
+            let d = t.elapsed();
+            verify("MmapCopy", &g, src_bytes, d.as_nanos() as u64);
+            *report = Some(r);
+            gbps(size, d)
+        };
+        let mut mmap_copy_1 = || mmap_copy(1, &mut mc1_report);
+        let mut mmap_copy_2 = || mmap_copy(2, &mut mc2_report);
+        let mut auto = || {
+            let g = fresh(vm, size);
+            let t = Instant::now();
+            // The default, as a VMM calls it: every strategy eligible (the
+            // VM and the memslot's base given, so the RFC ioctl is probed
+            // too).
+            let r = Populate::new(vm, &g)
+                .gpa_base(0)
+                .run(0..size, Source::bytes(src_bytes))
+                .expect("Populate Auto");
+            let d = t.elapsed();
+            verify("Auto", &g, src_bytes, d.as_nanos() as u64);
+            auto_report = Some(r);
+            gbps(size, d)
+        };
+        let mut populate_write = || {
+            let g = fresh(vm, size);
+            let t = Instant::now();
+            let map = g.map().expect("map");
+            map.populate_write(0, size as usize)
+                .expect("MADV_POPULATE_WRITE");
+            map.copy_from(0, src_bytes).expect("copy_from");
+            drop(map);
+            let d = t.elapsed();
+            verify(
+                "populate_write + copy_from",
+                &g,
+                src_bytes,
+                d.as_nanos() as u64,
+            );
+            // The copy step alone, into the now populated guest_memfd: ours'
+            // volatile copy against libc memcpy, through one mapping.
+            let map = g.map().expect("map");
+            // SAFETY: touches every page so that neither copy below faults.
+            let r = unsafe {
+                libc::madvise(
+                    map.as_ptr().cast(),
+                    size as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            assert_eq!(r, 0, "MADV_POPULATE_WRITE");
+            let t = Instant::now();
+            map.copy_from(0, src_bytes).expect("copy_from");
+            copy_step.0.push(gbps(size, t.elapsed()));
+            let t = Instant::now();
+            // SAFETY: the mapping holds `size` writable bytes of a
+            // guest_memfd with MMAP|INIT_SHARED that nothing else uses;
+            // `src` does not overlap it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src_bytes.as_ptr(), map.as_ptr(), size as usize)
+            };
+            copy_step.1.push(gbps(size, t.elapsed()));
+            drop(map);
+            verify("copy step", &g, src_bytes, d.as_nanos() as u64 ^ 1);
+            gbps(size, d)
+        };
+        let mut separate = || {
+            let g = fresh(vm, size);
+            let (d, line) = child.populate(&g);
+            verify("separate process", &g, src_bytes, d.as_nanos() as u64);
+            child_reports.push(line);
+            gbps(size, d)
+        };
+        let [shmem_pwrite, bound] = others;
+        let v = interleaved(
+            samples,
+            &mut [
+                &mut raw,
+                &mut mmap_copy_1,
+                &mut mmap_copy_2,
+                &mut auto,
+                &mut populate_write,
+                &mut separate,
+                shmem_pwrite,
+                bound,
+            ],
+        );
+        child.finish();
+        let [raw, mc1, mc2, auto, populate_write, separate, shm, bound]: [Vec<f64>; 8] =
+            v.try_into().expect("8 candidates");
+        // The warm-up round's values are not samples.
+        let copy_step = (copy_step.0.split_off(1), copy_step.1.split_off(1));
+        let runs = GmemRuns {
+            raw,
+            mc1,
+            mc2,
+            auto,
+            populate_write,
+            separate,
+            copy_step,
+            mc1_report,
+            mc2_report,
+            auto_report,
+            child_line: child_reports.pop().unwrap_or_default(),
+        };
+        (runs, [shm, bound])
+    }
+}
+
+/// What `Populate` reported: the strategy that ran and why others did not.
+fn describe(r: &Option<Report>) -> String {
+    let Some(r) = r else {
+        return "no report".into();
+    };
+    let tried = r
+        .tried
+        .iter()
+        .map(|(s, why)| format!("{s:?} skipped: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!(
+        "ran {:?} on {} thread(s){}",
+        r.strategy,
+        r.threads,
+        if tried.is_empty() {
+            String::new()
+        } else {
+            format!(" [{tried}]")
+        }
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -428,7 +535,7 @@ fn fill_pattern(buf: &mut [u8]) {
     }
 }
 
-fn fresh(vm: &Vm, size: u64) -> GuestMemfd {
+fn fresh(vm: &impl AsFd, size: u64) -> GuestMemfd {
     GuestMemfd::builder(size)
         .mmap(true)
         .init_shared(true)

@@ -364,28 +364,25 @@ fn main() {
     start_watchdog();
     let mut bench = Bench::new("scaling");
     let per_thread = harness::size(16384, 256);
-    // SAFETY: sysconf takes an integer name and returns an integer.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
-    if Uffd::builder().create().is_err() {
-        bench.note("no userfaultfd on this machine: every case skipped");
-        bench.finish();
-        return;
-    }
-    let skipped: Vec<String> = THREADS
-        .iter()
-        .filter(|&&n| n > cpus)
-        .map(|n| n.to_string())
-        .collect();
-    if !skipped.is_empty() {
-        bench.note(format!(
-            "{} faulting threads skipped: this machine has only {cpus} CPUs; the scaling case \
-             is meant for a 16-core machine (never required in CI)",
-            skipped.join(", ")
-        ));
-    }
+    let cpus = harness::online_cpus();
+    let uffd = harness::userfaultfd();
+    let case = |n: usize| format!("fault throughput, {n} faulting thread(s), MISSING+COPY anon");
     let setups = [Setup::Shared, Setup::PerThread, Setup::Serve];
     let mut points: [Vec<(f64, f64)>; 3] = Default::default();
-    for n in THREADS.into_iter().filter(|&n| n <= cpus) {
+    for n in THREADS {
+        let skip = match &uffd {
+            Err(why) => Some(why.clone()),
+            Ok(()) if n > cpus => Some(format!(
+                "needs {n} CPUs, this host has {cpus} (the case is meant for a 16-core machine)"
+            )),
+            Ok(()) => None,
+        };
+        if let Some(why) = skip {
+            for ours in &setups[1..] {
+                bench.skip(case(n), Setup::Shared.label(), ours.label(), &why);
+            }
+            continue;
+        }
         let mem = Mem::new(n, per_thread);
         let workers = n.min(cpus);
         let mut a = || pass(Setup::Shared, &mem, cpus, workers);
@@ -402,7 +399,6 @@ fn main() {
         for (i, m) in med.iter().enumerate() {
             points[i].push((n as f64, *m));
         }
-        let case = format!("fault throughput, {n} faulting thread(s), MISSING+COPY anon");
         let note = format!(
             "median of {SAMPLES} interleaved passes (after one warm-up round); {n} faulting \
              thread(s) x {per_thread} pages each (disjoint chunks, one 4 KiB UFFDIO_COPY per \
@@ -414,7 +410,7 @@ fn main() {
         );
         for (i, setup) in [(1, Setup::PerThread), (2, Setup::Serve)] {
             bench.row(Row {
-                case: case.clone(),
+                case: case(n),
                 baseline: Setup::Shared.label().into(),
                 baseline_value: med[0],
                 ours: setup.label().into(),

@@ -1,16 +1,22 @@
-//! `gmem-bench-report`: writes `BENCHMARKS.md` and the curves (SVG) from the
-//! benchmarks' JSON records.
+//! `gmem-bench-report`: keeps each host's last full run and writes
+//! `BENCHMARKS.md` and the curves (one SVG per host) from all of them.
 //!
 //! ```text
-//! gmem-bench-report [--results DIR] [--out FILE] [--svg FILE] [--allow-quick]
+//! gmem-bench-report [--results DIR] [--runs DIR] [--out FILE] [--svg-dir DIR] [--allow-quick]
 //! ```
 //!
-//! Defaults: `target/tmp/gmem-bench`, `BENCHMARKS.md`, `docs/bench-curves.svg`
-//! (relative to the current directory; `scripts/bench.sh` runs it from the
-//! repository root). Shrunken (`GMEM_BENCH_QUICK`) records are refused
-//! unless `--allow-quick`: committed numbers come from full runs.
+//! With `--results` (a run's records, e.g. `target/tmp/gmem-bench` after
+//! `cargo bench`), the run is first stored as its host's last run in
+//! `<runs>/<host>/`, replacing only that host's previous one; without it
+//! only the report is rewritten. Defaults: `bench-report/runs`,
+//! `BENCHMARKS.md`, `docs/bench-curves` (relative to the current directory;
+//! `scripts/bench.sh` runs it from the repository root). Shrunken
+//! (`GMEM_BENCH_QUICK`) records are refused unless `--allow-quick`:
+//! committed numbers come from full runs.
 
-use gmem_bench_report::{Record, markdown, order, parse, svg};
+use gmem_bench_report::runs::{self, Run};
+use gmem_bench_report::{markdown, svg};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -25,80 +31,62 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), String> {
-    let mut results = PathBuf::from("target/tmp/gmem-bench");
+    let mut results: Option<PathBuf> = None;
+    let mut runs_dir = PathBuf::from("bench-report/runs");
     let mut out = PathBuf::from("BENCHMARKS.md");
-    let mut svg_path = PathBuf::from("docs/bench-curves.svg");
+    let mut svg_dir = PathBuf::from("docs/bench-curves");
     let mut allow_quick = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
         match a.as_str() {
-            "--results" => results = value("--results")?.into(),
+            "--results" => results = Some(value("--results")?.into()),
+            "--runs" => runs_dir = value("--runs")?.into(),
             "--out" => out = value("--out")?.into(),
-            "--svg" => svg_path = value("--svg")?.into(),
+            "--svg-dir" => svg_dir = value("--svg-dir")?.into(),
             "--allow-quick" => allow_quick = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: gmem-bench-report [--results DIR] [--out FILE] [--svg FILE] [--allow-quick]"
+                    "usage: gmem-bench-report [--results DIR] [--runs DIR] [--out FILE] \
+                     [--svg-dir DIR] [--allow-quick]"
                 );
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
-    let mut records = read_records(&results)?;
-    if !allow_quick && let Some(q) = records.iter().find(|r| r.quick) {
+    if let Some(results) = &results {
+        let dir = runs::store(results, &runs_dir, allow_quick)?;
+        println!("stored the run as {}", dir.display());
+    }
+    let hosts = runs::load(&runs_dir)?;
+    if hosts.is_empty() {
         return Err(format!(
-            "{} is a GMEM_BENCH_QUICK record: rerun without it, or pass --allow-quick",
-            q.bench
+            "no host's run in {} (pass --results)",
+            runs_dir.display()
         ));
     }
-    order(&mut records);
-    let series: Vec<_> = records.iter().flat_map(|r| r.series.clone()).collect();
-    let svg_rel = match svg(&series) {
-        Some(text) => {
-            if let Some(dir) = svg_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            }
-            std::fs::write(&svg_path, text)
-                .map_err(|e| format!("writing {}: {e}", svg_path.display()))?;
-            println!("wrote {}", svg_path.display());
-            Some(relative_to(&svg_path, &out))
-        }
-        None => None,
-    };
-    let md = markdown(&records, svg_rel.as_deref());
+    let mut svgs: HashMap<String, String> = HashMap::new();
+    for h in &hosts {
+        let Run::Records(records) = &h.run else {
+            continue;
+        };
+        let series: Vec<_> = records.iter().flat_map(|r| r.series.clone()).collect();
+        let Some(text) = svg(&series, &h.machine) else {
+            continue;
+        };
+        std::fs::create_dir_all(&svg_dir)
+            .map_err(|e| format!("creating {}: {e}", svg_dir.display()))?;
+        let path = svg_dir.join(format!("{}.svg", h.slug));
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+        svgs.insert(h.slug.clone(), relative_to(&path, &out));
+    }
+    let runs_label = relative_to(&runs_dir, &out);
+    let md = markdown(&hosts, &runs_label, &|h| svgs.get(&h.slug).cloned());
     std::fs::write(&out, md).map_err(|e| format!("writing {}: {e}", out.display()))?;
-    println!(
-        "wrote {} ({} bench targets, {} rows)",
-        out.display(),
-        records.len(),
-        records.iter().map(|r| r.rows.len()).sum::<usize>()
-    );
+    println!("wrote {} ({} host(s))", out.display(), hosts.len());
     Ok(())
-}
-
-fn read_records(dir: &Path) -> Result<Vec<Record>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        format!(
-            "reading {}: {e} (run `cargo bench` first, or pass --results)",
-            dir.display()
-        )
-    })?;
-    let mut records = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(|e| e.to_string())?.path();
-        if path.extension().is_some_and(|x| x == "json") {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            records.push(parse(&text).map_err(|e| format!("{}: {e}", path.display()))?);
-        }
-    }
-    if records.is_empty() {
-        return Err(format!("no *.json record in {}", dir.display()));
-    }
-    Ok(records)
 }
 
 /// `target` as seen from the directory `from_file` lives in (both relative

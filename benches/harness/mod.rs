@@ -16,6 +16,9 @@
 //!   raw time" is `Target::min(1.0 / 1.03, "ours <= 1.03x raw")`.
 //! - `GMEM_BENCH_QUICK=1` shrinks every case (for development and for CI's
 //!   compile-and-smoke run); the committed numbers come from full runs.
+//! - A row this host cannot run is never left out: [`Bench::skip`] records
+//!   it with the reason ([`gmem_vm`], [`userfaultfd`] and [`RS_SKIPPED`] give
+//!   the reasons shared by the targets), and the report lists it.
 
 #![allow(dead_code)] // each bench target uses a part of the harness
 
@@ -124,6 +127,23 @@ impl Row {
     }
 }
 
+/// A row that did not run on this host, and why.
+#[derive(Clone, Debug)]
+pub struct Skip {
+    /// The case, as the row would name it.
+    pub case: String,
+    /// The baseline's name.
+    pub baseline: String,
+    /// Ours: which implementation.
+    pub ours: String,
+    /// Why it did not run, e.g. "KVM_CAP_GUEST_MEMFD = 0 on Linux 6.18.44".
+    pub reason: String,
+}
+
+/// The reason of every userfaultfd-rs row in a build without the baseline.
+pub const RS_SKIPPED: &str = "userfaultfd-rs baseline not built: run with --features \
+     bench-userfaultfd-rs (needs libclang)";
+
 /// A curve for the plot: `(x, y)` points, e.g. seconds against pages
 /// restored.
 #[derive(Clone, Debug)]
@@ -145,6 +165,7 @@ pub struct Series {
 pub struct Bench {
     name: &'static str,
     rows: Vec<Row>,
+    skipped: Vec<Skip>,
     series: Vec<Series>,
     notes: Vec<String>,
     started: Instant,
@@ -161,6 +182,7 @@ impl Bench {
         Self {
             name,
             rows: Vec::new(),
+            skipped: Vec::new(),
             series: Vec::new(),
             notes: Vec::new(),
             started: Instant::now(),
@@ -173,12 +195,72 @@ impl Bench {
         self.rows.push(row);
     }
 
+    /// Records a row that cannot run on this host, with the reason, and
+    /// prints it at once.
+    pub fn skip(
+        &mut self,
+        case: impl Into<String>,
+        baseline: impl Into<String>,
+        ours: impl Into<String>,
+        reason: impl Into<String>,
+    ) {
+        let s = Skip {
+            case: case.into(),
+            baseline: baseline.into(),
+            ours: ours.into(),
+            reason: reason.into(),
+        };
+        println!(
+            "{:<52} SKIPPED ({} vs {}): {}",
+            s.case, s.ours, s.baseline, s.reason
+        );
+        self.skipped.push(s);
+    }
+
     /// Records a curve for the plot.
     pub fn series(&mut self, series: Series) {
         self.series.push(series);
     }
 
-    /// Records a remark for the report (a skipped case and why, a caveat).
+    /// Records one row per baseline of a case whose candidates ran in one
+    /// [`interleaved`] call: `v[0]` holds ours' samples, `v[i + 1]` those of
+    /// `baselines[i]` (its name and goal); each value is the median.
+    pub fn rows_vs(
+        &mut self,
+        case: &str,
+        ours: &str,
+        unit: Unit,
+        baselines: &[(String, Target)],
+        v: &[Vec<f64>],
+        note: &str,
+    ) {
+        assert_eq!(
+            v.len(),
+            baselines.len() + 1,
+            "{case}: samples per candidate"
+        );
+        for ((name, target), b) in baselines.iter().zip(&v[1..]) {
+            self.row(Row {
+                case: case.into(),
+                baseline: name.clone(),
+                baseline_value: median(b),
+                ours: ours.into(),
+                ours_value: median(&v[0]),
+                unit,
+                target: Some(target.clone()),
+                note: note.into(),
+            });
+        }
+    }
+
+    /// Skips every row [`Bench::rows_vs`] would record for these baselines.
+    pub fn skip_vs(&mut self, case: &str, ours: &str, baselines: &[(String, Target)], why: &str) {
+        for (name, _) in baselines {
+            self.skip(case, name.as_str(), ours, why);
+        }
+    }
+
+    /// Records a remark for the report (a caveat, how a case was set up).
     pub fn note(&mut self, note: impl Into<String>) {
         let note = note.into();
         println!("note: {note}");
@@ -189,9 +271,10 @@ impl Bench {
     pub fn finish(self) {
         let elapsed = self.started.elapsed();
         println!(
-            "== {}: {} rows in {:.1} s",
+            "== {}: {} rows, {} skipped, in {:.1} s",
             self.name,
             self.rows.len(),
+            self.skipped.len(),
             elapsed.as_secs_f64()
         );
         let missed: Vec<&Row> = self
@@ -225,10 +308,13 @@ impl Bench {
         let mut s = String::new();
         let _ = write!(
             s,
-            "{{\"bench\":{},\"quick\":{},\"machine\":{},\"elapsed_s\":{},\"rows\":[",
+            "{{\"bench\":{},\"quick\":{},\"machine\":{},\"unix_s\":{},\"elapsed_s\":{},\"rows\":[",
             json_str(self.name),
             quick(),
             json_str(&machine()),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             json_num(elapsed.as_secs_f64())
         );
         for (i, r) in self.rows.iter().enumerate() {
@@ -254,6 +340,20 @@ impl Bench {
                     .map_or("null".into(), |t| json_num(t.min_speedup)),
                 r.met().map_or("null".into(), |m| m.to_string()),
                 json_str(&r.note)
+            );
+        }
+        s.push_str("],\"skipped\":[");
+        for (i, k) in self.skipped.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(
+                s,
+                "{{\"case\":{},\"baseline\":{},\"ours\":{},\"reason\":{}}}",
+                json_str(&k.case),
+                json_str(&k.baseline),
+                json_str(&k.ours),
+                json_str(&k.reason)
             );
         }
         s.push_str("],\"series\":[");
@@ -324,13 +424,62 @@ pub fn machine() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    // Online CPUs, not this thread's affinity (a bench may have pinned it).
+    format!("{cpu}, {} CPUs, Linux {}", online_cpus(), kernel_release())
+}
+
+/// The online CPUs, not this thread's affinity (a bench may have pinned it).
+pub fn online_cpus() -> usize {
     // SAFETY: sysconf takes an integer name and returns an integer.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
+}
+
+/// The kernel release, e.g. "6.18.44".
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    format!("{cpu}, {cpus} CPUs, Linux {kernel}")
+        .unwrap_or_else(|_| "?".into())
+}
+
+// ---------------------------------------------------------------------------
+// What this host can run
+// ---------------------------------------------------------------------------
+
+/// A VM for the guest_memfd cases and the guest_memfd flags it accepts,
+/// which include `need`; `Err` says why those cases cannot run on this host
+/// (for [`Bench::skip`]). The VM is a kvm-ioctls `VmFd` (a baseline of the
+/// overhead target); give ours `kvm_gmem::interop::vm_fd(&vm)`.
+pub fn gmem_vm(
+    need: kvm_gmem::GuestMemfdFlags,
+) -> Result<(kvm_ioctls::VmFd, kvm_gmem::GuestMemfdFlags), String> {
+    let on = || format!("on Linux {}", kernel_release());
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm ({e})"))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| format!("KVM_CREATE_VM failed {} ({e})", on()))?;
+    let fd = kvm_gmem::interop::vm_fd(&vm);
+    match kvm_gmem::check_extension(&fd, kvm_gmem::Cap::GUEST_MEMFD) {
+        Ok(v) if v > 0 => {}
+        Ok(v) => return Err(format!("KVM_CAP_GUEST_MEMFD = {v} {}", on())),
+        Err(e) => return Err(format!("KVM_CAP_GUEST_MEMFD unknown {}: {e}", on())),
+    }
+    let flags = kvm_gmem::supported_flags(&fd)
+        .map_err(|e| format!("KVM_CAP_GUEST_MEMFD_FLAGS unknown {}: {e}", on()))?;
+    if !flags.contains(need) {
+        return Err(format!(
+            "guest_memfd without {need}: KVM_CAP_GUEST_MEMFD_FLAGS = {flags} {}",
+            on()
+        ));
+    }
+    Ok((vm, flags))
+}
+
+/// `Ok` when this process can create a userfaultfd; else why not (for
+/// [`Bench::skip`]).
+pub fn userfaultfd() -> Result<(), String> {
+    uffd_gmem::Uffd::builder()
+        .create()
+        .map(drop)
+        .map_err(|e| format!("no userfaultfd on Linux {}: {e}", kernel_release()))
 }
 
 fn json_str(s: &str) -> String {
