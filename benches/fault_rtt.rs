@@ -165,7 +165,7 @@ impl Setup {
     fn features(&self) -> u64 {
         match self.kind {
             Kind::Missing => 0,
-            Kind::Minor => u64::from(sys::UFFD_FEATURE_MINOR_SHMEM),
+            Kind::Minor => sys::UFFD_FEATURE_MINOR_SHMEM,
         }
     }
 
@@ -309,7 +309,7 @@ fn raw_handler(fd: OwnedFd, wake: i32, stop: &AtomicBool, wait: Wait, t: Work) -
             }
         }
         for m in &msgs[..n as usize / size_of::<sys::uffd_msg>()] {
-            if u32::from(m.event) != sys::UFFD_EVENT_PAGEFAULT {
+            if m.event != sys::UFFD_EVENT_PAGEFAULT {
                 continue;
             }
             // SAFETY: a PAGEFAULT record carries the pagefault member.

@@ -293,7 +293,7 @@ fn uffd_continue(bench: &mut Bench, samples: usize, pages: usize) {
         // points into.
         unsafe { std::ptr::write_volatile((alias.addr + i * PAGE) as *mut u64, i as u64 + 1) };
     }
-    let minor = u64::from(sys::UFFD_FEATURE_MINOR_SHMEM);
+    let minor = sys::UFFD_FEATURE_MINOR_SHMEM;
 
     let ours_view = Map::new(len, shared, fd.as_raw_fd());
     let ours_uffd = match Uffd::builder()

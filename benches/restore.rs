@@ -1009,7 +1009,7 @@ fn baseline_handler(uffd: i32, stop: i32, src: u64, host: u64, len: u64) -> u64 
             }
         }
         assert_eq!(n as usize, size, "short read from the userfaultfd");
-        if u32::from(msg.event) != sys::UFFD_EVENT_PAGEFAULT {
+        if msg.event != sys::UFFD_EVENT_PAGEFAULT {
             continue;
         }
         let arg = msg.arg;

@@ -159,7 +159,7 @@ fn raw_handler(fd: OwnedFd, wake: OwnedFd, dst: usize, src: usize) -> u64 {
             }
         }
         for m in &msgs[..n as usize / size_of::<sys::uffd_msg>()] {
-            if u32::from(m.event) != sys::UFFD_EVENT_PAGEFAULT {
+            if m.event != sys::UFFD_EVENT_PAGEFAULT {
                 continue;
             }
             // SAFETY: a PAGEFAULT record carries the pagefault member.

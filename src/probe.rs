@@ -228,7 +228,7 @@ impl KvmReport {
             (Ok(()), Some(Err(e)), _) => {
                 out.push(format!("{kvm}: KVM_GET_API_VERSION failed: {}", e.short()))
             }
-            (Ok(()), Some(Ok(v)), _) if *v != sys::KVM_API_VERSION as i32 => out.push(format!(
+            (Ok(()), Some(Ok(v)), _) if *v != sys::KVM_API_VERSION => out.push(format!(
                 "{kvm}: KVM_GET_API_VERSION is {v}, expected {}",
                 sys::KVM_API_VERSION
             )),
@@ -300,12 +300,12 @@ const _: () = assert!(CAP_245 == 245);
 /// `KVM_CAP_VM_TYPES` bits: bit n is VM type n.
 #[cfg(target_arch = "x86_64")]
 pub const VM_TYPES: CapKind = CapKind::Mask(&[
-    Bit::at(sys::KVM_X86_DEFAULT_VM, "KVM_X86_DEFAULT_VM"),
-    Bit::at(sys::KVM_X86_SW_PROTECTED_VM, "KVM_X86_SW_PROTECTED_VM"),
-    Bit::at(sys::KVM_X86_SEV_VM, "KVM_X86_SEV_VM"),
-    Bit::at(sys::KVM_X86_SEV_ES_VM, "KVM_X86_SEV_ES_VM"),
-    Bit::at(sys::KVM_X86_SNP_VM, "KVM_X86_SNP_VM"),
-    Bit::at(sys::KVM_X86_TDX_VM, "KVM_X86_TDX_VM"),
+    Bit::of_mask(1 << sys::KVM_X86_DEFAULT_VM, "KVM_X86_DEFAULT_VM"),
+    Bit::of_mask(1 << sys::KVM_X86_SW_PROTECTED_VM, "KVM_X86_SW_PROTECTED_VM"),
+    Bit::of_mask(1 << sys::KVM_X86_SEV_VM, "KVM_X86_SEV_VM"),
+    Bit::of_mask(1 << sys::KVM_X86_SEV_ES_VM, "KVM_X86_SEV_ES_VM"),
+    Bit::of_mask(1 << sys::KVM_X86_SNP_VM, "KVM_X86_SNP_VM"),
+    Bit::of_mask(1 << sys::KVM_X86_TDX_VM, "KVM_X86_TDX_VM"),
 ]);
 /// `KVM_CAP_VM_TYPES` bits: no names on this architecture.
 #[cfg(not(target_arch = "x86_64"))]
@@ -363,37 +363,28 @@ const CAPS: &[(&str, u32, CapKind)] = &[
 
 /// Every `UFFD_FEATURE_*` of Linux 7.3, without the prefix.
 pub const UFFD_FEATURE_BITS: &[Bit] = &[
-    Bit::of_mask(
-        sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64,
-        "PAGEFAULT_FLAG_WP",
-    ),
-    Bit::of_mask(sys::UFFD_FEATURE_EVENT_FORK as u64, "EVENT_FORK"),
-    Bit::of_mask(sys::UFFD_FEATURE_EVENT_REMAP as u64, "EVENT_REMAP"),
-    Bit::of_mask(sys::UFFD_FEATURE_EVENT_REMOVE as u64, "EVENT_REMOVE"),
-    Bit::of_mask(
-        sys::UFFD_FEATURE_MISSING_HUGETLBFS as u64,
-        "MISSING_HUGETLBFS",
-    ),
-    Bit::of_mask(sys::UFFD_FEATURE_MISSING_SHMEM as u64, "MISSING_SHMEM"),
-    Bit::of_mask(sys::UFFD_FEATURE_EVENT_UNMAP as u64, "EVENT_UNMAP"),
-    Bit::of_mask(sys::UFFD_FEATURE_SIGBUS as u64, "SIGBUS"),
-    Bit::of_mask(sys::UFFD_FEATURE_THREAD_ID as u64, "THREAD_ID"),
-    Bit::of_mask(sys::UFFD_FEATURE_MINOR_HUGETLBFS as u64, "MINOR_HUGETLBFS"),
-    Bit::of_mask(sys::UFFD_FEATURE_MINOR_SHMEM as u64, "MINOR_SHMEM"),
-    Bit::of_mask(sys::UFFD_FEATURE_EXACT_ADDRESS as u64, "EXACT_ADDRESS"),
-    Bit::of_mask(
-        sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64,
-        "WP_HUGETLBFS_SHMEM",
-    ),
-    Bit::of_mask(sys::UFFD_FEATURE_WP_UNPOPULATED as u64, "WP_UNPOPULATED"),
-    Bit::of_mask(sys::UFFD_FEATURE_POISON as u64, "POISON"),
-    Bit::of_mask(sys::UFFD_FEATURE_WP_ASYNC as u64, "WP_ASYNC"),
-    Bit::of_mask(sys::UFFD_FEATURE_MOVE as u64, "MOVE"),
-    Bit::of_mask(sys::UFFD_FEATURE_RWP as u64, "RWP"),
-    Bit::of_mask(sys::UFFD_FEATURE_RWP_ASYNC as u64, "RWP_ASYNC"),
+    Bit::of_mask(sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP, "PAGEFAULT_FLAG_WP"),
+    Bit::of_mask(sys::UFFD_FEATURE_EVENT_FORK, "EVENT_FORK"),
+    Bit::of_mask(sys::UFFD_FEATURE_EVENT_REMAP, "EVENT_REMAP"),
+    Bit::of_mask(sys::UFFD_FEATURE_EVENT_REMOVE, "EVENT_REMOVE"),
+    Bit::of_mask(sys::UFFD_FEATURE_MISSING_HUGETLBFS, "MISSING_HUGETLBFS"),
+    Bit::of_mask(sys::UFFD_FEATURE_MISSING_SHMEM, "MISSING_SHMEM"),
+    Bit::of_mask(sys::UFFD_FEATURE_EVENT_UNMAP, "EVENT_UNMAP"),
+    Bit::of_mask(sys::UFFD_FEATURE_SIGBUS, "SIGBUS"),
+    Bit::of_mask(sys::UFFD_FEATURE_THREAD_ID, "THREAD_ID"),
+    Bit::of_mask(sys::UFFD_FEATURE_MINOR_HUGETLBFS, "MINOR_HUGETLBFS"),
+    Bit::of_mask(sys::UFFD_FEATURE_MINOR_SHMEM, "MINOR_SHMEM"),
+    Bit::of_mask(sys::UFFD_FEATURE_EXACT_ADDRESS, "EXACT_ADDRESS"),
+    Bit::of_mask(sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM, "WP_HUGETLBFS_SHMEM"),
+    Bit::of_mask(sys::UFFD_FEATURE_WP_UNPOPULATED, "WP_UNPOPULATED"),
+    Bit::of_mask(sys::UFFD_FEATURE_POISON, "POISON"),
+    Bit::of_mask(sys::UFFD_FEATURE_WP_ASYNC, "WP_ASYNC"),
+    Bit::of_mask(sys::UFFD_FEATURE_MOVE, "MOVE"),
+    Bit::of_mask(sys::UFFD_FEATURE_RWP, "RWP"),
+    Bit::of_mask(sys::UFFD_FEATURE_RWP_ASYNC, "RWP_ASYNC"),
 ];
 const _: () = assert!(UFFD_FEATURE_BITS.len() == 19);
-const _: () = assert!(mask_of(UFFD_FEATURE_BITS) == sys::UFFD_API_FEATURES as u64);
+const _: () = assert!(mask_of(UFFD_FEATURE_BITS) == sys::UFFD_API_FEATURES);
 
 /// Every `_UFFDIO_*` ioctl bit of Linux 7.3, without the prefix.
 pub const UFFD_IOCTL_BITS: &[Bit] = &[
@@ -863,11 +854,7 @@ pub fn render_table(r: &Report) -> String {
         None => row(&mut out, "KVM_GET_API_VERSION", "- (device not open)"),
         Some(Ok(v)) => {
             let expected = sys::KVM_API_VERSION;
-            let note = if *v == expected as i32 {
-                "ok"
-            } else {
-                "UNEXPECTED"
-            };
+            let note = if *v == expected { "ok" } else { "UNEXPECTED" };
             row(
                 &mut out,
                 "KVM_GET_API_VERSION",

@@ -39,7 +39,7 @@ pub const UFFD_POISON: &str = "userfaultfd POISON";
 pub const UFFD_ON_GMEM: &str = "userfaultfd on guest_memfd";
 
 /// The userfaultfd feature rows: feature, origin, `UFFD_FEATURE_*` name, bit.
-const UFFD_FEATURE_ROWS: &[(&str, &str, &str, u32)] = &[
+const UFFD_FEATURE_ROWS: &[(&str, &str, &str, u64)] = &[
     (
         UFFD_MINOR_SHMEM,
         "Linux 5.14",
@@ -273,7 +273,7 @@ fn uffd_feature_rows(u: &UffdReport) -> Vec<Row> {
         let bit = mask.trailing_zeros();
         rows.push(match &features {
             Ok(f) => {
-                let set = f & u64::from(mask) != 0;
+                let set = f & mask != 0;
                 let mut evidence = format!(
                     "{name} (bit {bit}) {} in UFFDIO_API features {f:#x}",
                     if set { "set" } else { "not set" }

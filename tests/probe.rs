@@ -625,7 +625,7 @@ fn kvm_rows_match_independent_ioctls() {
     assert_eq!(report.kvm.open, Ok(()));
     assert_eq!(
         report.kvm.api_version,
-        Some(Ok(sys::KVM_API_VERSION as i32)),
+        Some(Ok(sys::KVM_API_VERSION)),
         "KVM_GET_API_VERSION must be KVM_API_VERSION (12)"
     );
     assert_eq!(sys::KVM_API_VERSION, 12);
@@ -761,7 +761,7 @@ fn userfaultfd_features_match_uffdio_api() {
         sys::UFFD_FEATURE_EXACT_ADDRESS,
     ]
     .into_iter()
-    .fold(0u64, |m, f| m | u64::from(f));
+    .fold(0u64, |m, f| m | f);
     assert_eq!(
         features & baseline,
         baseline,
@@ -777,7 +777,7 @@ fn userfaultfd_features_match_uffdio_api() {
 
     // Every one of the 19 features: named in the table and the JSON exactly
     // when set.
-    let all: [(u32, &str); 19] = [
+    let all: [(u64, &str); 19] = [
         (sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP, "PAGEFAULT_FLAG_WP"),
         (sys::UFFD_FEATURE_EVENT_FORK, "EVENT_FORK"),
         (sys::UFFD_FEATURE_EVENT_REMAP, "EVENT_REMAP"),
@@ -810,10 +810,10 @@ fn userfaultfd_features_match_uffdio_api() {
     let json_names: Vec<&str> = jf.get("names").items().iter().map(Json::str).collect();
     let expected: Vec<&str> = all
         .iter()
-        .filter(|(f, _)| features & u64::from(*f) != 0)
+        .filter(|(f, _)| features & f != 0)
         .map(|(_, n)| *n)
         .collect();
-    let unknown = features & !u64::from(sys::UFFD_API_FEATURES);
+    let unknown = features & !sys::UFFD_API_FEATURES;
     if unknown == 0 {
         assert_eq!(json_names, expected);
     } else {
@@ -827,7 +827,7 @@ fn userfaultfd_features_match_uffdio_api() {
         let set_line = format!("bit {:>2}  {name}\n", f.trailing_zeros());
         assert_eq!(
             table.contains(&set_line),
-            features & u64::from(f) != 0,
+            features & f != 0,
             "{set_line:?} vs features {features:#x}:\n{table}"
         );
     }

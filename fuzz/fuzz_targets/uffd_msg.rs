@@ -87,7 +87,7 @@ fn check(rec: &[u8], tid: bool) {
         );
         return;
     }
-    let event = u32::from(rec[0]);
+    let event = rec[0];
     let arg = |i: usize| u64::from_ne_bytes(rec[8 + 8 * i..16 + 8 * i].try_into().unwrap());
     match r {
         Ok(Msg::Pagefault {
@@ -99,7 +99,7 @@ fn check(rec: &[u8], tid: bool) {
             assert_eq!(event, sys::UFFD_EVENT_PAGEFAULT);
             assert_eq!(address, arg(1));
             assert_eq!(thread_id.is_some(), tid);
-            let write = arg(0) & u64::from(sys::UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+            let write = arg(0) & sys::UFFD_PAGEFAULT_FLAG_WRITE != 0;
             assert_eq!(access == Access::Write, write);
         }
         Ok(Msg::Fork { ufd }) => {
@@ -133,7 +133,7 @@ fn check(rec: &[u8], tid: bool) {
                 sys::UFFD_PAGEFAULT_FLAG_RWP,
             ]
             .iter()
-            .filter(|&&f| arg(0) & u64::from(f) != 0)
+            .filter(|&&f| arg(0) & f != 0)
             .count();
             assert!(kinds > 1, "refused a consistent page fault: {what}");
         }

@@ -10,6 +10,9 @@
 //!   module, and how each architecture's include path is laid out;
 //! - [`read_unit`]: every define and struct a translation unit declares,
 //!   following its `#include`s through the hermetic include path;
+//! - [`CONST_TYPES`] and [`Unit::const_kind`]: the Rust type of every
+//!   constant, taken from the C object it is stored in where the table names
+//!   one, else from its C spelling;
 //! - [`headers_digest`] and [`Provenance`]: the hashes that tie each committed
 //!   bindings file to the exact `headers/` it was generated from.
 
@@ -193,12 +196,175 @@ impl Unit {
 /// The Rust type a define's value gets in the bindings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IntKind {
+    /// `u8`
+    U8,
     /// `u32`
     U32,
     /// `i32`
     I32,
     /// `u64`
     U64,
+}
+
+impl Unit {
+    /// The Rust type define `name` gets in the bindings: the type of the C
+    /// object its [`CONST_TYPES`] entry names, or, for a define no entry
+    /// covers, the type its spelling gives it ([`Unit::int_kind`]).
+    pub fn const_kind(&self, name: &str) -> IntKind {
+        const_type(name).map_or_else(|| self.int_kind(name), |t| t.kind)
+    }
+}
+
+/// The C object that the values of a family of defines are stored in, and so
+/// the Rust type the generator gives them. One row of [`CONST_TYPES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConstType {
+    /// The defines it covers: every name starting with it when it ends in
+    /// `_` (`UFFD_FEATURE_`), otherwise exactly that name (`UFFD_API`).
+    pub names: &'static str,
+    /// The Rust type of every define it covers: the C object's type.
+    pub kind: IntKind,
+    /// Where C stores the values.
+    pub stored_in: StoredIn,
+}
+
+/// Where C stores a constant's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredIn {
+    /// A struct member: the struct's tag, a dot, the member's C access path
+    /// (`uffd_msg.arg.pagefault.flags`).
+    Member(&'static str),
+    /// A value that is no struct member (a syscall or ioctl argument or
+    /// result), by its C type (`int`).
+    Value(&'static str),
+}
+
+impl ConstType {
+    const fn member(names: &'static str, kind: IntKind, member: &'static str) -> Self {
+        ConstType {
+            names,
+            kind,
+            stored_in: StoredIn::Member(member),
+        }
+    }
+
+    const fn value(names: &'static str, kind: IntKind, c_type: &'static str) -> Self {
+        ConstType {
+            names,
+            kind,
+            stored_in: StoredIn::Value(c_type),
+        }
+    }
+
+    /// Whether this entry covers define `name`.
+    pub fn covers(&self, name: &str) -> bool {
+        if self.names.ends_with('_') {
+            name.starts_with(self.names)
+        } else {
+            name == self.names
+        }
+    }
+}
+
+impl StoredIn {
+    /// A C operand of `sizeof` and `__typeof__` with the object's type: the
+    /// member through a null pointer, or the type name itself.
+    pub fn c_operand(&self) -> String {
+        match self {
+            StoredIn::Member(member) => {
+                let (tag, path) = member.split_once('.').unwrap_or((member, ""));
+                format!("((struct {tag} *)0)->{path}")
+            }
+            StoredIn::Value(c_type) => (*c_type).to_string(),
+        }
+    }
+}
+
+/// The types of the constants, by the C object they are stored in.
+///
+/// Left alone, bindgen types a define by its spelling ([`Unit::int_kind`]):
+/// `(1 << 16)` is an `int`, `(1UL << 2)` an `unsigned long`. That is seldom
+/// the type of the member the value is written to: `UFFD_FEATURE_*` are
+/// `int`s but go into the `__u64 uffdio_api.features`, `KVM_MEM_*` are
+/// `unsigned long`s but go into the `__u32` memslot `flags`. Every family
+/// listed here gets the type of the C object it is stored in, so that the
+/// safe crates use the constants as they are, without casts. A define no row
+/// covers keeps its spelling's type.
+///
+/// | Defines | Rust | Stored in |
+/// | --- | --- | --- |
+/// | `KVM_API_VERSION` | `i32` | the `int` that `KVM_GET_API_VERSION` returns |
+/// | `KVM_X86_*` (VM types), `KVM_VM_TYPE_*` | `u64` | the `unsigned long` type argument of `KVM_CREATE_VM` |
+/// | `KVM_CAP_*` | `u32` | a capability number, as `__u32 kvm_enable_cap.cap` holds it upstream (`KVM_CHECK_EXTENSION` widens it to its `unsigned long` argument) |
+/// | `KVM_MEM_*` | `u32` | `kvm_userspace_memory_region2.flags` (`__u32`) |
+/// | `KVM_MEMORY_ATTRIBUTE_*` | `u64` | `kvm_memory_attributes.attributes` (`__u64`) |
+/// | `GUEST_MEMFD_FLAG_*` | `u64` | `kvm_create_guest_memfd.flags` (`__u64`) |
+/// | `KVM_EXIT_*` | `u32` | `kvm_run.exit_reason` (`__u32`) |
+/// | `KVM_MEMORY_EXIT_FLAG_*` | `u64` | `kvm_run.memory_fault.flags` (`__u64`) |
+/// | `UFFD_USER_MODE_ONLY` | `i32` | the `int flags` of `userfaultfd(2)` and of `USERFAULTFD_IOC_NEW` |
+/// | `UFFD_API` | `u64` | `uffdio_api.api` (`__u64`) |
+/// | `UFFD_FEATURE_*`, `UFFD_API_FEATURES` | `u64` | `uffdio_api.features` (`__u64`) |
+/// | `UFFD_API_IOCTLS` | `u64` | `uffdio_api.ioctls` (`__u64`) |
+/// | `UFFDIO_REGISTER_MODE_*`, `UFFD_API_REGISTER_MODES` | `u64` | `uffdio_register.mode` (`__u64`) |
+/// | `UFFD_API_RANGE_IOCTLS`, `UFFD_API_RANGE_IOCTLS_BASIC` | `u64` | `uffdio_register.ioctls` (`__u64`) |
+/// | `UFFDIO_COPY_MODE_*` | `u64` | `uffdio_copy.mode` (`__u64`) |
+/// | `UFFDIO_ZEROPAGE_MODE_*` | `u64` | `uffdio_zeropage.mode` (`__u64`) |
+/// | `UFFDIO_WRITEPROTECT_MODE_*` | `u64` | `uffdio_writeprotect.mode` (`__u64`) |
+/// | `UFFDIO_CONTINUE_MODE_*` | `u64` | `uffdio_continue.mode` (`__u64`) |
+/// | `UFFDIO_POISON_MODE_*` | `u64` | `uffdio_poison.mode` (`__u64`) |
+/// | `UFFDIO_RWPROTECT_MODE_*` | `u64` | `uffdio_rwprotect.mode` (`__u64`) |
+/// | `UFFDIO_MOVE_MODE_*` | `u64` | `uffdio_move.mode` (`__u64`) |
+/// | `UFFD_EVENT_*` | `u8` | `uffd_msg.event` (`__u8`) |
+/// | `UFFD_PAGEFAULT_FLAG_*` | `u64` | `uffd_msg.arg.pagefault.flags` (`__u64`) |
+///
+/// The prefixes hold in every module: `KVM_MEM_USERFAULT`,
+/// `KVM_MEMORY_EXIT_FLAG_USERFAULT`, `KVM_CAP_USERFAULT` and the RFC
+/// `GUEST_MEMFD_FLAG_*` are typed like their upstream siblings. No name is
+/// covered by two rows (a unit test checks it). The rest keep their
+/// spelling's type: the ioctl encoding (`_IOC_*`, `KVMIO`, `UFFDIO`,
+/// `USERFAULTFD_IOC`, the `_UFFDIO_*` numbers, all `u32` like the encoders'
+/// arguments) and sizes (`SYNC_REGS_SIZE_BYTES`).
+///
+/// The ABI tests hold the table to C: for every architecture and module,
+/// each constant a row covers must have the size and signedness of the C
+/// object the row names, as the target's C compiler sees it in `headers/`
+/// ([`StoredIn::c_operand`]).
+#[rustfmt::skip]
+pub const CONST_TYPES: &[ConstType] = &[
+    // <linux/kvm.h>, <asm/kvm.h>
+    ConstType::value( "KVM_API_VERSION",             IntKind::I32, "int"),
+    ConstType::value( "KVM_X86_",                    IntKind::U64, "unsigned long"),
+    ConstType::value( "KVM_VM_TYPE_",                IntKind::U64, "unsigned long"),
+    ConstType::value( "KVM_CAP_",                    IntKind::U32, "unsigned int"),
+    ConstType::member("KVM_MEM_",                    IntKind::U32, "kvm_userspace_memory_region2.flags"),
+    ConstType::member("KVM_MEMORY_ATTRIBUTE_",       IntKind::U64, "kvm_memory_attributes.attributes"),
+    ConstType::member("GUEST_MEMFD_FLAG_",           IntKind::U64, "kvm_create_guest_memfd.flags"),
+    ConstType::member("KVM_EXIT_",                   IntKind::U32, "kvm_run.exit_reason"),
+    ConstType::member("KVM_MEMORY_EXIT_FLAG_",       IntKind::U64, "kvm_run.memory_fault.flags"),
+    // <linux/userfaultfd.h>
+    ConstType::value( "UFFD_USER_MODE_ONLY",         IntKind::I32, "int"),
+    ConstType::member("UFFD_API",                    IntKind::U64, "uffdio_api.api"),
+    ConstType::member("UFFD_FEATURE_",               IntKind::U64, "uffdio_api.features"),
+    ConstType::member("UFFD_API_FEATURES",           IntKind::U64, "uffdio_api.features"),
+    ConstType::member("UFFD_API_IOCTLS",             IntKind::U64, "uffdio_api.ioctls"),
+    ConstType::member("UFFDIO_REGISTER_MODE_",       IntKind::U64, "uffdio_register.mode"),
+    ConstType::member("UFFD_API_REGISTER_MODES",     IntKind::U64, "uffdio_register.mode"),
+    ConstType::member("UFFD_API_RANGE_IOCTLS",       IntKind::U64, "uffdio_register.ioctls"),
+    ConstType::member("UFFD_API_RANGE_IOCTLS_BASIC", IntKind::U64, "uffdio_register.ioctls"),
+    ConstType::member("UFFDIO_COPY_MODE_",           IntKind::U64, "uffdio_copy.mode"),
+    ConstType::member("UFFDIO_ZEROPAGE_MODE_",       IntKind::U64, "uffdio_zeropage.mode"),
+    ConstType::member("UFFDIO_WRITEPROTECT_MODE_",   IntKind::U64, "uffdio_writeprotect.mode"),
+    ConstType::member("UFFDIO_CONTINUE_MODE_",       IntKind::U64, "uffdio_continue.mode"),
+    ConstType::member("UFFDIO_POISON_MODE_",         IntKind::U64, "uffdio_poison.mode"),
+    ConstType::member("UFFDIO_RWPROTECT_MODE_",      IntKind::U64, "uffdio_rwprotect.mode"),
+    ConstType::member("UFFDIO_MOVE_MODE_",           IntKind::U64, "uffdio_move.mode"),
+    ConstType::member("UFFD_EVENT_",                 IntKind::U8,  "uffd_msg.event"),
+    ConstType::member("UFFD_PAGEFAULT_FLAG_",        IntKind::U64, "uffd_msg.arg.pagefault.flags"),
+];
+
+/// The row of [`CONST_TYPES`] that covers define `name`, if any.
+pub fn const_type(name: &str) -> Option<&'static ConstType> {
+    CONST_TYPES.iter().find(|t| t.covers(name))
 }
 
 /// A member of a struct, by its C access path (`memory_fault.gpa`).
@@ -784,17 +950,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn int_kinds_follow_the_spelling_and_the_references() {
-        let h = parse_header(
-            "#define A (1ULL << 3)\n#define B ((__u64)1 << 0)\n#define C (1UL << 2)\n\
-             #define D (1 << 17)\n#define E_UNPOPULATED (1 << 13)\n#define F (D | E_UNPOPULATED)\n\
-             #define G (B | D)\n#define H 0xffULL\n#define I 0xAE\n",
-        )
-        .unwrap();
-        let unit = Unit {
-            defines: h
-                .defines
+    /// A unit made of the defines of one header text.
+    fn unit_of(text: &str) -> Unit {
+        let defines = parse_header(text).unwrap().defines;
+        Unit {
+            defines: defines
                 .into_iter()
                 .map(|(name, value)| Define {
                     name,
@@ -803,7 +963,16 @@ mod tests {
                 })
                 .collect(),
             ..Unit::default()
-        };
+        }
+    }
+
+    #[test]
+    fn int_kinds_follow_the_spelling_and_the_references() {
+        let unit = unit_of(
+            "#define A (1ULL << 3)\n#define B ((__u64)1 << 0)\n#define C (1UL << 2)\n\
+             #define D (1 << 17)\n#define E_UNPOPULATED (1 << 13)\n#define F (D | E_UNPOPULATED)\n\
+             #define G (B | D)\n#define H 0xffULL\n#define I 0xAE\n",
+        );
         let k = |n: &str| unit.int_kind(n);
         assert_eq!(
             [
@@ -836,6 +1005,78 @@ mod tests {
         };
         assert!(d("_IOWR(KVMIO, 0xd4, struct kvm_create_guest_memfd)").is_ioctl());
         assert!(!d("0xAE").is_ioctl());
+    }
+
+    #[test]
+    fn const_kinds_follow_the_table_then_the_spelling() {
+        let unit = unit_of(
+            "#define UFFD_FEATURE_X (1 << 3)\n#define KVM_MEM_X (1UL << 1)\n\
+             #define UFFD_EVENT_X 0x12\n#define UFFD_USER_MODE_ONLY 1\n#define OTHER (1UL << 2)\n\
+             #define PLAIN 7\n#define UFFD_API_FEATURESX (1 << 1)\n",
+        );
+        let k = |n: &str| unit.const_kind(n);
+        assert_eq!(k("UFFD_FEATURE_X"), IntKind::U64);
+        assert_eq!(k("KVM_MEM_X"), IntKind::U32);
+        assert_eq!(k("UFFD_EVENT_X"), IntKind::U8);
+        assert_eq!(k("UFFD_USER_MODE_ONLY"), IntKind::I32);
+        assert_eq!(k("OTHER"), IntKind::U64);
+        assert_eq!(k("PLAIN"), IntKind::U32);
+        // An entry without a trailing `_` is one exact name, not a prefix.
+        assert_eq!(k("UFFD_API_FEATURESX"), IntKind::U32);
+        assert_eq!(
+            StoredIn::Member("uffd_msg.arg.pagefault.flags").c_operand(),
+            "((struct uffd_msg *)0)->arg.pagefault.flags"
+        );
+        assert_eq!(StoredIn::Value("int").c_operand(), "int");
+    }
+
+    #[test]
+    fn no_name_is_covered_by_two_const_types() {
+        // Two entries cover a common name only if one covers the other's
+        // `names` (a prefix of a longer prefix, or of an exact name).
+        for (i, a) in CONST_TYPES.iter().enumerate() {
+            for (j, b) in CONST_TYPES.iter().enumerate() {
+                assert!(
+                    i == j || !a.covers(b.names),
+                    "{} also covers {}",
+                    a.names,
+                    b.names
+                );
+            }
+        }
+    }
+
+    /// Every row of the table types at least one define of `headers/`, none
+    /// of them an ioctl request (those are not generated), and names a
+    /// member that the upstream structs have.
+    #[test]
+    fn const_types_match_the_real_headers() {
+        let headers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../headers");
+        let mut defines = Vec::new();
+        for arch in ARCHES {
+            for m in MODULES {
+                let unit = read_unit(&headers, arch, m.entries).unwrap();
+                defines.extend(unit.owned_by(m).defines);
+            }
+        }
+        let uapi = read_unit(&headers, &ARCHES[0], MODULES[0].entries).unwrap();
+        for t in CONST_TYPES {
+            let covered: Vec<&Define> = defines.iter().filter(|d| t.covers(&d.name)).collect();
+            assert!(!covered.is_empty(), "{} covers no define", t.names);
+            for d in covered {
+                assert!(!d.is_ioctl(), "{} covers the ioctl {}", t.names, d.name);
+            }
+            if let StoredIn::Member(member) = t.stored_in {
+                let (tag, path) = member.split_once('.').unwrap();
+                assert!(
+                    uapi.aggregates
+                        .iter()
+                        .any(|a| a.name == tag && a.fields.iter().any(|f| f == path)),
+                    "{}: headers/ has no member {member}",
+                    t.names
+                );
+            }
+        }
     }
 
     #[test]

@@ -10,9 +10,11 @@
 //! `headers/` with `clang --target=<triple> -nostdinc` and only `headers/` on
 //! the include path, so the build host's `/usr/include` is never read. ioctl
 //! request macros are left out (kvm-gmem-sys computes them with `const fn`
-//! encoders); every other object-like define gets the integer type its C
-//! spelling gives it. The output is formatted with rustfmt (edition 2024) and
-//! prefixed with its provenance. Needs libclang at run time (`LIBCLANG_PATH`).
+//! encoders); every other object-like define gets the type of the C object
+//! it is stored in where [`gmem_gen::CONST_TYPES`] names one (`UFFD_FEATURE_*`
+//! are `u64` like `uffdio_api.features`), else the integer type its C spelling
+//! gives it. The output is formatted with rustfmt (edition 2024) and prefixed
+//! with its provenance. Needs libclang at run time (`LIBCLANG_PATH`).
 
 use bindgen::callbacks::{IntKind as BgIntKind, ParseCallbacks};
 use gmem_gen::{
@@ -27,12 +29,14 @@ use std::process::{Command, ExitCode, Stdio};
 /// Must equal the exact pin of `bindgen` in the workspace Cargo.toml.
 const BINDGEN_VERSION: &str = "0.73.2";
 
+/// bindgen's parse callback: each define's type, as [`gmem_gen::Unit::const_kind`] gives it.
 #[derive(Debug)]
 struct IntKinds(HashMap<String, IntKind>);
 
 impl ParseCallbacks for IntKinds {
     fn int_macro(&self, name: &str, _value: i64) -> Option<BgIntKind> {
         self.0.get(name).map(|k| match k {
+            IntKind::U8 => BgIntKind::U8,
             IntKind::U32 => BgIntKind::U32,
             IntKind::I32 => BgIntKind::I32,
             IntKind::U64 => BgIntKind::U64,
@@ -83,7 +87,7 @@ fn generate(root: &Path, arch: &Arch, module: &Module, digest: &str) -> Result<S
     let kinds = owned
         .defines
         .iter()
-        .map(|d| (d.name.clone(), unit.int_kind(&d.name)))
+        .map(|d| (d.name.clone(), unit.const_kind(&d.name)))
         .collect();
 
     let scratch = std::env::temp_dir().join(format!("gmem-gen-{}", std::process::id()));

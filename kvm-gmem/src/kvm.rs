@@ -57,25 +57,25 @@ impl VmType {
     pub const DEFAULT: VmType = VmType(0);
     /// `KVM_X86_SW_PROTECTED_VM`: private memory without hardware protection.
     #[cfg(target_arch = "x86_64")]
-    pub const SW_PROTECTED: VmType = VmType(sys::KVM_X86_SW_PROTECTED_VM as u64);
+    pub const SW_PROTECTED: VmType = VmType(sys::KVM_X86_SW_PROTECTED_VM);
     /// `KVM_X86_SEV_VM`.
     #[cfg(target_arch = "x86_64")]
-    pub const SEV: VmType = VmType(sys::KVM_X86_SEV_VM as u64);
+    pub const SEV: VmType = VmType(sys::KVM_X86_SEV_VM);
     /// `KVM_X86_SEV_ES_VM`.
     #[cfg(target_arch = "x86_64")]
-    pub const SEV_ES: VmType = VmType(sys::KVM_X86_SEV_ES_VM as u64);
+    pub const SEV_ES: VmType = VmType(sys::KVM_X86_SEV_ES_VM);
     /// `KVM_X86_SNP_VM`.
     #[cfg(target_arch = "x86_64")]
-    pub const SNP: VmType = VmType(sys::KVM_X86_SNP_VM as u64);
+    pub const SNP: VmType = VmType(sys::KVM_X86_SNP_VM);
     /// `KVM_X86_TDX_VM`.
     #[cfg(target_arch = "x86_64")]
-    pub const TDX: VmType = VmType(sys::KVM_X86_TDX_VM as u64);
+    pub const TDX: VmType = VmType(sys::KVM_X86_TDX_VM);
 
     /// The C name of an x86 type, if it has one.
     pub fn name(self) -> Option<&'static str> {
         #[cfg(target_arch = "x86_64")]
         {
-            Some(match self.0 as u32 {
+            Some(match self.0 {
                 sys::KVM_X86_DEFAULT_VM => "KVM_X86_DEFAULT_VM",
                 sys::KVM_X86_SW_PROTECTED_VM => "KVM_X86_SW_PROTECTED_VM",
                 sys::KVM_X86_SEV_VM => "KVM_X86_SEV_VM",

@@ -14,16 +14,16 @@ bitflags::bitflags! {
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct RegionFlags: u32 {
         /// `KVM_MEM_LOG_DIRTY_PAGES`: track dirty pages.
-        const LOG_DIRTY_PAGES = sys::KVM_MEM_LOG_DIRTY_PAGES as u32;
+        const LOG_DIRTY_PAGES = sys::KVM_MEM_LOG_DIRTY_PAGES;
         /// `KVM_MEM_READONLY`: guest writes exit as MMIO.
-        const READONLY = sys::KVM_MEM_READONLY as u32;
+        const READONLY = sys::KVM_MEM_READONLY;
         /// `KVM_MEM_GUEST_MEMFD` (Linux 6.8): backed by a guest_memfd. Set by
         /// [`MemoryRegion2Builder::guest_memfd`].
-        const GUEST_MEMFD = sys::KVM_MEM_GUEST_MEMFD as u32;
+        const GUEST_MEMFD = sys::KVM_MEM_GUEST_MEMFD;
         /// `KVM_MEM_USERFAULT` (RFC KVM Userfault): vCPU faults on pages whose
         /// bit is set in the slot's [`UserfaultBitmap`] exit to userspace.
         #[cfg(feature = "rfc-kvm-userfault")]
-        const USERFAULT = sys::rfc::kvm_userfault::KVM_MEM_USERFAULT as u32;
+        const USERFAULT = sys::rfc::kvm_userfault::KVM_MEM_USERFAULT;
     }
 }
 

@@ -111,12 +111,12 @@ impl Msg {
         })?;
         // Field offsets of the packed record: event at 0, the argument union at 8.
         let a = |i: usize| u64_at(b, 8 + 8 * i);
-        Ok(match u32::from(b[0]) {
+        Ok(match b[0] {
             sys::UFFD_EVENT_PAGEFAULT => {
                 let flags = a(0);
-                let wp = flags & u64::from(sys::UFFD_PAGEFAULT_FLAG_WP) != 0;
-                let minor = flags & u64::from(sys::UFFD_PAGEFAULT_FLAG_MINOR) != 0;
-                let rwp = flags & u64::from(sys::UFFD_PAGEFAULT_FLAG_RWP) != 0;
+                let wp = flags & sys::UFFD_PAGEFAULT_FLAG_WP != 0;
+                let minor = flags & sys::UFFD_PAGEFAULT_FLAG_MINOR != 0;
+                let rwp = flags & sys::UFFD_PAGEFAULT_FLAG_RWP != 0;
                 let kind = match (wp, minor, rwp) {
                     (false, false, false) => FaultKind::Missing,
                     (true, false, false) => FaultKind::WriteProtect,
@@ -129,7 +129,7 @@ impl Msg {
                         });
                     }
                 };
-                let access = if flags & u64::from(sys::UFFD_PAGEFAULT_FLAG_WRITE) != 0 {
+                let access = if flags & sys::UFFD_PAGEFAULT_FLAG_WRITE != 0 {
                     Access::Write
                 } else {
                     Access::Read

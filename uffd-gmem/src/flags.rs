@@ -7,41 +7,41 @@ bitflags::bitflags! {
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct Features: u64 {
         /// Write-protect faults are reported with `UFFD_PAGEFAULT_FLAG_WP` (4.3).
-        const PAGEFAULT_FLAG_WP = sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
+        const PAGEFAULT_FLAG_WP = sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP;
         /// `UFFD_EVENT_FORK` (4.11).
-        const EVENT_FORK = sys::UFFD_FEATURE_EVENT_FORK as u64;
+        const EVENT_FORK = sys::UFFD_FEATURE_EVENT_FORK;
         /// `UFFD_EVENT_REMAP` (4.11).
-        const EVENT_REMAP = sys::UFFD_FEATURE_EVENT_REMAP as u64;
+        const EVENT_REMAP = sys::UFFD_FEATURE_EVENT_REMAP;
         /// `UFFD_EVENT_REMOVE` (4.11).
-        const EVENT_REMOVE = sys::UFFD_FEATURE_EVENT_REMOVE as u64;
+        const EVENT_REMOVE = sys::UFFD_FEATURE_EVENT_REMOVE;
         /// MISSING on hugetlbfs (4.11).
-        const MISSING_HUGETLBFS = sys::UFFD_FEATURE_MISSING_HUGETLBFS as u64;
+        const MISSING_HUGETLBFS = sys::UFFD_FEATURE_MISSING_HUGETLBFS;
         /// MISSING on shmem (4.11).
-        const MISSING_SHMEM = sys::UFFD_FEATURE_MISSING_SHMEM as u64;
+        const MISSING_SHMEM = sys::UFFD_FEATURE_MISSING_SHMEM;
         /// `UFFD_EVENT_UNMAP` (4.11).
-        const EVENT_UNMAP = sys::UFFD_FEATURE_EVENT_UNMAP as u64;
+        const EVENT_UNMAP = sys::UFFD_FEATURE_EVENT_UNMAP;
         /// Faults raise SIGBUS instead of events (4.14).
-        const SIGBUS = sys::UFFD_FEATURE_SIGBUS as u64;
+        const SIGBUS = sys::UFFD_FEATURE_SIGBUS;
         /// The faulting thread id is reported (4.14).
-        const THREAD_ID = sys::UFFD_FEATURE_THREAD_ID as u64;
+        const THREAD_ID = sys::UFFD_FEATURE_THREAD_ID;
         /// MINOR on hugetlbfs (5.13).
-        const MINOR_HUGETLBFS = sys::UFFD_FEATURE_MINOR_HUGETLBFS as u64;
+        const MINOR_HUGETLBFS = sys::UFFD_FEATURE_MINOR_HUGETLBFS;
         /// MINOR on shmem (5.14).
-        const MINOR_SHMEM = sys::UFFD_FEATURE_MINOR_SHMEM as u64;
+        const MINOR_SHMEM = sys::UFFD_FEATURE_MINOR_SHMEM;
         /// Exact fault addresses, not page aligned (5.18).
-        const EXACT_ADDRESS = sys::UFFD_FEATURE_EXACT_ADDRESS as u64;
+        const EXACT_ADDRESS = sys::UFFD_FEATURE_EXACT_ADDRESS;
         /// WP on hugetlbfs and shmem (5.19).
-        const WP_HUGETLBFS_SHMEM = sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64;
+        const WP_HUGETLBFS_SHMEM = sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
         /// WP markers on unpopulated pages (6.4).
-        const WP_UNPOPULATED = sys::UFFD_FEATURE_WP_UNPOPULATED as u64;
+        const WP_UNPOPULATED = sys::UFFD_FEATURE_WP_UNPOPULATED;
         /// `UFFDIO_POISON` (6.6).
-        const POISON = sys::UFFD_FEATURE_POISON as u64;
+        const POISON = sys::UFFD_FEATURE_POISON;
         /// Asynchronous write protection (6.7).
-        const WP_ASYNC = sys::UFFD_FEATURE_WP_ASYNC as u64;
+        const WP_ASYNC = sys::UFFD_FEATURE_WP_ASYNC;
         /// `UFFDIO_MOVE` (6.8).
-        const MOVE = sys::UFFD_FEATURE_MOVE as u64;
+        const MOVE = sys::UFFD_FEATURE_MOVE;
         /// Read-write protection, `UFFDIO_RWPROTECT` (7.3).
-        const RWP = sys::UFFD_FEATURE_RWP as u64;
+        const RWP = sys::UFFD_FEATURE_RWP;
         /// Asynchronous read-write protection, `UFFDIO_SET_MODE` (7.3).
         ///
         /// Negotiating it in `UFFDIO_API` starts the userfaultfd in
@@ -49,7 +49,7 @@ bitflags::bitflags! {
         /// kernel without an event. Negotiate only [`RWP`](Self::RWP) to
         /// start synchronous; [`Uffd::set_mode`](crate::Uffd::set_mode)
         /// switches either way at run time when the kernel offers this bit.
-        const RWP_ASYNC = sys::UFFD_FEATURE_RWP_ASYNC as u64;
+        const RWP_ASYNC = sys::UFFD_FEATURE_RWP_ASYNC;
     }
 }
 

@@ -69,7 +69,7 @@ impl UffdBuilder {
             f |= libc::O_NONBLOCK;
         }
         if self.user_mode_only {
-            f |= sys::UFFD_USER_MODE_ONLY as i32;
+            f |= sys::UFFD_USER_MODE_ONLY;
         }
         f
     }

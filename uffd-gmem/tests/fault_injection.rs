@@ -769,9 +769,9 @@ fn uninitialised_userfaultfd_is_reported() {
 // Forged records
 // ---------------------------------------------------------------------------
 
-fn record(event: u32, args: [u64; 3]) -> [u8; MSG_SIZE] {
+fn record(event: u8, args: [u64; 3]) -> [u8; MSG_SIZE] {
     let mut b = [0u8; MSG_SIZE];
-    b[0] = event as u8;
+    b[0] = event;
     for (i, a) in args.iter().enumerate() {
         b[8 + 8 * i..16 + 8 * i].copy_from_slice(&a.to_ne_bytes());
     }
@@ -809,7 +809,7 @@ fn forged_fork_records_take_no_descriptor() {
             forge(&tx, &[fork_record(ufd)]);
             match uffd.read_event() {
                 Ok(Some(Event::Unknown { event, raw })) => {
-                    assert_eq!(u32::from(event), sys::UFFD_EVENT_FORK);
+                    assert_eq!(event, sys::UFFD_EVENT_FORK);
                     assert_eq!(raw, fork_record(ufd));
                 }
                 other => panic!("fork record naming {ufd:#x}: {other:?}"),

@@ -6,16 +6,16 @@ use proptest::prelude::*;
 use uffd_gmem::sys_bindings as sys;
 use uffd_gmem::{Access, Error, FaultKind, Features, Ioctls, MSG_SIZE, Mode, Msg, RegisterMode};
 
-const PAGEFAULT: u8 = sys::UFFD_EVENT_PAGEFAULT as u8;
-const FORK: u8 = sys::UFFD_EVENT_FORK as u8;
-const REMAP: u8 = sys::UFFD_EVENT_REMAP as u8;
-const REMOVE: u8 = sys::UFFD_EVENT_REMOVE as u8;
-const UNMAP: u8 = sys::UFFD_EVENT_UNMAP as u8;
+const PAGEFAULT: u8 = sys::UFFD_EVENT_PAGEFAULT;
+const FORK: u8 = sys::UFFD_EVENT_FORK;
+const REMAP: u8 = sys::UFFD_EVENT_REMAP;
+const REMOVE: u8 = sys::UFFD_EVENT_REMOVE;
+const UNMAP: u8 = sys::UFFD_EVENT_UNMAP;
 
-const WRITE: u64 = sys::UFFD_PAGEFAULT_FLAG_WRITE as u64;
-const WP: u64 = sys::UFFD_PAGEFAULT_FLAG_WP as u64;
-const MINOR: u64 = sys::UFFD_PAGEFAULT_FLAG_MINOR as u64;
-const RWP: u64 = sys::UFFD_PAGEFAULT_FLAG_RWP as u64;
+const WRITE: u64 = sys::UFFD_PAGEFAULT_FLAG_WRITE;
+const WP: u64 = sys::UFFD_PAGEFAULT_FLAG_WP;
+const MINOR: u64 = sys::UFFD_PAGEFAULT_FLAG_MINOR;
+const RWP: u64 = sys::UFFD_PAGEFAULT_FLAG_RWP;
 
 fn config() -> ProptestConfig {
     ProptestConfig {

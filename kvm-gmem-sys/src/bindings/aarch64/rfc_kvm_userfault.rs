@@ -5,10 +5,10 @@
 // target: aarch64-unknown-linux-gnu
 // module: rfc_kvm_userfault (rfc/kvm-userfault.h)
 // headers-sha256: 6f2143878aac5266a1bda120d7f3fa94283cab23f6714e27e314a273e86f7306
-// body-sha256: bd6e9dd6b8383f1540ff790e936a56991ccbf0fe3ff5898b61b150cb670d6f52
+// body-sha256: faf27dd69beb56e67d67e14c83a485ac210653d2a578d5471ec698a79e04ffd3
 
 pub const KVM_CAP_USERFAULT: u32 = 245;
-pub const KVM_MEM_USERFAULT: u64 = 8;
+pub const KVM_MEM_USERFAULT: u32 = 8;
 pub const KVM_MEMORY_EXIT_FLAG_USERFAULT: u64 = 16;
 pub type __u32 = ::core::ffi::c_uint;
 pub type __u64 = ::core::ffi::c_ulonglong;
