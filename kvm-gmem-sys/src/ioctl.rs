@@ -10,8 +10,8 @@
 #![allow(non_snake_case)]
 
 use super::uapi::{
-    _IOC_DIRSHIFT, _IOC_NONE, _IOC_NRMASK, _IOC_NRSHIFT, _IOC_READ, _IOC_SIZEMASK, _IOC_SIZESHIFT,
-    _IOC_TYPEMASK, _IOC_TYPESHIFT, _IOC_WRITE,
+    _IOC_DIRMASK, _IOC_DIRSHIFT, _IOC_NONE, _IOC_NRMASK, _IOC_NRSHIFT, _IOC_READ, _IOC_SIZEMASK,
+    _IOC_SIZESHIFT, _IOC_TYPEMASK, _IOC_TYPESHIFT, _IOC_WRITE,
 };
 
 /// Packs an ioctl request number from its four fields, as C's `_IOC`.
@@ -51,6 +51,16 @@ pub const fn _IOWR<T>(ty: u32, nr: u32) -> u32 {
     _IOC(_IOC_READ | _IOC_WRITE, ty, nr, size_of::<T>())
 }
 
+/// The direction field of a request, as C's `_IOC_DIR`.
+pub const fn _IOC_DIR(request: u32) -> u32 {
+    (request >> _IOC_DIRSHIFT) & _IOC_DIRMASK
+}
+
+/// The argument size a request encodes, as C's `_IOC_SIZE`.
+pub const fn _IOC_SIZE(request: u32) -> usize {
+    ((request >> _IOC_SIZESHIFT) & _IOC_SIZEMASK) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +72,15 @@ mod tests {
         assert_eq!(_IOW::<[u8; 160]>(0xAE, 0x49), 0x40A0_AE49);
         assert_eq!(_IOR::<[u8; 16]>(0xAA, 0x01), 0x8010_AA01);
         assert_eq!(_IOWR::<[u8; 64]>(0xAE, 0xd4), 0xC040_AED4);
+    }
+
+    #[test]
+    fn decodes_direction_and_size() {
+        let r = _IOWR::<[u8; 64]>(0xAE, 0xd4);
+        assert_eq!((_IOC_DIR(r), _IOC_SIZE(r)), (_IOC_READ | _IOC_WRITE, 64));
+        assert_eq!(
+            (_IOC_DIR(_IO(0xAE, 1)), _IOC_SIZE(_IO(0xAE, 1))),
+            (_IOC_NONE, 0)
+        );
     }
 }

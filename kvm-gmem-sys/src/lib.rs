@@ -45,10 +45,18 @@ pub use arch::numbers::*;
 pub use arch::uapi::*;
 
 /// The `const fn` encoders behind every request number: `_IOC`, `_IO`,
-/// `_IOR`, `_IOW`, `_IOWR`, with the target's field layout.
+/// `_IOR`, `_IOW`, `_IOWR` (and the decoders `_IOC_DIR`, `_IOC_SIZE`), with
+/// the target's field layout; with the `ioctl` feature, the checked call
+/// itself ([`ioctl_arg`](ioctl::ioctl_arg), [`ioctl_int`](ioctl::ioctl_int)).
 pub mod ioctl {
     pub use crate::arch::ioctl::*;
+    #[cfg(feature = "ioctl")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "ioctl")))]
+    pub use crate::call::*;
 }
+
+#[cfg(feature = "ioctl")]
+mod call;
 
 /// Definitions from RFC series that are not in any Linux release.
 ///
