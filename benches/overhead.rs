@@ -127,7 +127,7 @@ fn gmem_cases(bench: &mut Bench, samples: usize) {
             return;
         }
     };
-    let vm_fd = kvm_gmem::interop::vm_fd(&vm);
+    let vm_fd = &vm;
     let want = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
     let flags = if supported.contains(want) {
         want

@@ -29,7 +29,7 @@ use harness::{Bench, Row, Target, Unit, gbps, interleaved, max, median};
 use kvm_gmem::populate::{Populate, Report, Source, Strategy};
 use kvm_gmem::{GuestMemfd, GuestMemfdFlags, share};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -76,7 +76,6 @@ fn main() {
     let need = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
     let (gmem, shm_v, bound_v) = match harness::gmem_vm(need) {
         Ok((vm, _)) => {
-            let vm = kvm_gmem::interop::vm_fd(&vm);
             let (g, [shm, bound]) = GmemRuns::measure(
                 &vm,
                 size,
@@ -309,7 +308,7 @@ impl GmemRuns {
     /// (the candidates every host runs); returns theirs and the others'
     /// samples.
     fn measure(
-        vm: &impl AsFd,
+        vm: &impl kvm_gmem::VmOps,
         size: u64,
         samples: usize,
         src_bytes: &[u8],
@@ -535,7 +534,7 @@ fn fill_pattern(buf: &mut [u8]) {
     }
 }
 
-fn fresh(vm: &impl AsFd, size: u64) -> GuestMemfd {
+fn fresh(vm: &impl kvm_gmem::VmOps, size: u64) -> GuestMemfd {
     GuestMemfd::builder(size)
         .mmap(true)
         .init_shared(true)

@@ -7,21 +7,23 @@
 //! `KVM_GET_API_VERSION`, `KVM_CREATE_VM`, `KVM_CHECK_EXTENSION` (on `/dev/kvm`
 //! and on a default VM fd: the answers can differ per VM) and `UFFDIO_API`.
 //! Nothing is probed by behaviour: a capability number alone (245 above all)
-//! does not prove that a kernel has a feature.
+//! does not prove that a kernel has a feature. The KVM calls are made by
+//! kvm-gmem ([`Kvm`], [`VmOps::check_extension`]), the userfaultfd ones by
+//! uffd-gmem ([`Uffd::builder`]); this module only issues `uname(2)` and
+//! opens the userfaultfd node to report that step on its own.
 //!
 //! [`collect`] gathers a plain-data [`Report`]; [`render_table`] and
 //! [`render_json`] turn it into text. A missing or denied device is a row of
-//! the report, never a panic. Every fd is an [`OwnedFd`] closed before
-//! [`collect`] returns.
+//! the report, never a panic. Every fd is closed before [`collect`] returns.
 
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use kvm_gmem::{Cap, Kvm, VmOps, VmType};
 use kvm_gmem_sys as sys;
+use uffd_gmem::{Origin, Uffd};
 
 /// The KVM device node probed by default.
 pub const DEFAULT_KVM_PATH: &str = "/dev/kvm";
@@ -31,9 +33,6 @@ pub const DEFAULT_UFFD_PATH: &str = "/dev/userfaultfd";
 /// The VM type asked of `KVM_CREATE_VM`: the default VM on every architecture.
 pub const VM_TYPE: u64 = 0;
 
-/// The flags of every userfaultfd this probe creates.
-pub const UFFD_FLAGS: libc::c_int = libc::O_CLOEXEC | libc::O_NONBLOCK;
-
 // ---------------------------------------------------------------------------
 // Plain data
 // ---------------------------------------------------------------------------
@@ -42,11 +41,13 @@ pub const UFFD_FLAGS: libc::c_int = libc::O_CLOEXEC | libc::O_NONBLOCK;
 /// and, where the errno has a well-known meaning in its context, what it means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OsError {
-    /// The errno value.
-    pub errno: i32,
-    /// The symbolic name (`"ENOENT"`), or `"errno <n>"` when not in the table.
+    /// The errno value; `None` where the crate that made the call reported
+    /// the failure in words only.
+    pub errno: Option<i32>,
+    /// The symbolic name (`"ENOENT"`), or `"errno <n>"` when not in the table
+    /// (empty without an errno).
     pub name: String,
-    /// `strerror` text.
+    /// `strerror` text, or the crate's message without an errno.
     pub message: String,
     /// What this errno means for the call that failed, if known.
     pub hint: Option<&'static str>,
@@ -533,10 +534,20 @@ impl OsError {
         let suffix = format!(" (os error {errno})");
         let message = text.strip_suffix(&suffix).unwrap_or(&text).to_string();
         OsError {
-            errno,
+            errno: Some(errno),
             name: errno_name(errno).map_or_else(|| format!("errno {errno}"), str::to_string),
             message,
             hint: hint(ctx, errno),
+        }
+    }
+
+    /// A failure reported without an errno: `message` says what it was.
+    fn untyped(message: String) -> Self {
+        OsError {
+            errno: None,
+            name: String::new(),
+            message,
+            hint: None,
         }
     }
 
@@ -550,65 +561,42 @@ impl OsError {
         Self::new(ctx, err.raw_os_error().unwrap_or(libc::EIO))
     }
 
-    /// `ENOENT (errno 2): No such file or directory`.
+    /// A kvm-gmem failure in `ctx`: its errno, or its message.
+    fn from_kvm(ctx: Ctx, e: &kvm_gmem::Error) -> Self {
+        e.errno()
+            .map_or_else(|| Self::untyped(e.to_string()), |n| Self::new(ctx, n.0))
+    }
+
+    /// A uffd-gmem failure in `ctx`: its errno, or its message.
+    fn from_uffd(ctx: Ctx, e: &uffd_gmem::Error) -> Self {
+        e.errno()
+            .map_or_else(|| Self::untyped(e.to_string()), |n| Self::new(ctx, n.0))
+    }
+
+    /// `ENOTTY (25)`, or `no errno`.
+    pub fn code(&self) -> String {
+        match self.errno {
+            Some(n) => format!("{} ({n})", self.name),
+            None => "no errno".to_string(),
+        }
+    }
+
+    /// `ENOENT (errno 2): No such file or directory`, or the crate's message.
     pub fn short(&self) -> String {
-        format!("{} (errno {}): {}", self.name, self.errno, self.message)
+        match self.errno {
+            Some(n) => format!("{} (errno {n}): {}", self.name, self.message),
+            None => self.message.clone(),
+        }
     }
 }
 
-fn open_rdwr(path: &Path, ctx: Ctx) -> Outcome<OwnedFd> {
+fn open_rdwr(path: &Path, ctx: Ctx) -> Outcome<()> {
     OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_CLOEXEC)
         .open(path)
-        .map(OwnedFd::from)
+        .map(drop)
         .map_err(|e| OsError::from_io(ctx, &e))
-}
-
-/// The ioctls this module issues with an integer argument. The set is closed,
-/// which is what makes [`int_ioctl`] safe.
-#[derive(Debug, Clone, Copy)]
-enum IntIoctl {
-    /// `KVM_GET_API_VERSION` (argument 0).
-    GetApiVersion,
-    /// `KVM_CREATE_VM` (argument: the VM type); returns a new fd.
-    CreateVm(u64),
-    /// `KVM_CHECK_EXTENSION` (argument: the capability).
-    CheckExtension(u32),
-    /// `USERFAULTFD_IOC_NEW` (argument: the flags); returns a new fd.
-    UffdNew(libc::c_int),
-}
-
-/// Issues one of the integer-argument ioctls, retrying on `EINTR`.
-fn int_ioctl(fd: BorrowedFd<'_>, op: IntIoctl, ctx: Ctx) -> Outcome<libc::c_int> {
-    let (request, arg): (u32, libc::c_ulong) = match op {
-        IntIoctl::GetApiVersion => (sys::KVM_GET_API_VERSION, 0),
-        IntIoctl::CreateVm(vm_type) => (sys::KVM_CREATE_VM, vm_type as libc::c_ulong),
-        IntIoctl::CheckExtension(cap) => (sys::KVM_CHECK_EXTENSION, cap.into()),
-        IntIoctl::UffdNew(flags) => (sys::USERFAULTFD_IOC_NEW, flags as libc::c_ulong),
-    };
-    loop {
-        // SAFETY: `fd` is a live fd borrowed for the duration of the call, and
-        // every request in `IntIoctl` takes its argument as a plain integer by
-        // value: the kernel dereferences no pointer from it.
-        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg) };
-        if ret >= 0 {
-            return Ok(ret);
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINTR) {
-            return Err(OsError::from_io(ctx, &err));
-        }
-    }
-}
-
-/// Takes ownership of an fd that a successful call has just returned.
-fn own_new_fd(raw: libc::c_int) -> OwnedFd {
-    // SAFETY: `raw` is the non-negative return of a call that creates a new
-    // fd (KVM_CREATE_VM, USERFAULTFD_IOC_NEW, userfaultfd(2)); nothing else in
-    // this process knows it, so this OwnedFd is its sole owner and closes it.
-    unsafe { OwnedFd::from_raw_fd(raw) }
 }
 
 /// `uname(2)`: the kernel release and machine.
@@ -630,14 +618,10 @@ pub fn uname() -> Outcome<Kernel> {
 fn c_chars(field: &[libc::c_char]) -> String {
     let bytes: Vec<u8> = field
         .iter()
-        .map(|&c| c as u8)
+        .map(|&c| c.to_ne_bytes()[0])
         .take_while(|&b| b != 0)
         .collect();
     String::from_utf8_lossy(&bytes).into_owned()
-}
-
-fn check_extension(fd: BorrowedFd<'_>, cap: u32) -> Outcome<i32> {
-    int_ioctl(fd, IntIoctl::CheckExtension(cap), Ctx::KvmIoctl)
 }
 
 fn collect_kvm(path: &Path) -> KvmReport {
@@ -657,79 +641,42 @@ fn collect_kvm(path: &Path) -> KvmReport {
             })
             .collect(),
     };
-    let kvm = match open_rdwr(path, Ctx::KvmOpen) {
-        Ok(fd) => fd,
+    let kvm = match Kvm::open_path(path) {
+        Ok(kvm) => kvm,
         Err(e) => {
-            report.open = Err(e);
+            report.open = Err(OsError::from_kvm(Ctx::KvmOpen, &e));
             return report;
         }
     };
-    report.api_version = Some(int_ioctl(
-        kvm.as_fd(),
-        IntIoctl::GetApiVersion,
-        Ctx::KvmIoctl,
-    ));
-    let vm = int_ioctl(kvm.as_fd(), IntIoctl::CreateVm(VM_TYPE), Ctx::CreateVm).map(own_new_fd);
+    let ioctl = |e: kvm_gmem::Error| OsError::from_kvm(Ctx::KvmIoctl, &e);
+    report.api_version = Some(kvm.api_version().map_err(ioctl));
+    let vm = kvm
+        .create_vm(VmType(VM_TYPE))
+        .map_err(|e| OsError::from_kvm(Ctx::CreateVm, &e));
     for row in &mut report.caps {
-        row.system = Some(check_extension(kvm.as_fd(), row.cap));
+        row.system = Some(kvm.check_extension(Cap(row.cap)).map_err(ioctl));
         if let Ok(vm) = &vm {
-            row.vm = Some(check_extension(vm.as_fd(), row.cap));
+            row.vm = Some(vm.check_extension(Cap(row.cap)).map_err(ioctl));
         }
     }
     report.vm = Some(vm.map(drop));
     report
 }
 
-fn uffd_syscall() -> Outcome<OwnedFd> {
-    // SAFETY: userfaultfd(2) takes one integer argument (the flags) and no
-    // pointer.
-    let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, UFFD_FLAGS) };
-    if ret < 0 {
-        return Err(OsError::last(Ctx::UffdSyscall));
-    }
-    match libc::c_int::try_from(ret) {
-        Ok(raw) => Ok(own_new_fd(raw)),
-        // An fd always fits in an int; EOVERFLOW would describe the impossible.
-        Err(_) => Err(OsError::new(Ctx::UffdSyscall, libc::EOVERFLOW)),
-    }
-}
-
-fn uffdio_api(uffd: BorrowedFd<'_>) -> Outcome<UffdApi> {
-    let mut api = sys::uffdio_api {
-        api: sys::UFFD_API,
-        features: 0,
-        ioctls: 0,
-    };
-    loop {
-        // SAFETY: `uffd` is a live userfaultfd; `api` is a valid, exclusively
-        // borrowed `uffdio_api` that lives across the call, and UFFDIO_API
-        // reads and writes exactly `size_of::<uffdio_api>()` bytes (the size
-        // encoded in the request number).
-        let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), sys::UFFDIO_API as _, &raw mut api) };
-        if ret >= 0 {
-            return Ok(UffdApi {
-                api: api.api,
-                features: api.features,
-                ioctls: api.ioctls,
-            });
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINTR) {
-            return Err(OsError::from_io(Ctx::UffdApi, &err));
-        }
-    }
-}
-
 fn collect_uffd(path: &Path) -> UffdReport {
     open_uffd(path).0
 }
 
-/// Creates a userfaultfd as [`collect`] does (`USERFAULTFD_IOC_NEW` on
+/// Creates a userfaultfd as [`collect`] does and asks `UFFDIO_API`
+/// (features 0) on it: the report, and the userfaultfd when the handshake
+/// succeeded.
+///
+/// uffd-gmem's [`Uffd::builder`] makes the calls: `USERFAULTFD_IOC_NEW` on
 /// `path`, or the `userfaultfd(2)` fallback when the node is missing or
-/// denied) and asks `UFFDIO_API` (features 0) on it: the report, and the fd
-/// when one was created (ready for `UFFDIO_REGISTER` when `report.api` is
-/// `Some(Ok(_))`).
-pub fn open_uffd(path: &Path) -> (UffdReport, Option<OwnedFd>) {
+/// denied. The node is opened here first, for that step's own row; the
+/// syscall is tried only when that open fails with `ENOENT`, `EACCES` or
+/// `EPERM`.
+pub fn open_uffd(path: &Path) -> (UffdReport, Option<Uffd>) {
     let mut report = UffdReport {
         path: path.to_path_buf(),
         open: Ok(()),
@@ -738,36 +685,71 @@ pub fn open_uffd(path: &Path) -> (UffdReport, Option<OwnedFd>) {
         via: None,
         api: None,
     };
-    let mut uffd: Option<OwnedFd> = None;
-    match open_rdwr(path, Ctx::UffdOpen) {
-        Ok(dev) => {
-            match int_ioctl(dev.as_fd(), IntIoctl::UffdNew(UFFD_FLAGS), Ctx::UffdIocNew) {
-                Ok(raw) => {
-                    uffd = Some(own_new_fd(raw));
-                    report.via = Some(UffdVia::Device);
-                    report.ioc_new = Some(Ok(()));
-                }
-                Err(e) => report.ioc_new = Some(Err(e)),
-            }
-            // `dev` is closed here; the userfaultfd does not need it.
-        }
-        Err(e) => {
-            let fall_back = matches!(e.errno, libc::ENOENT | libc::EACCES | libc::EPERM);
-            report.open = Err(e);
-            if fall_back {
-                match uffd_syscall() {
-                    Ok(fd) => {
-                        uffd = Some(fd);
-                        report.via = Some(UffdVia::Syscall);
-                        report.syscall = Some(Ok(()));
-                    }
-                    Err(e) => report.syscall = Some(Err(e)),
-                }
-            }
+    if let Err(e) = open_rdwr(path, Ctx::UffdOpen) {
+        let fall_back = matches!(e.errno, Some(libc::ENOENT | libc::EACCES | libc::EPERM));
+        report.open = Err(e);
+        if !fall_back {
+            return (report, None);
         }
     }
-    report.api = uffd.as_ref().map(|fd| uffdio_api(fd.as_fd()));
-    (report, uffd)
+    let device = report.open.is_ok();
+    let created = Uffd::builder()
+        .device_path(path)
+        .non_blocking(true)
+        .create();
+    let (origin, api) = match created {
+        Ok(uffd) => (uffd.origin(), Ok(uffd)),
+        // Created by the route tried; the handshake failed.
+        Err(uffd_gmem::Error::Kernel {
+            op: "UFFDIO_API",
+            errno,
+        }) => {
+            let origin = if device {
+                Origin::Device
+            } else {
+                Origin::Syscall
+            };
+            (origin, Err(OsError::new(Ctx::UffdApi, errno.0)))
+        }
+        Err(e) if device => {
+            report.ioc_new = Some(Err(OsError::from_uffd(Ctx::UffdIocNew, &e)));
+            return (report, None);
+        }
+        Err(e) => {
+            report.syscall = Some(Err(OsError::from_uffd(Ctx::UffdSyscall, &e)));
+            return (report, None);
+        }
+    };
+    let via = match origin {
+        Origin::Device => UffdVia::Device,
+        _ => UffdVia::Syscall,
+    };
+    if device {
+        report.ioc_new = Some(match via {
+            UffdVia::Device => Ok(()),
+            UffdVia::Syscall => Err(OsError::untyped(
+                "refused with an errno uffd-gmem reads as a missing device; it fell back to \
+                 the userfaultfd(2) syscall"
+                    .to_string(),
+            )),
+        });
+    }
+    if via == UffdVia::Syscall {
+        report.syscall = Some(Ok(()));
+    }
+    report.via = Some(via);
+    report.api = Some(api.as_ref().map(uffd_api).map_err(OsError::clone));
+    (report, api.ok())
+}
+
+/// What `UFFDIO_API` answered on `uffd`.
+fn uffd_api(uffd: &Uffd) -> UffdApi {
+    UffdApi {
+        // UFFDIO_API writes back the api it accepted, UFFD_API.
+        api: sys::UFFD_API,
+        features: uffd.supported_features().map_or(0, |f| f.bits()),
+        ioctls: uffd.api_ioctls().map_or(0, |i| i.bits()),
+    }
 }
 
 /// Probes `kvm_path` and `uffd_path` (normally [`DEFAULT_KVM_PATH`] and
@@ -814,7 +796,7 @@ fn mask_value(v: u64) -> String {
 fn cap_cell(row: &CapRow, v: &Option<Outcome<i32>>) -> String {
     match v {
         None => "-".to_string(),
-        Some(Err(e)) => format!("error {} ({})", e.name, e.errno),
+        Some(Err(e)) => format!("error {}", e.code()),
         Some(Ok(v)) if row.is_mask() => format!("{v} ({:#x})", *v as u32),
         Some(Ok(v)) => v.to_string(),
     }
@@ -1097,8 +1079,11 @@ fn json_string(out: &mut String, s: &str) {
 pub fn json_error(e: &OsError) -> Json {
     Json::Obj(vec![
         ("ok", Json::Bool(false)),
-        ("errno", Json::Int(e.errno.into())),
-        ("errno_name", Json::str(&e.name)),
+        ("errno", e.errno.map_or(Json::Null, |n| Json::Int(n.into()))),
+        (
+            "errno_name",
+            e.errno.map_or(Json::Null, |_| Json::str(&e.name)),
+        ),
         ("message", Json::str(&e.message)),
         ("hint", e.hint.map_or(Json::Null, Json::str)),
     ])

@@ -6,19 +6,20 @@
 //! included, lives in the crate. The userfaultfd rows are read from the raw
 //! probe's `UFFDIO_API` answer (see `probe.rs`) until uffd-gmem has a typed
 //! report, plus one behavioural probe here: `UFFDIO_REGISTER` on a
-//! guest_memfd mapping.
+//! guest_memfd mapping, through uffd-gmem's
+//! [`Uffd::register_guest_memfd`](uffd_gmem::Uffd::register_guest_memfd).
 //!
 //! [`collect`] never panics. A device that does not open is part of the
 //! report: every row it decides reads "not supported", with the failure as
 //! its evidence. Every fd is closed before [`collect`] returns.
 
 use std::fmt::Write as _;
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use kvm_gmem::{Capabilities, GuestMemfd, Kvm, Row, Vm, VmType};
+use kvm_gmem::caps::{Row, unavailable_rows};
+use kvm_gmem::{Capabilities, GuestMemfd, Kvm, Vm, VmType};
 use kvm_gmem_sys as sys;
+use uffd_gmem::RegisterMode;
 
 use crate::probe::{self, Ctx, Json, Kernel, OsError, Outcome, UffdReport, UffdVia};
 
@@ -182,8 +183,8 @@ pub struct Report {
     pub kvm: KvmStatus,
     /// The userfaultfd device, as the raw probe saw it.
     pub uffd: UffdReport,
-    /// [`Capabilities::rows`], or [`Capabilities::unavailable_rows`]
-    /// when KVM could not be queried.
+    /// [`Capabilities::rows`], or [`unavailable_rows`] when KVM could not
+    /// be queried.
     pub kvm_rows: Vec<Row>,
     /// The userfaultfd rows: [`UFFD`], the feature bits, [`UFFD_ON_GMEM`].
     pub uffd_rows: Vec<Row>,
@@ -296,30 +297,6 @@ fn uffd_feature_rows(u: &UffdReport) -> Vec<Row> {
     rows
 }
 
-/// `ioctl(uffd, UFFDIO_REGISTER | UFFDIO_UNREGISTER, arg)`, retrying on
-/// `EINTR`.
-///
-/// # Safety
-///
-/// `arg` must point to a live, exclusively borrowed value of the type the
-/// request encodes (`uffdio_register` or `uffdio_range`).
-unsafe fn uffd_ioctl<T>(uffd: BorrowedFd<'_>, request: u32, arg: *mut T) -> Result<(), i32> {
-    loop {
-        // SAFETY: `uffd` is a live fd borrowed for the call; the caller
-        // guarantees that `arg` points to a live, exclusively borrowed value
-        // of the type and size the request encodes, which is all the kernel
-        // reads and writes.
-        let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), request as _, arg) };
-        if ret >= 0 {
-            return Ok(());
-        }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::EINTR) => continue,
-            errno => return Err(errno.unwrap_or(libc::EIO)),
-        }
-    }
-}
-
 fn errno_text(errno: i32) -> String {
     probe::errno_name(errno).map_or_else(|| format!("errno {errno}"), str::to_string)
 }
@@ -346,50 +323,33 @@ fn uffd_on_guest_memfd(vm: Result<&Vm, String>, uffd_path: &Path) -> Row {
         Err(e) => return no(&format!("the guest_memfd could not be mapped: {e}")),
     };
     let (report, uffd) = probe::open_uffd(uffd_path);
-    let uffd: OwnedFd = match (uffd, &report.api) {
-        (Some(fd), Some(Ok(_))) => fd,
-        _ => return no(&no_uffd(&report)),
+    let Some(uffd) = uffd else {
+        return no(&no_uffd(&report));
     };
-    let range = sys::uffdio_range {
-        start: map.addr(),
-        len: map.len() as u64,
+    let answered = |e: &uffd_gmem::Error| match e.errno() {
+        Some(n) => errno_text(n.0),
+        // register_guest_memfd's one refusal without an errno is EINVAL,
+        // read as the kernel lacking userfaultfd on guest_memfd.
+        None if e.is_unsupported() => errno_text(libc::EINVAL),
+        None => e.to_string(),
     };
-    let mut register = sys::uffdio_register {
-        range,
-        mode: sys::UFFDIO_REGISTER_MODE_MISSING,
-        ioctls: 0,
-    };
-    // SAFETY: `register` is a live, exclusively borrowed `uffdio_register`,
-    // the type UFFDIO_REGISTER encodes. Its range is exactly `map`, which
-    // lives until after the UNREGISTER below (and `uffd` is dropped first, so
-    // no registration outlives it); nothing accesses the mapping while it is
-    // registered, so no fault ever waits on this userfaultfd.
-    let registered = unsafe { uffd_ioctl(uffd.as_fd(), sys::UFFDIO_REGISTER, &raw mut register) };
-    let (supported, evidence) = match registered {
-        Err(errno) => (
+    // Nothing accesses the mapping while it is registered, so no fault ever
+    // waits on this userfaultfd; it is unregistered before `map` drops.
+    let (supported, evidence) = match uffd.register_guest_memfd(&map, RegisterMode::MISSING) {
+        Err(e) => (
             false,
             format!(
                 "UFFDIO_REGISTER on a guest_memfd mapping answered {}",
-                errno_text(errno)
+                answered(&e)
             ),
         ),
-        Ok(()) => {
-            let mut unregister = range;
-            // SAFETY: `unregister` is a live, exclusively borrowed
-            // `uffdio_range`, the type UFFDIO_UNREGISTER encodes, naming the
-            // range registered just above.
-            let undone =
-                unsafe { uffd_ioctl(uffd.as_fd(), sys::UFFDIO_UNREGISTER, &raw mut unregister) };
+        Ok(ioctls) => {
             let mut evidence = format!(
                 "UFFDIO_REGISTER (MISSING) on a guest_memfd mapping succeeded (range ioctls {:#x})",
-                register.ioctls
+                ioctls.bits()
             );
-            if let Err(errno) = undone {
-                let _ = write!(
-                    evidence,
-                    "; UFFDIO_UNREGISTER answered {}",
-                    errno_text(errno)
-                );
+            if let Err(e) = uffd.unregister(map.addr()..map.addr() + map.len() as u64) {
+                let _ = write!(evidence, "; UFFDIO_UNREGISTER answered {}", answered(&e));
             }
             (true, evidence)
         }
@@ -414,7 +374,7 @@ pub fn collect(kvm_path: &Path, uffd_path: &Path) -> Report {
         Ok((_kvm, vm, caps)) => (caps.rows(), None, uffd_on_guest_memfd(Ok(vm), uffd_path)),
         Err(f) => {
             let why = format!("{}: {}", kvm_path.display(), f.describe());
-            let rows = Capabilities::unavailable_rows(&format!("not probed: {why}"));
+            let rows = unavailable_rows(&format!("not probed: {why}"));
             (
                 rows,
                 Some(KvmFailure::clone(f)),

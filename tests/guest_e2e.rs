@@ -2,16 +2,18 @@
 //! process* populated through a received guest_memfd.
 //!
 //! 1. The test creates a VM (kvm-ioctls) and a guest_memfd with
-//!    `MMAP | INIT_SHARED` (kvm-gmem), maps it, and writes a small 16-bit
-//!    real-mode program into it.
+//!    `MMAP | INIT_SHARED` (kvm-gmem), maps it, and writes a small program
+//!    into it: 16-bit real mode on x86_64, EL1 with the MMU off on aarch64
+//!    (the vCPU setup of both is in `tests/guest/mod.rs`).
 //! 2. It re-executes this test binary as a child (`populator_child`), hands it
 //!    the guest_memfd over a Unix socket (`kvm_gmem::share::send`), and the
 //!    child — which has no VM — fills a 4 KiB data page with
 //!    `Populate::detached(..).run(..)` and answers with a "done" byte.
 //! 3. A memslot backed by the guest_memfd is installed with the
 //!    `MemoryRegion2` builder, and a vCPU runs the program: it checksums the
-//!    data page, stores the checksum at 0x3000, reports it on port 0x10 and
-//!    halts.
+//!    data page, stores the checksum at 0x3000, reports it (x86_64: `out` to
+//!    port 0x10; aarch64: a store to 1 MiB, where no memslot is, which exits
+//!    as MMIO) and stops (`hlt`; PSCI `SYSTEM_OFF`).
 //! 4. The checksum the guest reported, the one it stored (read back through
 //!    the host's `Mapping`) and the one computed on the host must all agree.
 //!
@@ -24,7 +26,8 @@
 //!   (`userspace_addr` 0), the code in ordinary anonymous memory. On a
 //!   hardware-virtualisation host the guest sees the data; under PVM (shadow
 //!   paging, as on the project's 6.18.44 machines) the read exits as MMIO at
-//!   the data's address. The test accepts exactly those two outcomes.
+//!   the data's address. The test accepts exactly those two outcomes on
+//!   x86_64; on aarch64 (stage-2 paging always) only the first.
 //!
 //! Without `/dev/kvm` the tests print `SKIP <test>: <why>` and pass, except
 //! under `CI=true`, where that is a failure. Where the kernel lacks guest_memfd
@@ -34,10 +37,10 @@
 
 #[path = "../kvm-gmem/tests/common/mod.rs"]
 mod common;
+mod guest;
 
-use kvm_bindings::kvm_regs;
 use kvm_gmem::populate::{Populate, Source};
-use kvm_gmem::{GuestMemfd, GuestMemfdFlags, MemoryRegion2, delete_memory_region};
+use kvm_gmem::{GuestMemfd, GuestMemfdFlags, MemoryRegion2, VmOps};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -46,8 +49,6 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Port the guest reports its checksum on.
-const PORT: u16 = 0x10;
 /// Guest physical addresses of the program, the data page and the result.
 const CODE_GPA: u64 = 0x1000;
 const DATA_GPA: u64 = 0x2000;
@@ -56,8 +57,9 @@ const DATA_LEN: usize = 0x1000;
 
 /// The guest: a rotate-and-add checksum over the 4 KiB at 0x2000 (16-bit
 /// real mode; `objdump -D -b binary -mi8086` shows it as below).
+#[cfg(target_arch = "x86_64")]
 #[rustfmt::skip]
-const GUEST_CODE: [u8; 28] = [
+const GUEST: guest::Program = &[
     0xbe, 0x00, 0x20, // mov si, 0x2000         ; DATA_GPA
     0xb9, 0x00, 0x10, // mov cx, 0x1000         ; DATA_LEN
     0x31, 0xc0,       // xor ax, ax
@@ -69,9 +71,33 @@ const GUEST_CODE: [u8; 28] = [
     0x49,             //       dec cx
     0x75, 0xf6,       //       jnz loop
     0xa3, 0x00, 0x30, // mov [0x3000], ax       ; RESULT_GPA
-    0xba, 0x10, 0x00, // mov dx, 0x10           ; PORT
+    0xba, 0x10, 0x00, // mov dx, 0x10           ; guest::PORT
     0xef,             // out dx, ax
     0xf4,             // hlt
+];
+
+/// The same checksum on aarch64, up to its report (assembled with
+/// aarch64-linux-gnu-as; `objdump -d` shows it as below). The loads use a
+/// register offset, no writeback, so that a load KVM cannot satisfy exits as
+/// MMIO.
+#[cfg(target_arch = "aarch64")]
+#[rustfmt::skip]
+const GUEST: guest::Program = &[
+    0xd2840000, //  0: mov  x0, #0x2000        ; DATA_GPA
+    0xd2800001, //  4: mov  x1, #0             ; i
+    0x52800002, //  8: mov  w2, #0             ; the 16-bit sum
+    0x38616803, //  c: ldrb w3, [x0, x1]
+    0x531f7844, // 10: lsl  w4, w2, #1         ; rotate the sum left by 1
+    0x2a423c82, // 14: orr  w2, w4, w2, lsr #15
+    0x0b030042, // 18: add  w2, w2, w3
+    0x12003c42, // 1c: and  w2, w2, #0xffff
+    0x91000421, // 20: add  x1, x1, #1
+    0xf140043f, // 24: cmp  x1, #0x1000        ; DATA_LEN
+    0x54ffff21, // 28: b.ne c
+    0xd2860005, // 2c: mov  x5, #0x3000        ; RESULT_GPA
+    0x790000a2, // 30: strh w2, [x5]
+    0xd2a00206, // 34: mov  x6, #0x100000      ; guest::REPORT_GPA
+    0x790000c2, // 38: strh w2, [x6]           ; the report: an MMIO exit
 ];
 
 /// What the guest computes, computed on the host.
@@ -119,15 +145,14 @@ fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
 /// capability skip (no guest_memfd, or a kernel before guest_memfd mmap,
 /// Linux 6.18).
 fn shared_gmem(vm: &VmFd, size: u64) -> Option<GuestMemfd> {
-    let vm = kvm_gmem::interop::vm_fd(vm);
     let want = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
-    if !common::has_guest_memfd(&vm, want) {
+    if !common::has_guest_memfd(vm, want) {
         return None;
     }
     Some(
         GuestMemfd::builder(size)
             .flags(want)
-            .create(&vm)
+            .create(vm)
             .expect("KVM_CREATE_GUEST_MEMFD"),
     )
 }
@@ -242,56 +267,37 @@ fn populator_child() {
     sock.write_all(b"d").expect("answer done");
 }
 
-/// A vCPU in real mode at `CODE_GPA`, flat segments.
-fn real_mode_vcpu(vm: &VmFd) -> VcpuFd {
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    let mut sregs = vcpu.get_sregs().expect("KVM_GET_SREGS");
-    for seg in [&mut sregs.cs, &mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
-        seg.base = 0;
-        seg.selector = 0;
-    }
-    vcpu.set_sregs(&sregs).expect("KVM_SET_SREGS");
-    let regs = kvm_regs {
-        rip: CODE_GPA,
-        rflags: 2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).expect("KVM_SET_REGS");
-    vcpu
-}
-
 /// How a guest run ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
-    /// `out` on PORT with this value, then `hlt`.
+    /// The guest reported this value, then stopped.
     Reported(u16),
     /// An MMIO read at this guest physical address.
     MmioRead(u64),
 }
 
-/// Runs until `hlt`; an MMIO read ends the run; any other exit fails the
-/// test.
+/// Runs until the guest stops; an MMIO read ends the run; any other exit
+/// fails the test.
 fn run_guest(vcpu: &mut VcpuFd) -> Outcome {
     let mut reported = None;
     for _ in 0..16 {
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) if port == PORT && data.len() == 2 => {
-                assert!(reported.is_none(), "the guest reported twice");
-                reported = Some(u16::from_le_bytes([data[0], data[1]]));
-            }
-            Ok(VcpuExit::Hlt) => {
-                return Outcome::Reported(reported.expect("the guest halted without reporting"));
-            }
-            Ok(VcpuExit::MmioRead(addr, _)) => return Outcome::MmioRead(addr),
-            Ok(other) => {
-                let exit = format!("{other:?}");
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                panic!("unexpected vCPU exit {exit} (rip {rip:#x})");
-            }
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
             Err(e) => panic!("KVM_RUN failed: {e}"),
+        };
+        if let Some(data) = guest::report(&exit) {
+            assert!(reported.is_none(), "the guest reported twice");
+            assert_eq!(data.len(), 2, "the guest reports 16 bits");
+            reported = Some(u16::from_le_bytes([data[0], data[1]]));
+        } else if guest::halted(&exit) {
+            return Outcome::Reported(reported.expect("the guest stopped without reporting"));
+        } else if let VcpuExit::MmioRead(addr, _) = exit {
+            return Outcome::MmioRead(addr);
+        } else {
+            panic!("unexpected vCPU exit {exit:?}");
         }
     }
-    panic!("the guest did not halt within 16 exits");
+    panic!("the guest did not stop within 16 exits");
 }
 
 fn seed() -> u64 {
@@ -312,7 +318,7 @@ fn guest_runs_from_populated_guest_memfd() {
         return;
     };
     let map = gmem.map().expect("map the guest_memfd");
-    map.write_at(CODE_GPA, &GUEST_CODE)
+    map.write_at(CODE_GPA, &guest::bytes(GUEST))
         .expect("write the guest code");
     map.fill(RESULT_GPA, 2, 0xee).unwrap();
 
@@ -337,9 +343,9 @@ fn guest_runs_from_populated_guest_memfd() {
     // first; KVM touches a slot's memory only for a running vCPU or an ioctl
     // on the VM, and none is issued after that, so the unmapping is never
     // observed.
-    unsafe { region.set(&kvm_gmem::interop::vm_fd(&vm)) }.expect("KVM_SET_USER_MEMORY_REGION2");
+    unsafe { vm.set_memory_region(&region) }.expect("KVM_SET_USER_MEMORY_REGION2");
 
-    let mut vcpu = real_mode_vcpu(&vm);
+    let mut vcpu = guest::vcpu(&vm, CODE_GPA);
     let outcome = run_guest(&mut vcpu);
     let want = checksum(&data);
     assert_eq!(
@@ -355,7 +361,7 @@ fn guest_runs_from_populated_guest_memfd() {
         "the guest's store at {RESULT_GPA:#x}, read through the Mapping"
     );
     drop(vcpu);
-    delete_memory_region(&kvm_gmem::interop::vm_fd(&vm), 0).expect("delete the slot");
+    vm.delete_memory_region(0).expect("delete the slot");
 }
 
 /// Anonymous memory for an ordinary memslot, unmapped on drop.
@@ -430,8 +436,7 @@ fn guest_memfd_only_memslot() {
     let data = data_page(seed);
 
     let anon = Anon::new(DATA_GPA as usize);
-    anon.write(CODE_GPA as usize, &GUEST_CODE);
-    let vm_b = kvm_gmem::interop::vm_fd(&vm);
+    anon.write(CODE_GPA as usize, &guest::bytes(GUEST));
     let code_slot = MemoryRegion2::builder(0, 0, DATA_GPA)
         .userspace_addr(anon.ptr as u64)
         .build()
@@ -445,11 +450,11 @@ fn guest_memfd_only_memslot() {
     // deleted below. On a panic before that, `vcpu` is dropped first; KVM
     // touches a slot's memory only for a running vCPU or an ioctl on the VM,
     // and none is issued after that, so the unmapping is never observed.
-    unsafe { code_slot.set(&vm_b) }.expect("set the code slot");
+    unsafe { vm.set_memory_region(&code_slot) }.expect("set the code slot");
     // SAFETY: a guest_memfd-only slot carries no userspace address.
-    unsafe { data_slot.set(&vm_b) }.expect("set the guest_memfd-only slot");
+    unsafe { vm.set_memory_region(&data_slot) }.expect("set the guest_memfd-only slot");
 
-    let mut vcpu = real_mode_vcpu(&vm);
+    let mut vcpu = guest::vcpu(&vm, CODE_GPA);
     let want = checksum(&data);
     match run_guest(&mut vcpu) {
         Outcome::Reported(sum) => {
@@ -471,25 +476,40 @@ fn guest_memfd_only_memslot() {
                 gpa, DATA_GPA,
                 "an MMIO exit is the known shadow-paging outcome only at the first data byte"
             );
-            // With the TDP MMU (7.3 under QEMU with NPT) KVM faults such a
-            // slot from the guest_memfd: an MMIO exit there is a failure.
-            let tdp_mmu = std::fs::read_to_string("/sys/module/kvm/parameters/tdp_mmu")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default();
-            assert_ne!(
-                tdp_mmu, "Y",
-                "KVM runs the TDP MMU, yet a guest_memfd-only slot gave an MMIO exit at {gpa:#x}"
-            );
-            println!(
-                "guest_memfd-only memslot not runnable on this host (shadow paging): MMIO exit at gpa {gpa:#x}"
-            );
-            common::skip_capability(
-                "KVM_TDP_MMU",
-                format_args!("{tdp_mmu:?} (kvm.tdp_mmu; shadow paging)"),
-            );
+            shadow_paging_skip(gpa);
         }
     }
     drop(vcpu);
-    delete_memory_region(&vm_b, 1).unwrap();
-    delete_memory_region(&vm_b, 0).unwrap();
+    vm.delete_memory_region(1).unwrap();
+    vm.delete_memory_region(0).unwrap();
+}
+
+/// A guest_memfd-only slot's first data byte exited as MMIO at `gpa`: the
+/// known outcome of shadow paging (PVM), a capability skip naming the TDP
+/// MMU. With the TDP MMU (7.3 under QEMU with NPT) KVM faults such a slot
+/// from the guest_memfd, so an MMIO exit there is a failure.
+#[cfg(target_arch = "x86_64")]
+fn shadow_paging_skip(gpa: u64) {
+    let tdp_mmu = std::fs::read_to_string("/sys/module/kvm/parameters/tdp_mmu")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    assert_ne!(
+        tdp_mmu, "Y",
+        "KVM runs the TDP MMU, yet a guest_memfd-only slot gave an MMIO exit at {gpa:#x}"
+    );
+    println!(
+        "guest_memfd-only memslot not runnable on this host (shadow paging): MMIO exit at gpa {gpa:#x}"
+    );
+    common::skip_capability(
+        "KVM_TDP_MMU",
+        format_args!("{tdp_mmu:?} (kvm.tdp_mmu; shadow paging)"),
+    );
+}
+
+/// arm64 KVM always pages its guests through stage 2, which faults a
+/// guest_memfd-only slot from the guest_memfd (Linux 6.18): an MMIO exit
+/// there is a failure.
+#[cfg(target_arch = "aarch64")]
+fn shadow_paging_skip(gpa: u64) {
+    panic!("a guest_memfd-only slot gave an MMIO exit at {gpa:#x} on aarch64");
 }

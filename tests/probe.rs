@@ -25,7 +25,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
-use kvm_gmem::{Capabilities, GuestMemfd, GuestMemfdFlags, Kvm, VmType};
+use kvm_gmem::{Capabilities, GuestMemfd, GuestMemfdFlags, Kvm, VmOps, VmType};
 use kvm_gmem_sys as sys;
 use probe::{CapKind, Report, UffdVia};
 
@@ -440,7 +440,12 @@ fn check_json(report: &Report) -> Json {
                     }
                 }
                 Some(Err(e)) => {
-                    assert_eq!(theirs.get("errno").u64(), e.errno as u64, "{}", row.name)
+                    assert_eq!(
+                        Some(theirs.get("errno").u64()),
+                        e.errno.map(|n| n as u64),
+                        "{}",
+                        row.name
+                    )
                 }
             }
         }
@@ -489,7 +494,7 @@ fn missing_devices_are_reported_with_errno_and_meaning() {
         .open
         .as_ref()
         .expect_err("a missing /dev/kvm opened");
-    assert_eq!((e.errno, e.name.as_str()), (libc::ENOENT, "ENOENT"));
+    assert_eq!((e.errno, e.name.as_str()), (Some(libc::ENOENT), "ENOENT"));
     assert!(e.hint.unwrap().contains("not a KVM host"), "{e:?}");
     assert_eq!(report.kvm.api_version, None);
     assert_eq!(report.kvm.vm, None);
@@ -507,7 +512,7 @@ fn missing_devices_are_reported_with_errno_and_meaning() {
         .open
         .as_ref()
         .expect_err("a missing /dev/userfaultfd opened");
-    assert_eq!((e.errno, e.name.as_str()), (libc::ENOENT, "ENOENT"));
+    assert_eq!((e.errno, e.name.as_str()), (Some(libc::ENOENT), "ENOENT"));
     assert_eq!(report.uffd.ioc_new, None);
     let syscall = report
         .uffd
@@ -568,16 +573,16 @@ fn wrong_device_node_gives_errors_not_panics() {
             .as_ref()
             .unwrap_err()
             .errno,
-        libc::ENOTTY
+        Some(libc::ENOTTY)
     );
     assert_eq!(
         report.kvm.vm.as_ref().unwrap().as_ref().unwrap_err().errno,
-        libc::ENOTTY
+        Some(libc::ENOTTY)
     );
     for row in &report.kvm.caps {
         assert_eq!(
             row.system.as_ref().unwrap().as_ref().unwrap_err().errno,
-            libc::ENOTTY
+            Some(libc::ENOTTY)
         );
         assert_eq!(row.vm, None);
     }
@@ -590,7 +595,7 @@ fn wrong_device_node_gives_errors_not_panics() {
             .as_ref()
             .unwrap_err()
             .errno,
-        libc::ENOTTY
+        Some(libc::ENOTTY)
     );
     assert_eq!(report.uffd.syscall, None, "no fallback when the node opens");
     assert_eq!(report.uffd.via, None);
@@ -999,7 +1004,10 @@ fn check_typed_json(report: &report::Report) -> Json {
         Some(f) => {
             assert_eq!(kvm.get("stage").str(), f.stage.as_str());
             if let Some(os) = &f.os {
-                assert_eq!(kvm.get("error").get("errno").u64(), os.errno as u64);
+                assert_eq!(
+                    Some(kvm.get("error").get("errno").u64()),
+                    os.errno.map(|n| n as u64)
+                );
             }
         }
     }
@@ -1018,7 +1026,7 @@ fn check_typed_json(report: &report::Report) -> Json {
     json
 }
 
-fn row<'a>(report: &'a report::Report, feature: &str) -> &'a kvm_gmem::Row {
+fn row<'a>(report: &'a report::Report, feature: &str) -> &'a kvm_gmem::caps::Row {
     report
         .rows()
         .map(|(_, r)| r)
@@ -1050,7 +1058,7 @@ fn typed_rows_equal_capabilities_query() {
 
     // The fallback rows (printed when KVM cannot be queried) name the
     // crate's features, in order.
-    let fallback: Vec<(&str, &str)> = Capabilities::unavailable_rows("x")
+    let fallback: Vec<(&str, &str)> = kvm_gmem::caps::unavailable_rows("x")
         .iter()
         .map(|r| (r.feature, r.origin))
         .collect();
@@ -1219,11 +1227,11 @@ fn typed_report_of_missing_devices() {
         .expect("a missing /dev/kvm opened");
     assert_eq!(f.stage, report::KvmStage::Open);
     let os = f.os.as_ref().expect("an errno");
-    assert_eq!((os.errno, os.name.as_str()), (libc::ENOENT, "ENOENT"));
+    assert_eq!((os.errno, os.name.as_str()), (Some(libc::ENOENT), "ENOENT"));
     assert!(os.hint.unwrap().contains("not a KVM host"));
 
     // Every KVM row, not supported, naming the open error.
-    let features = Capabilities::unavailable_rows("");
+    let features = kvm_gmem::caps::unavailable_rows("");
     assert_eq!(report.kvm_rows.len(), features.len());
     let cause = format!(
         "not probed: {MISSING_KVM}: cannot open: ENOENT (errno 2): No such file or directory"
@@ -1275,7 +1283,7 @@ fn typed_report_of_a_wrong_device_node() {
     let report = report::collect(Path::new("/dev/null"), Path::new("/dev/null"));
     let f = report.kvm.failure.as_ref().expect("/dev/null is no KVM");
     assert_eq!(f.stage, report::KvmStage::CreateVm);
-    assert_eq!(f.os.as_ref().unwrap().errno, libc::ENOTTY);
+    assert_eq!(f.os.as_ref().unwrap().errno, Some(libc::ENOTTY));
     assert!(report.rows().all(|(_, r)| !r.supported));
     for r in &report.kvm_rows {
         assert!(
@@ -1409,7 +1417,7 @@ fn command_line() {
     // demo's "OK" on any host with a userfaultfd. --raw: the raw probe.
     let out = gmem(&[]);
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
-    for f in Capabilities::unavailable_rows("") {
+    for f in kvm_gmem::caps::unavailable_rows("") {
         assert!(
             stdout.contains(f.feature),
             "no {:?} in:\n{stdout}",
@@ -1429,7 +1437,7 @@ fn command_line() {
     let population = "separate-process population";
     let gmem_shared = Kvm::open().ok().and_then(|kvm| {
         let vm = kvm.create_vm(VmType::DEFAULT).ok()?;
-        let flags = kvm_gmem::supported_flags(&vm).ok()?;
+        let flags = vm.guest_memfd_flags().ok()?;
         let cap = vm.check_extension(kvm_gmem::Cap::GUEST_MEMFD).ok()?;
         Some(cap > 0 && flags.contains(GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED))
     });

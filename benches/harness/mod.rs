@@ -447,7 +447,7 @@ pub fn kernel_release() -> String {
 /// A VM for the guest_memfd cases and the guest_memfd flags it accepts,
 /// which include `need`; `Err` says why those cases cannot run on this host
 /// (for [`Bench::skip`]). The VM is a kvm-ioctls `VmFd` (a baseline of the
-/// overhead target); give ours `kvm_gmem::interop::vm_fd(&vm)`.
+/// overhead target), which ours takes as it is (`kvm_gmem::VmOps`).
 pub fn gmem_vm(
     need: kvm_gmem::GuestMemfdFlags,
 ) -> Result<(kvm_ioctls::VmFd, kvm_gmem::GuestMemfdFlags), String> {
@@ -456,13 +456,13 @@ pub fn gmem_vm(
     let vm = kvm
         .create_vm()
         .map_err(|e| format!("KVM_CREATE_VM failed {} ({e})", on()))?;
-    let fd = kvm_gmem::interop::vm_fd(&vm);
-    match kvm_gmem::check_extension(&fd, kvm_gmem::Cap::GUEST_MEMFD) {
+    // VmFd has methods of the same names: call ours through the trait.
+    match kvm_gmem::VmOps::check_extension(&vm, kvm_gmem::Cap::GUEST_MEMFD) {
         Ok(v) if v > 0 => {}
         Ok(v) => return Err(format!("KVM_CAP_GUEST_MEMFD = {v} {}", on())),
         Err(e) => return Err(format!("KVM_CAP_GUEST_MEMFD unknown {}: {e}", on())),
     }
-    let flags = kvm_gmem::supported_flags(&fd)
+    let flags = kvm_gmem::VmOps::guest_memfd_flags(&vm)
         .map_err(|e| format!("KVM_CAP_GUEST_MEMFD_FLAGS unknown {}: {e}", on()))?;
     if !flags.contains(need) {
         return Err(format!(

@@ -15,8 +15,8 @@
 use arbitrary::Arbitrary;
 use kvm_gmem::populate::{Populate, Source, Strategy};
 use kvm_gmem::{
-    Error, GuestMemfd, GuestMemfdFlags, Kvm, MemoryRegion2, RegionFlags, Vm, VmType, page_size,
-    supported_flags,
+    Error, GuestMemfd, GuestMemfdFlags, Kvm, MemoryRegion2, RegionFlags, Vm, VmOps, VmType,
+    page_size,
 };
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
@@ -61,7 +61,7 @@ fn fixture() -> Option<&'static Fixture> {
     F.get_or_init(|| {
         let kvm = Kvm::open().ok()?;
         let vm = kvm.create_vm(VmType::DEFAULT).ok()?;
-        let offered = supported_flags(&vm).ok()?;
+        let offered = vm.guest_memfd_flags().ok()?;
         let p = page_size();
         let plain = GuestMemfd::builder(16 * p).create(&vm).ok()?;
         let both = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;

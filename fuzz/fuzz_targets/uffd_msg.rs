@@ -1,4 +1,4 @@
-//! Arbitrary bytes through `Msg::decode`: the whole input as one record,
+//! Arbitrary bytes through `Event::decode`: the whole input as one record,
 //! then every 32-byte record (and the short tail) with and without
 //! `UFFD_FEATURE_THREAD_ID`. Never a panic; every record that is not exactly
 //! one record, or is a page fault with contradictory kind flags, is a typed
@@ -16,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Mutex, OnceLock};
 use uffd_gmem::sys_bindings as sys;
-use uffd_gmem::{Access, Error, Event, EventBuffer, MSG_SIZE, Msg, Uffd};
+use uffd_gmem::{Access, Error, Event, EventBuffer, MSG_SIZE, Uffd};
 
 /// The pipe: the adopted read end, the write end, a reusable buffer.
 struct Pipe {
@@ -53,7 +53,7 @@ fn through_the_reader(data: &[u8]) {
     // the pipe's capacity, so the write is complete.
     let n = unsafe { libc::write(p.tx.as_raw_fd(), whole.as_ptr().cast(), whole.len()) };
     assert_eq!(n, whole.len() as isize);
-    let events: Vec<Event> = p
+    let events: Vec<Event<Uffd>> = p
         .uffd
         .read_events(&mut p.buf)
         .expect("read_events")
@@ -66,13 +66,13 @@ fn through_the_reader(data: &[u8]) {
                 assert_eq!(*event, rec[0]);
                 assert_eq!(&raw[..], rec);
             }
-            _ => assert!(Msg::decode(rec, false).is_ok()),
+            _ => assert!(Event::decode(rec, false).is_ok()),
         }
     }
 }
 
 fn check(rec: &[u8], tid: bool) {
-    let r = Msg::decode(rec, tid);
+    let r = Event::decode(rec, tid);
     if rec.len() != MSG_SIZE {
         assert!(
             matches!(
@@ -90,7 +90,7 @@ fn check(rec: &[u8], tid: bool) {
     let event = rec[0];
     let arg = |i: usize| u64::from_ne_bytes(rec[8 + 8 * i..16 + 8 * i].try_into().unwrap());
     match r {
-        Ok(Msg::Pagefault {
+        Ok(Event::Pagefault {
             access,
             address,
             thread_id,
@@ -102,23 +102,23 @@ fn check(rec: &[u8], tid: bool) {
             let write = arg(0) & sys::UFFD_PAGEFAULT_FLAG_WRITE != 0;
             assert_eq!(access == Access::Write, write);
         }
-        Ok(Msg::Fork { ufd }) => {
+        Ok(Event::Fork { uffd }) => {
             assert_eq!(event, sys::UFFD_EVENT_FORK);
-            assert_eq!(u64::from(ufd), arg(0) & 0xffff_ffff);
+            assert_eq!(u64::from(uffd), arg(0) & 0xffff_ffff);
         }
-        Ok(Msg::Remap { from, to, len }) => {
+        Ok(Event::Remap { from, to, len }) => {
             assert_eq!(event, sys::UFFD_EVENT_REMAP);
             assert_eq!((from, to, len), (arg(0), arg(1), arg(2)));
         }
-        Ok(Msg::Remove { start, end }) => {
+        Ok(Event::Remove { start, end }) => {
             assert_eq!(event, sys::UFFD_EVENT_REMOVE);
             assert_eq!((start, end), (arg(0), arg(1)));
         }
-        Ok(Msg::Unmap { start, end }) => {
+        Ok(Event::Unmap { start, end }) => {
             assert_eq!(event, sys::UFFD_EVENT_UNMAP);
             assert_eq!((start, end), (arg(0), arg(1)));
         }
-        Ok(Msg::Unknown { event: e, raw }) => {
+        Ok(Event::Unknown { event: e, raw }) => {
             assert_eq!(e, rec[0]);
             assert_eq!(&raw[..], rec);
             assert!(!(sys::UFFD_EVENT_PAGEFAULT..=sys::UFFD_EVENT_UNMAP).contains(&event));

@@ -1,8 +1,8 @@
 //! kvm-ioctls and kvm-gmem together: the VM and the vCPU come from
 //! kvm-ioctls, the guest memory from kvm-gmem.
 //!
-//! 1. `kvm_ioctls::Kvm::new()` and `create_vm()` make the VM;
-//!    `kvm_gmem::interop::vm_fd` lends its descriptor to kvm-gmem.
+//! 1. `kvm_ioctls::Kvm::new()` and `create_vm()` make the VM; a `VmFd` is a
+//!    `kvm_gmem::VmOps`, so kvm-gmem takes it as it is.
 //! 2. kvm-gmem creates a guest_memfd (`MMAP | INIT_SHARED`, Linux 6.18),
 //!    maps it, writes the guest's code, and makes it memory slot 0 with
 //!    `KVM_SET_USER_MEMORY_REGION2`.
@@ -15,11 +15,7 @@
 //! Run: `cargo run -p kvm-gmem --example kvm_ioctls_interop --features kvm-ioctls`
 //! (root, or a user with access to /dev/kvm). Exits non-zero on failure.
 
-use kvm_gmem::{
-    GuestMemfd, GuestMemfdFlags, MemoryAttributes, MemoryFault, MemoryRegion2,
-    delete_memory_region, interop, set_memory_attributes, supported_flags,
-};
-use std::os::fd::BorrowedFd;
+use kvm_gmem::{GuestMemfd, GuestMemfdFlags, MemoryAttributes, MemoryFault, MemoryRegion2, VmOps};
 use std::process::ExitCode;
 
 /// Guest memory: 2 MiB at guest physical address 0.
@@ -55,17 +51,16 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Res<()> {
-    // 1. kvm-ioctls owns the VM; kvm-gmem borrows its descriptor.
+    // 1. kvm-ioctls owns the VM; kvm-gmem works on it through `VmOps`.
     let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("kvm-ioctls: open /dev/kvm: {e}"))?;
     let vm = kvm
         .create_vm()
         .map_err(|e| format!("kvm-ioctls: KVM_CREATE_VM: {e}"))?;
-    let vm_fd: BorrowedFd<'_> = interop::vm_fd(&vm);
-    println!("kvm-ioctls VmFd -> kvm_gmem::interop::vm_fd: {vm_fd:?}");
+    println!("kvm-ioctls VmFd as kvm_gmem::VmOps: {:?}", vm.vm_fd());
 
     // 2. A guest_memfd the host can map.
     let want = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
-    let offered = supported_flags(&vm_fd)?;
+    let offered = vm.guest_memfd_flags()?;
     println!("KVM_CAP_GUEST_MEMFD_FLAGS on this VM: {offered}");
     if !offered.contains(want) {
         return Err(format!(
@@ -76,7 +71,7 @@ fn run() -> Res<()> {
     let gmem = GuestMemfd::builder(SIZE)
         .mmap(true)
         .init_shared(true)
-        .create(&vm_fd)?;
+        .create(&vm)?;
     let map = gmem.map()?;
     map.write_at(CODE_GPA, GUEST)?;
     println!(
@@ -94,14 +89,14 @@ fn run() -> Res<()> {
     // the end of `run` before `map` drops; on an early return `map` is
     // unmapped with the VM about to close and no vCPU running, so KVM never
     // uses the address.
-    unsafe { region.set(&vm_fd)? };
+    unsafe { vm.set_memory_region(&region)? };
     println!(
         "memslot 0 (KVM_SET_USER_MEMORY_REGION2): GPA 0..{SIZE:#x}, flags {:?}",
         region.flags()
     );
 
     // 3. The guest, on a kvm-ioctls vCPU.
-    run_guest(&vm, vm_fd)?;
+    run_guest(&vm)?;
     #[cfg(not(target_arch = "x86_64"))]
     map.write_at(RESULT_GPA, &MAGIC.to_le_bytes())?;
 
@@ -109,7 +104,7 @@ fn run() -> Res<()> {
     let mut stored = [0u8; 2];
     map.read_at(RESULT_GPA, &mut stored)?;
     let stored = u16::from_le_bytes(stored);
-    delete_memory_region(&vm_fd, 0)?;
+    vm.delete_memory_region(0)?;
     if stored != MAGIC {
         return Err(format!(
             "the guest stored {stored:#06x} at {RESULT_GPA:#x}, expected {MAGIC:#06x}"
@@ -121,7 +116,7 @@ fn run() -> Res<()> {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn run_guest(vm: &kvm_ioctls::VmFd, vm_fd: BorrowedFd<'_>) -> Res<()> {
+fn run_guest(vm: &kvm_ioctls::VmFd) -> Res<()> {
     use kvm_ioctls::VcpuExit;
     let mut vcpu = vm
         .create_vcpu(0)
@@ -152,7 +147,7 @@ fn run_guest(vm: &kvm_ioctls::VmFd, vm_fd: BorrowedFd<'_>) -> Res<()> {
                 };
             }
             Ok(exit) => match MemoryFault::from_vcpu_exit(&exit) {
-                Some(fault) => on_memory_fault(vm_fd, fault)?,
+                Some(fault) => on_memory_fault(vm, fault)?,
                 None => return Err(format!("unexpected exit: {exit:?}").into()),
             },
             // A memory fault is KVM_RUN failing with EFAULT plus exit data;
@@ -164,7 +159,7 @@ fn run_guest(vm: &kvm_ioctls::VmFd, vm_fd: BorrowedFd<'_>) -> Res<()> {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn run_guest(_vm: &kvm_ioctls::VmFd, _vm_fd: BorrowedFd<'_>) -> Res<()> {
+fn run_guest(_vm: &kvm_ioctls::VmFd) -> Res<()> {
     println!(
         "vCPU: skipped (the sample guest is x86 real-mode code); the host stores the word instead"
     );
@@ -177,7 +172,7 @@ fn run_guest(_vm: &kvm_ioctls::VmFd, _vm_fd: BorrowedFd<'_>) -> Res<()> {
 /// the range and re-enter. Only VM types with private memory (x86
 /// `KVM_X86_SW_PROTECTED_VM`, SEV-SNP, TDX) exit this way; this example's
 /// default VM never does.
-fn on_memory_fault(vm_fd: BorrowedFd<'_>, fault: MemoryFault) -> Res<()> {
+fn on_memory_fault(vm: &kvm_ioctls::VmFd, fault: MemoryFault) -> Res<()> {
     let to = if fault.is_private() {
         MemoryAttributes::PRIVATE
     } else {
@@ -187,6 +182,8 @@ fn on_memory_fault(vm_fd: BorrowedFd<'_>, fault: MemoryFault) -> Res<()> {
         "vCPU: memory fault at GPA {:#x} (+{:#x}), flags {:?}: converting to {to:?}",
         fault.gpa, fault.size, fault.flags
     );
-    set_memory_attributes(&vm_fd, fault.gpa..fault.gpa + fault.size, to)?;
+    // Named in full: VmFd's own set_memory_attributes (kvm-ioctls' raw
+    // struct) would win over the VmOps method.
+    VmOps::set_memory_attributes(vm, fault.gpa..fault.gpa + fault.size, to)?;
     Ok(())
 }

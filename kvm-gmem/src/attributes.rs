@@ -2,10 +2,10 @@
 
 use crate::error::{Errno, Error, Result};
 use crate::kvm::{Cap, check_extension};
-use crate::sys::{ioctl_ptr, page_size};
+use crate::sys::{ioctl_arg, page_size};
 use kvm_gmem_sys as sys;
 use std::ops::Range;
-use std::os::fd::AsFd;
+use std::os::fd::BorrowedFd;
 
 bitflags::bitflags! {
     /// `KVM_MEMORY_ATTRIBUTE_*`.
@@ -17,27 +17,17 @@ bitflags::bitflags! {
     }
 }
 
-/// The attributes `vm` supports: `KVM_CHECK_EXTENSION(KVM_CAP_MEMORY_ATTRIBUTES)`
-/// on the VM fd. On Linux 7.3, `/dev/kvm` may answer `PRIVATE` while a default
-/// VM answers 0: only the VM's answer counts for that VM.
-pub fn supported_attributes(vm: &impl AsFd) -> Result<MemoryAttributes> {
+/// The attributes `vm` supports; see
+/// [`VmOps::supported_attributes`](crate::VmOps::supported_attributes).
+pub(crate) fn supported(vm: BorrowedFd<'_>) -> Result<MemoryAttributes> {
     let v = check_extension(vm, Cap::MEMORY_ATTRIBUTES)?;
     Ok(MemoryAttributes::from_bits_retain(v.max(0) as u64))
 }
 
-/// `ioctl(vm, KVM_SET_MEMORY_ATTRIBUTES, &{gpa, size, attributes})`: sets
-/// `attributes` (replacing the previous ones) on the guest physical `range`
-/// (since Linux 6.8).
-///
-/// # Errors
-///
-/// [`Error::Invalid`] unless `range` is non-empty and page aligned;
-/// [`Error::Unsupported`] naming `KVM_CAP_MEMORY_ATTRIBUTES` when the VM does
-/// not support every requested attribute (or any, when clearing);
-/// [`Error::Kernel`] otherwise.
-#[doc(alias = "KVM_SET_MEMORY_ATTRIBUTES")]
-pub fn set_memory_attributes(
-    vm: &impl AsFd,
+/// `ioctl(vm, KVM_SET_MEMORY_ATTRIBUTES, ..)`; see
+/// [`VmOps::set_memory_attributes`](crate::VmOps::set_memory_attributes).
+pub(crate) fn set(
+    vm: BorrowedFd<'_>,
     range: Range<u64>,
     attributes: MemoryAttributes,
 ) -> Result<()> {
@@ -55,7 +45,7 @@ pub fn set_memory_attributes(
             ),
         ));
     }
-    let supported = supported_attributes(vm)?;
+    let supported = supported(vm)?;
     if supported.is_empty() || !supported.contains(attributes) {
         return Err(Error::Unsupported {
             op,
@@ -75,7 +65,7 @@ pub fn set_memory_attributes(
     };
     #[allow(unsafe_code)]
     // SAFETY: the request encodes `kvm_memory_attributes`, which holds no pointers.
-    let r = unsafe { ioctl_ptr(vm.as_fd(), sys::KVM_SET_MEMORY_ATTRIBUTES, &mut arg) };
+    let r = unsafe { ioctl_arg::<{ sys::KVM_SET_MEMORY_ATTRIBUTES }, _>(vm, &mut arg) };
     match r {
         Ok(_) => Ok(()),
         Err(e @ Errno(libc::ENOTTY)) => Err(Error::Unsupported {

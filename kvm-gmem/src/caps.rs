@@ -1,12 +1,15 @@
-//! The typed capability report: what this kernel and VM support, each with
-//! its evidence. Queried once; RFC features are confirmed by behaviour.
+//! Capability probing, all of it: the typed report ([`Capabilities`], also
+//! at the crate root), its rows ([`Row`], [`unavailable_rows`]), and every
+//! behavioural probe of an RFC feature. Queried once; a capability number
+//! alone is never taken as proof of an RFC feature.
 
 use crate::attributes::MemoryAttributes;
 use crate::error::{Errno, Result};
 use crate::gmem::GuestMemfdFlags;
-use crate::kvm::{Cap, Kvm, VmType, check_extension};
+use crate::kvm::{Cap, Kvm, VmType};
+use crate::vm::VmOps;
 use std::fmt;
-use std::os::fd::AsFd;
+use std::os::fd::BorrowedFd;
 
 /// Whether one feature is usable, and how the crate knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,8 +113,9 @@ impl Capabilities {
     /// # Errors
     ///
     /// [`crate::Error::Kernel`] if `KVM_CHECK_EXTENSION` itself fails.
-    pub fn query(kvm: &Kvm, vm: &impl AsFd, vm_type: VmType) -> Result<Capabilities> {
-        let vm_cap = |c: Cap| check_extension(vm, c);
+    pub fn query(kvm: &Kvm, vm: &impl VmOps, vm_type: VmType) -> Result<Capabilities> {
+        let vm = vm.vm_fd();
+        let vm_cap = |c: Cap| vm.check_extension(c);
         let flags =
             GuestMemfdFlags::from_bits_retain(vm_cap(Cap::GUEST_MEMFD_FLAGS)?.max(0) as u64);
         let scratch = kvm.create_vm(vm_type).ok();
@@ -143,10 +147,7 @@ impl Capabilities {
                 populate: probe::populate(vm),
                 gmem_write: probe::gmem_write(scratch.as_ref(), flags),
                 no_direct_map: probe::no_direct_map(scratch.as_ref(), flags),
-                kvm_userfault: probe::kvm_userfault(
-                    scratch.as_ref(),
-                    check_extension(vm, Cap(245)).unwrap_or(0),
-                ),
+                kvm_userfault: probe::kvm_userfault(vm, scratch.as_ref()),
             },
         })
     }
@@ -252,40 +253,40 @@ impl Capabilities {
             },
         ]
     }
+}
 
-    /// The rows of a report that could not be made (no `/dev/kvm`, no VM):
-    /// every feature of [`Capabilities::rows`], not supported, with `reason`
-    /// as the evidence.
-    pub fn unavailable_rows(reason: &str) -> Vec<Row> {
-        let no = || Support::no(reason);
-        let blank = Capabilities {
-            kernel_release: release(),
-            user_memory2: no(),
-            memory_fault_info: no(),
-            memory_attributes: MemoryAttributes::empty(),
-            memory_attributes_system: MemoryAttributes::empty(),
-            guest_memfd: no(),
-            vm_types: 0,
-            pre_fault_memory: no(),
-            guest_memfd_flags: GuestMemfdFlags::empty(),
-            nr_memslots: 0,
-            rfc: RfcSupport {
-                populate: no(),
-                gmem_write: no(),
-                no_direct_map: no(),
-                kvm_userfault: no(),
-            },
-        };
-        blank
-            .rows()
-            .into_iter()
-            .map(|r| Row {
-                supported: false,
-                evidence: reason.to_string(),
-                ..r
-            })
-            .collect()
-    }
+/// The rows of a report that could not be made (no `/dev/kvm`, no VM):
+/// every feature of [`Capabilities::rows`], not supported, with `reason`
+/// as the evidence.
+pub fn unavailable_rows(reason: &str) -> Vec<Row> {
+    let no = || Support::no(reason);
+    let blank = Capabilities {
+        kernel_release: release(),
+        user_memory2: no(),
+        memory_fault_info: no(),
+        memory_attributes: MemoryAttributes::empty(),
+        memory_attributes_system: MemoryAttributes::empty(),
+        guest_memfd: no(),
+        vm_types: 0,
+        pre_fault_memory: no(),
+        guest_memfd_flags: GuestMemfdFlags::empty(),
+        nr_memslots: 0,
+        rfc: RfcSupport {
+            populate: no(),
+            gmem_write: no(),
+            no_direct_map: no(),
+            kvm_userfault: no(),
+        },
+    };
+    blank
+        .rows()
+        .into_iter()
+        .map(|r| Row {
+            supported: false,
+            evidence: reason.to_string(),
+            ..r
+        })
+        .collect()
 }
 
 impl fmt::Display for Capabilities {
@@ -309,11 +310,33 @@ impl fmt::Display for Capabilities {
     }
 }
 
+/// `ioctl(vm, KVM_GUEST_MEMFD_POPULATE, {size: 0})`: the only way the crate
+/// issues request 0x4020AED6 without knowing what it means on this kernel
+/// (for [`Capabilities::query`] and before `Populate` uses the ioctl).
+#[cfg(feature = "rfc-populate")]
+pub(crate) fn populate_ioctl(vm: BorrowedFd<'_>) -> Result<(), Errno> {
+    use kvm_gmem_sys::rfc::populate as rfc;
+    let mut arg = rfc::kvm_guest_memfd_populate {
+        gpa: 0,
+        size: 0,
+        from: std::ptr::null_mut(),
+        flags: 0,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: the request encodes `kvm_guest_memfd_populate` (checked at
+    // compile time). With size 0 a POPULATE kernel copies nothing, and `from`
+    // is NULL; a kernel where the number is KVM_ASYNC_PF reads op 0 and
+    // refuses with EINVAL.
+    unsafe { crate::sys::ioctl_arg::<{ rfc::KVM_GUEST_MEMFD_POPULATE }, _>(vm, &mut arg) }
+        .map(|_| ())
+}
+
 /// The behavioural probes.
 mod probe {
     use super::*;
     use crate::gmem::GuestMemfd;
     use crate::kvm::Vm;
+    use std::os::fd::AsFd;
 
     fn errno_text(e: Errno) -> String {
         e.name()
@@ -325,8 +348,8 @@ mod probe {
     /// Firecracker's `KVM_ASYNC_PF` (same number) answers EINVAL, kernels with
     /// neither ENOTTY. The ioctl is never issued any other way before this.
     #[cfg(feature = "rfc-populate")]
-    pub(super) fn populate(vm: &impl AsFd) -> Support {
-        match crate::populate::probe_populate_ioctl(vm) {
+    pub(super) fn populate(vm: BorrowedFd<'_>) -> Support {
+        match populate_ioctl(vm) {
             Ok(()) => Support::yes("KVM_GUEST_MEMFD_POPULATE (0x4020aed6) with size 0 succeeded"),
             Err(Errno(libc::EINVAL)) => Support::no(
                 "ioctl 0x4020aed6 with size 0 answered EINVAL: the number is Firecracker's KVM_ASYNC_PF on this kernel",
@@ -339,7 +362,7 @@ mod probe {
     }
 
     #[cfg(not(feature = "rfc-populate"))]
-    pub(super) fn populate(_vm: &impl AsFd) -> Support {
+    pub(super) fn populate(_vm: BorrowedFd<'_>) -> Support {
         Support::no("not probed: the crate was built without feature rfc-populate")
     }
 
@@ -348,7 +371,7 @@ mod probe {
         let vm = scratch.ok_or("no scratch VM could be created")?;
         GuestMemfd::builder(crate::sys::page_size())
             .flags(GuestMemfdFlags::from_bits_retain(flags))
-            .create_unchecked(vm)
+            .create_unchecked(vm.as_fd())
             .map_err(|e| match e.errno() {
                 Some(n) => format!(
                     "KVM_CREATE_GUEST_MEMFD with flags {flags:#x} gave {}",
@@ -414,19 +437,56 @@ mod probe {
         }
     }
 
-    pub(super) fn kvm_userfault(scratch: Option<&Vm>, cap245: i32) -> Support {
-        let Some(vm) = scratch else {
+    /// A one-page memslot with `KVM_MEM_USERFAULT` and a bitmap on the
+    /// scratch VM, deleted again. The VM's answer for `KVM_CAP_USERFAULT`
+    /// (245) is reported but proves nothing: upstream gave the number to
+    /// `KVM_CAP_ARM_SEA_TO_USER`.
+    #[cfg(feature = "rfc-kvm-userfault")]
+    pub(super) fn kvm_userfault(vm: BorrowedFd<'_>, scratch: Option<&Vm>) -> Support {
+        use kvm_gmem_sys::rfc::kvm_userfault::{KVM_CAP_USERFAULT, KVM_MEM_USERFAULT};
+        let cap = vm.check_extension(Cap(KVM_CAP_USERFAULT)).unwrap_or(0);
+        let Some(scratch) = scratch else {
             return Support::no("not probed: no scratch VM could be created");
         };
-        let cap = format!("cap 245 = {cap245} (a number only, not evidence)");
-        match crate::sys::probe_userfault_memslot(vm) {
+        let cap = format!("cap {KVM_CAP_USERFAULT} = {cap} (a number only, not evidence)");
+        match userfault_memslot(scratch) {
             Ok(()) => Support::yes(format!(
                 "a memslot with KVM_MEM_USERFAULT and a bitmap was accepted; {cap}"
             )),
             Err(e) => Support::no(format!(
-                "KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_USERFAULT (1 << 3) answered {}; {cap}",
-                errno_text(e)
+                "KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_USERFAULT (1 << {}) answered {e}; {cap}",
+                KVM_MEM_USERFAULT.trailing_zeros()
             )),
         }
+    }
+
+    #[cfg(not(feature = "rfc-kvm-userfault"))]
+    pub(super) fn kvm_userfault(_vm: BorrowedFd<'_>, _scratch: Option<&Vm>) -> Support {
+        Support::no("not probed: the crate was built without feature rfc-kvm-userfault")
+    }
+
+    /// Sets slot 0 of `vm` to one page of scratch memory with a userfault
+    /// bitmap, and deletes it again; the errno (or the error) if refused.
+    #[cfg(feature = "rfc-kvm-userfault")]
+    fn userfault_memslot(vm: &Vm) -> Result<(), String> {
+        use crate::memslot::{MemoryRegion2, UserfaultBitmap};
+        let page = crate::sys::page_size();
+        // The slot's memory: the page-aligned page inside two of ours.
+        let mem = vec![0u8; 2 * page as usize];
+        let addr = (mem.as_ptr() as u64).next_multiple_of(page);
+        let bitmap = UserfaultBitmap::new(1, true);
+        let region = MemoryRegion2::builder(0, 0, page)
+            .userspace_addr(addr)
+            .userfault_bitmap(&bitmap)
+            .build()
+            .map_err(|e| e.to_string())?;
+        #[allow(unsafe_code)]
+        // SAFETY: `mem` and `bitmap` stay alive until after the slot is
+        // deleted below; no vCPU of the scratch VM runs meanwhile.
+        let set = unsafe { vm.set_memory_region(&region) };
+        if set.is_ok() {
+            let _ = vm.delete_memory_region(0);
+        }
+        set.map_err(|e| e.errno().map_or_else(|| e.to_string(), errno_text))
     }
 }

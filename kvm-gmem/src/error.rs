@@ -112,9 +112,9 @@ pub enum Error {
         /// The operation that was refused.
         op: &'static str,
         /// The offending flags.
-        unsupported: crate::GuestMemfdFlags,
+        unsupported: crate::gmem::GuestMemfdFlags,
         /// What the VM offers.
-        supported: crate::GuestMemfdFlags,
+        supported: crate::gmem::GuestMemfdFlags,
     },
     /// A message from another process (a guest_memfd hand-over) was malformed.
     #[error("{op}: {what}")]

@@ -4,7 +4,8 @@
 
 use crate::error::{Error, Result};
 use crate::kvm::{Cap, check_extension};
-use crate::sys::{ioctl_ptr, own_new_fd, page_size};
+use crate::sys::{ioctl_arg, own_new_fd, page_size};
+use crate::vm::VmOps;
 use kvm_gmem_sys as sys;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -51,10 +52,8 @@ impl std::fmt::Display for GuestMemfdFlags {
     }
 }
 
-/// The flags `vm` accepts: `KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD_FLAGS)`
-/// on the VM fd (0 before Linux 6.18). Bits the crate does not name are kept.
-#[doc(alias = "KVM_CAP_GUEST_MEMFD_FLAGS")]
-pub fn supported_flags(vm: &impl AsFd) -> Result<GuestMemfdFlags> {
+/// The flags `vm` accepts; see [`VmOps::guest_memfd_flags`].
+pub(crate) fn supported_flags(vm: BorrowedFd<'_>) -> Result<GuestMemfdFlags> {
     let v = check_extension(vm, Cap::GUEST_MEMFD_FLAGS)?;
     Ok(GuestMemfdFlags::from_bits_retain(v.max(0) as u64))
 }
@@ -120,7 +119,8 @@ impl GuestMemfdBuilder {
     /// [`Error::Unsupported`] when the kernel has no guest_memfd at all, and
     /// [`Error::Kernel`] for other refusals.
     #[doc(alias = "KVM_CREATE_GUEST_MEMFD")]
-    pub fn create(self, vm: &impl AsFd) -> Result<GuestMemfd> {
+    pub fn create(self, vm: &impl VmOps) -> Result<GuestMemfd> {
+        let vm = vm.vm_fd();
         let op = "KVM_CREATE_GUEST_MEMFD";
         let page = page_size();
         if self.size == 0 {
@@ -154,7 +154,7 @@ impl GuestMemfdBuilder {
 
     /// The ioctl alone, without the size and flag checks: for probes that
     /// want the kernel's own answer.
-    pub(crate) fn create_unchecked(self, vm: &impl AsFd) -> Result<GuestMemfd> {
+    pub(crate) fn create_unchecked(self, vm: BorrowedFd<'_>) -> Result<GuestMemfd> {
         let op = "KVM_CREATE_GUEST_MEMFD";
         let mut args = sys::kvm_create_guest_memfd {
             size: self.size,
@@ -163,7 +163,7 @@ impl GuestMemfdBuilder {
         };
         // SAFETY: KVM_CREATE_GUEST_MEMFD takes a `kvm_create_guest_memfd`
         // (the request encodes its size) and holds no pointers.
-        let raw = unsafe { ioctl_ptr(vm.as_fd(), sys::KVM_CREATE_GUEST_MEMFD, &mut args) }
+        let raw = unsafe { ioctl_arg::<{ sys::KVM_CREATE_GUEST_MEMFD }, _>(vm, &mut args) }
             .map_err(|e| Error::kernel(op, e))?;
         Ok(GuestMemfd {
             fd: own_new_fd(op, raw)?,
@@ -176,7 +176,7 @@ impl GuestMemfdBuilder {
 /// After the kernel refused to create a guest_memfd: the typed reason when
 /// the capabilities show one (no guest_memfd at all, or flags the VM does not
 /// offer).
-fn explain_refusal(vm: &impl AsFd, flags: GuestMemfdFlags) -> Result<Option<Error>> {
+fn explain_refusal(vm: BorrowedFd<'_>, flags: GuestMemfdFlags) -> Result<Option<Error>> {
     let op = "KVM_CREATE_GUEST_MEMFD";
     if check_extension(vm, Cap::GUEST_MEMFD)? == 0 {
         return Ok(Some(Error::Unsupported {
@@ -310,7 +310,7 @@ impl GuestMemfd {
     /// SIGBUS: the guest_memfd lacks `MMAP` (no mapping possible) or
     /// `INIT_SHARED` (every host fault is refused). [`Error::Kernel`] if
     /// `mmap` fails.
-    pub fn map(&self) -> Result<crate::Mapping> {
+    pub fn map(&self) -> Result<crate::mapping::Mapping> {
         crate::mapping::Mapping::new(self)
     }
 }

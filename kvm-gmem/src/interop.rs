@@ -1,20 +1,27 @@
 //! Interoperation with kvm-ioctls (feature `kvm-ioctls`).
 //!
-//! Every VM API of this crate takes any [`AsFd`](std::os::fd::AsFd); a
-//! `kvm_ioctls::VmFd` implements only `AsRawFd`, so [`vm_fd`] lends its
-//! descriptor for as long as the `VmFd` is borrowed.
+//! A `kvm_ioctls::VmFd` is a [`VmOps`]: pass `&vm_fd` wherever this crate
+//! takes a VM (`GuestMemfd::builder(..).create(&vm_fd)`) and call the VM
+//! operations on it. Two of them share a name with a `VmFd` method of its
+//! own, which method syntax picks first: call ours in full,
+//! `VmOps::check_extension(&vm_fd, cap)` and
+//! `VmOps::set_memory_attributes(&vm_fd, range, attributes)`.
+//!
+//! A `VcpuFd` implements only `AsRawFd`, so [`vcpu_fd`] lends its
+//! descriptor to [`crate::pre_fault_memory`].
 
 use crate::fault::MemoryFault;
+use crate::vm::VmOps;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-/// The VM descriptor of a kvm-ioctls `VmFd`, borrowed for the `VmFd`'s
-/// lifetime: pass it wherever this crate takes `&impl AsFd`.
-pub fn vm_fd(vm: &kvm_ioctls::VmFd) -> BorrowedFd<'_> {
-    #[allow(unsafe_code)]
-    // SAFETY: a VmFd owns its descriptor and keeps it open until dropped; the
-    // returned borrow cannot outlive `vm`.
-    unsafe {
-        BorrowedFd::borrow_raw(vm.as_raw_fd())
+impl VmOps for kvm_ioctls::VmFd {
+    fn vm_fd(&self) -> BorrowedFd<'_> {
+        #[allow(unsafe_code)]
+        // SAFETY: a VmFd owns its descriptor and keeps it open until dropped;
+        // the returned borrow cannot outlive `self`.
+        unsafe {
+            BorrowedFd::borrow_raw(self.as_raw_fd())
+        }
     }
 }
 
@@ -22,7 +29,8 @@ pub fn vm_fd(vm: &kvm_ioctls::VmFd) -> BorrowedFd<'_> {
 /// [`crate::pre_fault_memory`]), borrowed for the `VcpuFd`'s lifetime.
 pub fn vcpu_fd(vcpu: &kvm_ioctls::VcpuFd) -> BorrowedFd<'_> {
     #[allow(unsafe_code)]
-    // SAFETY: as in `vm_fd`: the VcpuFd owns its descriptor for its lifetime.
+    // SAFETY: the VcpuFd owns its descriptor and keeps it open until
+    // dropped; the returned borrow cannot outlive `vcpu`.
     unsafe {
         BorrowedFd::borrow_raw(vcpu.as_raw_fd())
     }

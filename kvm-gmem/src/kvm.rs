@@ -1,7 +1,8 @@
 //! `/dev/kvm` and VM handles, and `KVM_CHECK_EXTENSION`.
+#![allow(unsafe_code)]
 
 use crate::error::{Errno, Error, Result};
-use crate::sys::{ioctl_val, own_new_fd};
+use crate::sys::{ioctl_int, own_new_fd};
 use kvm_gmem_sys as sys;
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -33,14 +34,12 @@ impl Cap {
     pub const GUEST_MEMFD_FLAGS: Cap = Cap(sys::KVM_CAP_GUEST_MEMFD_FLAGS);
 }
 
-/// `ioctl(fd, KVM_CHECK_EXTENSION, cap)` on /dev/kvm or a VM fd: the
-/// capability's value (0 = not supported).
-///
-/// On a VM fd the answer can be specific to that VM (memory attributes,
-/// guest_memfd flags).
-#[doc(alias = "KVM_CHECK_EXTENSION")]
-pub fn check_extension(fd: &impl AsFd, cap: Cap) -> Result<i32> {
-    ioctl_val(fd.as_fd(), sys::KVM_CHECK_EXTENSION, cap.0 as u64)
+/// `ioctl(fd, KVM_CHECK_EXTENSION, cap)` on `/dev/kvm` or a VM fd: the one
+/// implementation behind [`Kvm::check_extension`] and
+/// [`VmOps::check_extension`](crate::VmOps::check_extension).
+pub(crate) fn check_extension(fd: BorrowedFd<'_>, cap: Cap) -> Result<i32> {
+    // SAFETY: KVM_CHECK_EXTENSION takes the capability number as its value.
+    unsafe { ioctl_int::<{ sys::KVM_CHECK_EXTENSION }>(fd, cap.0.into()) }
         .map_err(|e| Error::kernel("KVM_CHECK_EXTENSION", e))
 }
 
@@ -116,14 +115,18 @@ impl Kvm {
     /// `ioctl(kvm, KVM_GET_API_VERSION)`: 12 on every kernel since 2.6.22.
     #[doc(alias = "KVM_GET_API_VERSION")]
     pub fn api_version(&self) -> Result<i32> {
-        ioctl_val(self.fd.as_fd(), sys::KVM_GET_API_VERSION, 0)
+        // SAFETY: KVM_GET_API_VERSION takes no argument (0).
+        unsafe { ioctl_int::<{ sys::KVM_GET_API_VERSION }>(self.fd.as_fd(), 0) }
             .map_err(|e| Error::kernel("KVM_GET_API_VERSION", e))
     }
 
-    /// `ioctl(kvm, KVM_CHECK_EXTENSION, cap)`: the system-wide answer.
+    /// `ioctl(kvm, KVM_CHECK_EXTENSION, cap)`: the system-wide answer (0 =
+    /// not supported). A VM's own answer, which can differ (memory
+    /// attributes, guest_memfd flags), is
+    /// [`VmOps::check_extension`](crate::VmOps::check_extension).
     #[doc(alias = "KVM_CHECK_EXTENSION")]
     pub fn check_extension(&self, cap: Cap) -> Result<i32> {
-        check_extension(self, cap)
+        check_extension(self.fd.as_fd(), cap)
     }
 
     /// `ioctl(kvm, KVM_CREATE_VM, type)`: a new VM.
@@ -135,7 +138,8 @@ impl Kvm {
     #[doc(alias = "KVM_CREATE_VM")]
     pub fn create_vm(&self, ty: VmType) -> Result<Vm> {
         let op = "KVM_CREATE_VM";
-        match ioctl_val(self.fd.as_fd(), sys::KVM_CREATE_VM, ty.0) {
+        // SAFETY: KVM_CREATE_VM takes the VM type as its value.
+        match unsafe { ioctl_int::<{ sys::KVM_CREATE_VM }>(self.fd.as_fd(), ty.0) } {
             Ok(raw) => Ok(Vm {
                 fd: own_new_fd(op, raw)?,
             }),
@@ -171,9 +175,9 @@ impl AsRawFd for Kvm {
     }
 }
 
-/// A VM fd owned by this crate. Every API that needs a VM takes any
-/// [`AsFd`] instead, so a `kvm_ioctls::VmFd` works too (see
-/// the `interop` module (feature `kvm-ioctls`)).
+/// A VM fd owned by this crate. Its operations are the methods of
+/// [`VmOps`](crate::VmOps), which any VM fd has (a borrowed fd, and with
+/// feature `kvm-ioctls` a `kvm_ioctls::VmFd`).
 #[derive(Debug)]
 pub struct Vm {
     fd: OwnedFd,
@@ -183,12 +187,6 @@ impl Vm {
     /// Adopts a VM fd created elsewhere.
     pub fn from_owned_fd(fd: OwnedFd) -> Vm {
         Vm { fd }
-    }
-
-    /// `ioctl(vm, KVM_CHECK_EXTENSION, cap)`: this VM's answer.
-    #[doc(alias = "KVM_CHECK_EXTENSION")]
-    pub fn check_extension(&self, cap: Cap) -> Result<i32> {
-        check_extension(self, cap)
     }
 }
 

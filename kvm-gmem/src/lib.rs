@@ -1,27 +1,51 @@
+// Module dependencies, bottom up: a module uses only those listed for it,
+// and `error` (whose `UnsupportedFlags` names `gmem`'s flags type).
+//
+// - `sys`: none. Every raw system call of the crate; ioctls through
+//   kvm-gmem-sys's checked `ioctl_arg`/`ioctl_int`.
+// - `kvm`: `sys`. `/dev/kvm`, the `Vm` handle, `KVM_CHECK_EXTENSION`.
+// - `fault`: none. `attributes`, `prefault`: `sys`, `kvm`.
+// - `gmem`: `sys`, `kvm`, `mapping`, `vm` (the builder's bound only).
+// - `mapping`: `sys`, `gmem`. `memslot`: `sys`, `gmem`, `mapping`.
+// - `vm`: `kvm`, `gmem`, `memslot`, `attributes`. `VmOps`, whose methods
+//   only delegate to the module that owns each operation.
+// - `caps`: `sys`, `kvm`, `vm`, `gmem`, `memslot`, `attributes`. Every
+//   capability and RFC probe.
+// - `populate`: `sys`, `gmem`, `mapping`, `vm`, `caps` (the ioctl's probe).
+// - `share`: `sys`, `gmem`. `seccomp`: `populate` (its `Strategy`).
+// - `interop`: `vm`, `fault`.
+
 //! Typed, safe KVM **guest_memfd** API for VMM authors.
 //!
-//! - [`Kvm`] and [`Vm`] handles, and a typed [`Capabilities`] report queried
-//!   once, with every RFC feature confirmed by behaviour;
+//! - [`Kvm`] and [`Vm`] handles; [`VmOps`], the operations on any VM fd
+//!   (yours, a borrowed fd, a `kvm_ioctls::VmFd`);
+//! - [`Capabilities`], a typed report queried once, with every RFC feature
+//!   confirmed by behaviour ([`caps`]);
 //! - [`GuestMemfd::builder`] for `KVM_CREATE_GUEST_MEMFD`, with the size and
 //!   size rules checked before the ioctl and refused flags named; [`GuestMemfd::punch_hole`] and
 //!   [`GuestMemfd::allocate`];
 //! - [`Mapping`]: the host's view, which refuses to exist where any access
 //!   would raise SIGBUS, with volatile, bounds-checked copies;
-//! - [`MemoryRegion2`] for `KVM_SET_USER_MEMORY_REGION2` (`unsafe` exactly
-//!   where the kernel starts trusting a user address);
-//! - [`set_memory_attributes`], [`MemoryFault`] decoding and
+//! - [`MemoryRegion2`] for `KVM_SET_USER_MEMORY_REGION2`, set with
+//!   [`VmOps::set_memory_region`] (`unsafe` exactly where the kernel starts
+//!   trusting a user address);
+//! - [`VmOps::set_memory_attributes`], [`MemoryFault`] decoding and
 //!   [`pre_fault_memory`] with its partial progress;
 //! - [`populate`]: filling guest memory, by the VMM or another process
 //!   ([`share`]);
 //! - [`seccomp`]: the system calls and ioctl requests each feature needs,
 //!   for VMMs that run under a seccomp filter.
 //!
-//! Every API that needs a VM takes any [`AsFd`](std::os::fd::AsFd), so a
-//! `kvm_ioctls::VmFd` works (see the `interop` module, feature `kvm-ioctls`). Errors
-//! name the operation and the rule, the missing capability, or the errno.
+//! One rule for the call shape: what creates something is a builder that
+//! takes the VM (`GuestMemfd::builder(..).create(&vm)`,
+//! `Populate::new(&vm, ..)`), and what acts on an existing VM is a
+//! [`VmOps`] method (`vm.set_memory_region(&region)`). Both accept anything
+//! that is [`VmOps`], so a `kvm_ioctls::VmFd` works as is (feature
+//! `kvm-ioctls`). Errors name the operation and the rule, the missing
+//! capability, or the errno.
 //!
 //! ```no_run
-//! use kvm_gmem::{GuestMemfd, Kvm, MemoryRegion2, VmType};
+//! use kvm_gmem::{GuestMemfd, Kvm, MemoryRegion2, VmOps, VmType};
 //!
 //! # fn main() -> Result<(), kvm_gmem::Error> {
 //! let kvm = Kvm::open()?;
@@ -38,7 +62,7 @@
 //!     .build()?;
 //! // SAFETY: `map` outlives the VM, which is dropped first at the end of
 //! // this scope, so the slot never points at unmapped memory.
-//! unsafe { region.set(&vm)? };
+//! unsafe { vm.set_memory_region(&region)? };
 //! # Ok(())
 //! # }
 //! ```
@@ -67,7 +91,7 @@
 #![deny(unsafe_code)]
 
 mod attributes;
-mod caps;
+pub mod caps;
 mod error;
 mod fault;
 mod gmem;
@@ -79,23 +103,25 @@ mod prefault;
 pub mod seccomp;
 pub mod share;
 mod sys;
+mod vm;
 
 #[cfg(feature = "kvm-ioctls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kvm-ioctls")))]
 pub mod interop;
 
-pub use attributes::{MemoryAttributes, set_memory_attributes, supported_attributes};
-pub use caps::{Capabilities, RfcSupport, Row, Support};
+pub use attributes::MemoryAttributes;
+pub use caps::Capabilities;
 pub use error::{Errno, Error, Result};
 pub use fault::{MemoryFault, MemoryFaultFlags};
-pub use gmem::{GuestMemfd, GuestMemfdBuilder, GuestMemfdFlags, supported_flags};
-pub use kvm::{Cap, Kvm, Vm, VmType, check_extension};
+pub use gmem::{GuestMemfd, GuestMemfdBuilder, GuestMemfdFlags};
+pub use kvm::{Cap, Kvm, Vm, VmType};
 pub use mapping::Mapping;
 #[cfg(feature = "rfc-kvm-userfault")]
 pub use memslot::UserfaultBitmap;
-pub use memslot::{MemoryRegion2, MemoryRegion2Builder, RegionFlags, delete_memory_region};
+pub use memslot::{MemoryRegion2, MemoryRegion2Builder, RegionFlags};
 pub use prefault::{PreFault, pre_fault_memory};
 pub use sys::page_size;
+pub use vm::VmOps;
 
 /// The raw bindings this crate is built on.
 pub use kvm_gmem_sys as sys_bindings;

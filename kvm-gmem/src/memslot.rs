@@ -4,10 +4,10 @@
 use crate::error::{Error, Result};
 use crate::gmem::GuestMemfd;
 use crate::mapping::Mapping;
-use crate::sys::{ioctl_ptr, page_size};
+use crate::sys::{ioctl_arg, page_size};
 use kvm_gmem_sys as sys;
 use std::marker::PhantomData;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 bitflags::bitflags! {
     /// `KVM_MEM_*` flags of a memory slot.
@@ -88,27 +88,17 @@ impl MemoryRegion2<'_> {
         RegionFlags::from_bits_retain(self.raw.flags)
     }
 
-    /// `ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &region)`: creates or changes
-    /// the slot (since Linux 6.8).
+    /// `ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &region)`; see
+    /// [`VmOps::set_memory_region`](crate::VmOps::set_memory_region).
     ///
     /// # Safety
     ///
-    /// From here on the kernel trusts the userspace address: the memory at
-    /// `userspace_addr .. + size` (when one was given), and the userfault
-    /// bitmap (RFC), must stay mapped and must not be repurposed until the
-    /// slot is deleted ([`delete_memory_region`]) or the VM is destroyed. KVM
-    /// reads and writes that memory on the guest's behalf.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Kernel`] with the kernel's errno (e.g. `EEXIST` for an
-    /// overlapping slot, `EINVAL` for a guest_memfd range already bound).
-    #[doc(alias = "KVM_SET_USER_MEMORY_REGION2")]
-    pub unsafe fn set(&self, vm: &impl AsFd) -> Result<()> {
+    /// As for [`VmOps::set_memory_region`](crate::VmOps::set_memory_region).
+    pub(crate) unsafe fn set(&self, vm: BorrowedFd<'_>) -> Result<()> {
         let mut raw = self.raw;
-        // SAFETY: the request encodes the 160-byte struct `Raw` has (asserted
-        // above); the caller guarantees the user pointers inside it.
-        unsafe { ioctl_ptr(vm.as_fd(), sys::KVM_SET_USER_MEMORY_REGION2, &mut raw) }
+        // SAFETY: the request encodes the 160-byte struct `Raw` has (checked
+        // at compile time); the caller guarantees the user pointers inside it.
+        unsafe { ioctl_arg::<{ sys::KVM_SET_USER_MEMORY_REGION2 }, _>(vm, &mut raw) }
             .map_err(|e| Error::kernel("KVM_SET_USER_MEMORY_REGION2", e))?;
         Ok(())
     }
@@ -135,22 +125,16 @@ impl MemoryRegion2<'_> {
     }
 }
 
-/// `ioctl(vm, KVM_SET_USER_MEMORY_REGION2, {slot, memory_size: 0})`: deletes
-/// a slot. Safe: deleting makes the kernel stop using the memory.
-///
-/// # Errors
-///
-/// [`Error::Kernel`] with the kernel's errno.
-#[doc(alias = "KVM_SET_USER_MEMORY_REGION2")]
-pub fn delete_memory_region(vm: &impl AsFd, slot: u32) -> Result<()> {
+/// `ioctl(vm, KVM_SET_USER_MEMORY_REGION2, {slot, memory_size: 0})`; see
+/// [`VmOps::delete_memory_region`](crate::VmOps::delete_memory_region).
+pub(crate) fn delete(vm: BorrowedFd<'_>, slot: u32) -> Result<()> {
     let mut raw = sys::kvm_userspace_memory_region2 {
         slot,
         ..Default::default()
     };
-    #[allow(unsafe_code)]
     // SAFETY: a zero-sized slot holds no user pointer; the request encodes
-    // this struct.
-    unsafe { ioctl_ptr(vm.as_fd(), sys::KVM_SET_USER_MEMORY_REGION2, &mut raw) }
+    // this struct (checked at compile time).
+    unsafe { ioctl_arg::<{ sys::KVM_SET_USER_MEMORY_REGION2 }, _>(vm, &mut raw) }
         .map_err(|e| Error::kernel("KVM_SET_USER_MEMORY_REGION2", e))?;
     Ok(())
 }

@@ -56,6 +56,7 @@ use crate::error::{Errno, Error, Result};
 use crate::gmem::{GuestMemfd, GuestMemfdFlags};
 use crate::mapping::Mapping;
 use crate::sys::page_size;
+use crate::vm::VmOps;
 use std::fs::File;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -201,9 +202,9 @@ enum Outcome {
 impl<'a> Populate<'a> {
     /// Population by the VMM process, which owns `vm`: every strategy is
     /// possible (the ioctl also needs [`Populate::gpa_base`]).
-    pub fn new(vm: &'a impl AsFd, gmem: &'a GuestMemfd) -> Populate<'a> {
+    pub fn new(vm: &'a impl VmOps, gmem: &'a GuestMemfd) -> Populate<'a> {
         Populate {
-            vm: Some(vm.as_fd()),
+            vm: Some(vm.vm_fd()),
             gmem,
             strategy: Strategy::Auto,
             threads: None,
@@ -443,7 +444,7 @@ impl<'a> Populate<'a> {
 
     #[cfg(feature = "rfc-populate")]
     fn probe_ioctl(vm: BorrowedFd<'_>) -> Result<(), Unavailable> {
-        probe_populate_ioctl(&vm).map_err(|e| Unavailable::Unsupported {
+        crate::caps::populate_ioctl(vm).map_err(|e| Unavailable::Unsupported {
             capability: "KVM_GUEST_MEMFD_POPULATE",
             evidence: match e {
                 Errno(libc::EINVAL) => "the size-0 probe of ioctl 0x4020aed6 answered EINVAL: \
@@ -931,7 +932,8 @@ fn populate_ioctl_chunk(vm: BorrowedFd<'_>, gpa: u64, src: *const u8, len: u64) 
         // borrowed buffer or a live read-only mapping of the source file) in
         // this process; the kernel copies from it with copy_from_user and
         // keeps no reference after returning.
-        let r = unsafe { crate::sys::ioctl_ptr(vm, rfc::KVM_GUEST_MEMFD_POPULATE, &mut arg) };
+        let r =
+            unsafe { crate::sys::ioctl_arg::<{ rfc::KVM_GUEST_MEMFD_POPULATE }, _>(vm, &mut arg) };
         match r {
             // 0: all pages; a positive count: that many pages (partial progress).
             Ok(n) if n > 0 && (n as u64) < size / page => done += n as u64 * page,
@@ -952,25 +954,6 @@ fn populate_ioctl_chunk(vm: BorrowedFd<'_>, gpa: u64, src: *const u8, len: u64) 
 
 fn io_errno(e: &std::io::Error) -> Errno {
     Errno(e.raw_os_error().unwrap_or(libc::EIO))
-}
-
-/// `ioctl(vm, KVM_GUEST_MEMFD_POPULATE, {size: 0})`: the only way the crate
-/// issues request 0x4020AED6 without knowing what it means on this kernel.
-#[cfg(feature = "rfc-populate")]
-pub(crate) fn probe_populate_ioctl(vm: &impl AsFd) -> Result<(), Errno> {
-    use kvm_gmem_sys::rfc::populate as rfc;
-    let mut arg = rfc::kvm_guest_memfd_populate {
-        gpa: 0,
-        size: 0,
-        from: std::ptr::null_mut(),
-        flags: 0,
-    };
-    #[allow(unsafe_code)]
-    // SAFETY: the request encodes `kvm_guest_memfd_populate` (32 bytes). With
-    // size 0 a POPULATE kernel copies nothing, and `from` is NULL; a kernel
-    // where the number is KVM_ASYNC_PF reads op 0 and refuses with EINVAL.
-    unsafe { crate::sys::ioctl_ptr(vm.as_fd(), rfc::KVM_GUEST_MEMFD_POPULATE, &mut arg) }
-        .map(|_| ())
 }
 
 #[cfg(test)]

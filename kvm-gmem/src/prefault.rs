@@ -1,7 +1,8 @@
 //! `KVM_PRE_FAULT_MEMORY`: map guest memory before the guest touches it.
 
 use crate::error::{Errno, Error, Result};
-use crate::sys::{ioctl_ptr, page_size};
+use crate::kvm::{Cap, Kvm};
+use crate::sys::{ioctl_arg, page_size};
 use kvm_gmem_sys as sys;
 use std::ops::Range;
 use std::os::fd::AsFd;
@@ -34,6 +35,10 @@ impl PreFault {
 /// `size`; `EINTR` and `EAGAIN` are retried (bounded), any other error ends
 /// the call with [`PreFault::stopped`] set and the progress kept.
 ///
+/// A free function, not a [`VmOps`](crate::VmOps) method: it is a vCPU
+/// ioctl, and the crate has no vCPU type, so it takes any vCPU fd (a
+/// kvm-ioctls `VcpuFd` through `interop::vcpu_fd`).
+///
 /// # Errors
 ///
 /// [`Error::Invalid`] unless `range` is non-empty and page aligned (size 0
@@ -65,7 +70,7 @@ pub fn pre_fault_memory(vcpu: &impl AsFd, range: Range<u64>) -> Result<PreFault>
     loop {
         #[allow(unsafe_code)]
         // SAFETY: the request encodes `kvm_pre_fault_memory`, which holds no pointers.
-        let r = unsafe { ioctl_ptr(vcpu.as_fd(), sys::KVM_PRE_FAULT_MEMORY, &mut arg) };
+        let r = unsafe { ioctl_arg::<{ sys::KVM_PRE_FAULT_MEMORY }, _>(vcpu.as_fd(), &mut arg) };
         let remaining = arg.gpa..arg.gpa + arg.size;
         let done = arg.gpa - range.start;
         match r {
@@ -119,6 +124,6 @@ pub fn pre_fault_memory(vcpu: &impl AsFd, range: Range<u64>) -> Result<PreFault>
 /// `KVM_CHECK_EXTENSION(KVM_CAP_PRE_FAULT_MEMORY)` on `/dev/kvm`, when it
 /// can be opened (only on the error path: a vCPU fd cannot answer it).
 fn system_cap() -> Option<i32> {
-    let kvm = crate::Kvm::open().ok()?;
-    kvm.check_extension(crate::Cap::PRE_FAULT_MEMORY).ok()
+    let kvm = Kvm::open().ok()?;
+    kvm.check_extension(Cap::PRE_FAULT_MEMORY).ok()
 }

@@ -145,10 +145,10 @@ pub enum Feature {
     /// [`Kvm::open`](crate::Kvm::open) and
     /// [`Kvm::open_path`](crate::Kvm::open_path).
     OpenKvm,
-    /// [`Kvm::create_vm`](crate::Kvm::create_vm), [`check_extension`],
+    /// [`Kvm::create_vm`](crate::Kvm::create_vm),
+    /// [`Kvm::check_extension`](crate::Kvm::check_extension),
+    /// [`VmOps::check_extension`](crate::VmOps::check_extension),
     /// [`Kvm::api_version`](crate::Kvm::api_version).
-    ///
-    /// [`check_extension`]: crate::check_extension
     CreateVm,
     /// [`Capabilities::query`](crate::Capabilities::query): capability
     /// checks, and the behavioural RFC probes on a scratch VM (a guest_memfd
@@ -156,7 +156,7 @@ pub enum Feature {
     /// probe), and `/proc/sys/kernel/osrelease`.
     Capabilities,
     /// [`GuestMemfdBuilder::create`](crate::GuestMemfdBuilder::create) and
-    /// [`supported_flags`](crate::supported_flags).
+    /// [`VmOps::guest_memfd_flags`](crate::VmOps::guest_memfd_flags).
     CreateGuestMemfd,
     /// [`GuestMemfd::map`](crate::GuestMemfd::map), the [`Mapping`]'s
     /// copies, [`Mapping::populate_write`], and its drop.
@@ -167,11 +167,11 @@ pub enum Feature {
     /// [`GuestMemfd::punch_hole`](crate::GuestMemfd::punch_hole) and
     /// [`GuestMemfd::allocate`](crate::GuestMemfd::allocate).
     PunchHole,
-    /// [`MemoryRegion2::set`](crate::MemoryRegion2::set) and
-    /// [`delete_memory_region`](crate::delete_memory_region).
+    /// [`VmOps::set_memory_region`](crate::VmOps::set_memory_region) and
+    /// [`VmOps::delete_memory_region`](crate::VmOps::delete_memory_region).
     MemslotV2,
-    /// [`set_memory_attributes`](crate::set_memory_attributes) and
-    /// [`supported_attributes`](crate::supported_attributes).
+    /// [`VmOps::set_memory_attributes`](crate::VmOps::set_memory_attributes)
+    /// and [`VmOps::supported_attributes`](crate::VmOps::supported_attributes).
     MemoryAttributes,
     /// [`pre_fault_memory`](crate::pre_fault_memory) (on its error path it
     /// opens `/dev/kvm` to ask for `KVM_CAP_PRE_FAULT_MEMORY`).

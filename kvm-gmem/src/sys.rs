@@ -1,33 +1,42 @@
-//! The few raw calls the crate makes, each in one place.
+//! The few raw calls the crate makes, each in one place. The bottom layer:
+//! it uses only the crate's error type, never a module above it.
 #![allow(unsafe_code)]
 
 use crate::error::{Errno, Error, Result};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-/// `ioctl(fd, request, value)` with an integer argument.
-pub(crate) fn ioctl_val(fd: BorrowedFd<'_>, request: u32, value: u64) -> Result<i32, Errno> {
-    // SAFETY: the argument is passed by value, so the kernel reads no memory
-    // of ours; `fd` is a valid open descriptor for the borrow's duration.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, value as libc::c_ulong) };
-    if r < 0 { Err(Errno::last()) } else { Ok(r) }
-}
-
-/// `ioctl(fd, request, &mut arg)`.
+/// `ioctl(fd, REQ, arg)` through kvm-gmem-sys's checked call (the request
+/// encodes `T`, checked when this is compiled), the errno typed.
 ///
 /// # Safety
 ///
-/// `request` must encode an argument of type `T` (its size is `size_of::<T>()`
-/// and the kernel reads or writes at most that much), and any user pointers
-/// *inside* `arg` must satisfy what that ioctl requires of them.
-pub(crate) unsafe fn ioctl_ptr<T>(
+/// Every user pointer stored inside `arg` must be what request `REQ`
+/// requires of it (the kernel reads or writes through them).
+#[inline]
+pub(crate) unsafe fn ioctl_arg<const REQ: u32, T>(
     fd: BorrowedFd<'_>,
-    request: u32,
     arg: &mut T,
 ) -> Result<i32, Errno> {
-    // SAFETY: `arg` is a valid, exclusive `T` for the call; the caller
-    // guarantees `request` describes a `T` and the pointers inside it.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg as *mut T) };
-    if r < 0 { Err(Errno::last()) } else { Ok(r) }
+    // SAFETY: `fd` is open for the borrow; the caller vouches for the
+    // pointers inside `arg`.
+    unsafe { kvm_gmem_sys::ioctl::ioctl_arg::<REQ, T>(fd.as_raw_fd(), arg) }.map_err(Errno)
+}
+
+/// `ioctl(fd, REQ, value)` for a request without an argument struct, the
+/// errno typed.
+///
+/// # Safety
+///
+/// `value` must mean for request `REQ` what the caller intends (a few `_IO`
+/// requests take an address).
+#[inline]
+pub(crate) unsafe fn ioctl_int<const REQ: u32>(
+    fd: BorrowedFd<'_>,
+    value: u64,
+) -> Result<i32, Errno> {
+    // SAFETY: `fd` is open for the borrow; the caller vouches for `value`.
+    unsafe { kvm_gmem_sys::ioctl::ioctl_int::<REQ>(fd.as_raw_fd(), value as libc::c_ulong) }
+        .map_err(Errno)
 }
 
 /// Takes ownership of a descriptor the kernel just returned, and marks it
@@ -98,52 +107,4 @@ pub(crate) fn pwrite_zero_page(fd: BorrowedFd<'_>) -> Result<(), Errno> {
     // SAFETY: `page` is a readable buffer of `page.len()` bytes.
     let r = unsafe { libc::pwrite(fd.as_raw_fd(), page.as_ptr().cast(), page.len(), 0) };
     if r < 0 { Err(Errno::last()) } else { Ok(()) }
-}
-
-/// Whether `vm` accepts a one-page memslot with the KVM Userfault RFC flag
-/// (`KVM_MEM_USERFAULT`, bit 3) and a bitmap. The slot is deleted again.
-pub(crate) fn probe_userfault_memslot(vm: &crate::kvm::Vm) -> Result<(), Errno> {
-    use std::os::fd::AsFd;
-    const KVM_MEM_USERFAULT: u32 = 1 << 3;
-    let page = page_size() as usize;
-    // SAFETY: a fresh private anonymous mapping chosen by the kernel.
-    let mem = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            page,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if mem == libc::MAP_FAILED {
-        return Err(Errno::last());
-    }
-    let bitmap = [u64::MAX; 1];
-    let mut raw = kvm_gmem_sys::kvm_userspace_memory_region2 {
-        slot: 0,
-        flags: KVM_MEM_USERFAULT,
-        guest_phys_addr: 0,
-        memory_size: page as u64,
-        userspace_addr: mem as u64,
-        ..Default::default()
-    };
-    // pad2[0] is the RFC's `userfault_bitmap`.
-    raw.pad2[0] = bitmap.as_ptr() as u64;
-    // SAFETY: the request encodes this struct; `mem` and `bitmap` stay valid
-    // until the slot is deleted below, before either is released.
-    let r = unsafe {
-        ioctl_ptr(
-            vm.as_fd(),
-            kvm_gmem_sys::KVM_SET_USER_MEMORY_REGION2,
-            &mut raw,
-        )
-    };
-    if r.is_ok() {
-        let _ = crate::memslot::delete_memory_region(vm, 0);
-    }
-    // SAFETY: the mapping made above, no longer used by any slot.
-    unsafe { libc::munmap(mem, page) };
-    r.map(|_| ())
 }

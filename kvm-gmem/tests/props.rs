@@ -18,8 +18,7 @@ mod common;
 use common::{gmem_vm_or_skip, has_guest_memfd, header, lock, open_fds, vm_or_skip};
 use kvm_gmem::populate::{Populate, Source, Strategy as PopStrategy};
 use kvm_gmem::{
-    Error, GuestMemfd, GuestMemfdFlags, MemoryRegion2, RegionFlags, page_size, share,
-    supported_flags,
+    Error, GuestMemfd, GuestMemfdFlags, MemoryRegion2, RegionFlags, VmOps, page_size, share,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -219,7 +218,7 @@ fn guest_memfd_builder_arbitrary_sizes_and_flags() {
     // Without guest_memfd the kernel part is a capability skip, and the
     // property becomes: the rules checked before the ioctl, else Unsupported.
     let has = has_guest_memfd(&vm, GuestMemfdFlags::empty());
-    let offered = supported_flags(&vm).unwrap();
+    let offered = vm.guest_memfd_flags().unwrap();
     let op = "KVM_CREATE_GUEST_MEMFD";
     let p = page_size();
     runner(400)

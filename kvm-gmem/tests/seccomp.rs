@@ -24,8 +24,7 @@ use kvm_gmem::populate::{Populate, Source, Strategy};
 use kvm_gmem::seccomp::{Feature, Rule, rule, rules, thread_start};
 use kvm_gmem::{
     Capabilities, Error, GuestMemfd, GuestMemfdFlags, Kvm, MemoryAttributes, MemoryRegion2, Vm,
-    VmType, delete_memory_region, page_size, pre_fault_memory, set_memory_attributes,
-    supported_attributes,
+    VmOps, VmType, page_size, pre_fault_memory,
 };
 use kvm_gmem_sys as sys;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -202,7 +201,7 @@ fn create_guest_memfd(name: &str) {
     let (_kvm, vm) = setup(name);
     filter_for(&[Feature::CreateGuestMemfd]).install();
     let g = shared_gmem(name, &vm, 2 << 20);
-    let flags = kvm_gmem::supported_flags(&vm).unwrap_or_else(|e| fail(name, e));
+    let flags = vm.guest_memfd_flags().unwrap_or_else(|e| fail(name, e));
     if !flags.contains(g.flags()) {
         fail(name, "flags");
     }
@@ -252,8 +251,8 @@ fn memslot_v2(name: &str) {
     filter_for(&[Feature::MemslotV2]).install();
     // SAFETY: `m` outlives the slot, which is deleted right below (and the
     // process ends with _exit before anything is unmapped).
-    unsafe { region.set(&vm) }.unwrap_or_else(|e| fail(name, e));
-    delete_memory_region(&vm, 3).unwrap_or_else(|e| fail(name, e));
+    unsafe { vm.set_memory_region(&region) }.unwrap_or_else(|e| fail(name, e));
+    vm.delete_memory_region(3).unwrap_or_else(|e| fail(name, e));
     ok(name)
 }
 
@@ -261,13 +260,13 @@ fn memory_attributes(name: &str) {
     let (_kvm, vm) = setup(name);
     let p = page_size();
     filter_for(&[Feature::MemoryAttributes]).install();
-    let supported = supported_attributes(&vm).unwrap_or_else(|e| fail(name, e));
+    let supported = vm.supported_attributes().unwrap_or_else(|e| fail(name, e));
     let want = if supported.contains(MemoryAttributes::PRIVATE) {
         MemoryAttributes::PRIVATE
     } else {
         MemoryAttributes::empty()
     };
-    match set_memory_attributes(&vm, 0..p, want) {
+    match vm.set_memory_attributes(0..p, want) {
         Ok(()) => {}
         // A VM type without private memory: refused, after the calls ran.
         Err(e) if e.is_unsupported() => {}

@@ -29,9 +29,7 @@ mod common;
 
 use common::{assert_no_fd_leaks, has_guest_memfd, kvm_has_guest_memfd, page};
 use kvm_gmem::sys_bindings as sys;
-use kvm_gmem::{
-    Capabilities, Error, GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmType, supported_flags,
-};
+use kvm_gmem::{Capabilities, Error, GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmOps, VmType};
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -68,7 +66,7 @@ fn create_vm(kvm: &Kvm, ty: VmType) -> Vm {
 
 /// The flag sets of the per-flags suite, as the selftest driver picks them.
 fn flag_sets(vm: &Vm) -> Vec<GuestMemfdFlags> {
-    let supported = supported_flags(vm).expect("KVM_CAP_GUEST_MEMFD_FLAGS");
+    let supported = vm.guest_memfd_flags().expect("KVM_CAP_GUEST_MEMFD_FLAGS");
     let mut sets = vec![GuestMemfdFlags::empty()];
     if supported.contains(GuestMemfdFlags::MMAP) {
         sets.push(GuestMemfdFlags::MMAP);
@@ -240,7 +238,7 @@ fn case_flags(kvm: &Kvm) {
     let p = page();
     for ty in vm_types(kvm) {
         let vm = create_vm(kvm, ty);
-        let supported = supported_flags(&vm).expect("KVM_CAP_GUEST_MEMFD_FLAGS");
+        let supported = vm.guest_memfd_flags().expect("KVM_CAP_GUEST_MEMFD_FLAGS");
         let raw_cap = vm
             .check_extension(kvm_gmem::Cap::GUEST_MEMFD_FLAGS)
             .expect("check_extension");

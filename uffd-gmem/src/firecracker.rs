@@ -39,13 +39,13 @@
 //! The secret-hiding branch's later traffic on the same socket (bitcode
 //! framed fault requests, the exitless-APF message) is not handled here;
 //! [`Handshake::recv`] reads no further than the handshake itself.
-#![allow(unsafe_code)]
 
 use crate::error::{Errno, Error, Result};
-use crate::uffd::Uffd;
+use crate::sys;
+use crate::uffd::{USERFAULTFD_LINK, Uffd, proc_fd_link};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -199,26 +199,8 @@ impl PeerCred {
     ///
     /// [`Error::Kernel`] naming `getsockopt(SO_PEERCRED)`.
     pub fn of(stream: &UnixStream) -> Result<PeerCred> {
-        let mut cred = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
-        let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: `cred` is a writable ucred and `len` its size; the kernel
-        // writes at most `len` bytes.
-        let r = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&raw mut cred).cast(),
-                &mut len,
-            )
-        };
-        if r < 0 {
-            return Err(Error::kernel("getsockopt(SO_PEERCRED)", Errno::last()));
-        }
+        let cred = sys::peer_cred(stream.as_fd())
+            .map_err(|e| Error::kernel("getsockopt(SO_PEERCRED)", e))?;
         Ok(PeerCred {
             pid: cred.pid,
             uid: cred.uid,
@@ -507,24 +489,15 @@ const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
 /// where `/proc` is not mounted, only that it is an anonymous inode
 /// (`fstatfs`), which refuses files, memfds, pipes, sockets and devices.
 fn check_is_userfaultfd(fd: BorrowedFd<'_>) -> Result<()> {
-    match crate::uffd::proc_fd_link(fd) {
-        Some(target) if target.as_os_str() == crate::uffd::USERFAULTFD_LINK => Ok(()),
+    match proc_fd_link(fd) {
+        Some(target) if target.as_os_str() == USERFAULTFD_LINK => Ok(()),
         Some(target) => Err(protocol(format!(
             "the first fd is not a userfaultfd (it is {})",
             target.display()
         ))),
         None => {
-            // SAFETY: an all-zero `statfs` is a valid output buffer.
-            let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
-            // SAFETY: `fd` is open for the borrow; `sfs` is a writable statfs.
-            if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) } < 0 {
-                return Err(Error::kernel(
-                    "fstatfs(firecracker handshake)",
-                    Errno::last(),
-                ));
-            }
-            #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs between libcs
-            let f_type = sfs.f_type as i64;
+            let f_type = sys::fstatfs_type(fd)
+                .map_err(|e| Error::kernel("fstatfs(firecracker handshake)", e))?;
             if f_type == ANON_INODE_FS_MAGIC {
                 Ok(())
             } else {
@@ -555,105 +528,36 @@ fn wait_readable(fd: BorrowedFd<'_>, deadline: Option<(Instant, Duration)>) -> R
                 left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
             }
         };
-        let mut p = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the duration of the call.
-        let r = unsafe { libc::poll(&mut p, 1, ms) };
-        if r > 0 {
-            return Ok(());
-        }
-        if r < 0 {
-            match Errno::last() {
-                Errno(libc::EINTR) => continue,
-                e => return Err(Error::kernel("poll(firecracker handshake)", e)),
-            }
+        match sys::poll(&mut [sys::pollfd(fd, libc::POLLIN)], ms) {
+            Ok(0) | Err(Errno(libc::EINTR)) => {}
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(Error::kernel("poll(firecracker handshake)", e)),
         }
     }
 }
 
 /// One `recvmsg` into `buf`: the bytes read, whether the control data was
-/// truncated, and every fd received (owned at once).
+/// truncated, and every fd received (owned at once, so that each is closed
+/// on every path).
 fn recvmsg_once(
     fd: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> Result<(usize, bool)> {
-    // A u64 array keeps the control buffer aligned for cmsghdr.
-    const CTRL_WORDS: usize = 64;
-    let mut ctrl = [0u64; CTRL_WORDS];
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<libc::c_int>()) as u32) } as usize;
-    debug_assert!(space <= size_of_val(&ctrl));
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    loop {
-        // SAFETY: msghdr is plain data; all-zero is a valid (empty) value,
-        // and it spares naming the padding fields some targets have.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = ctrl.as_mut_ptr().cast();
+    let (n, flags) = loop {
         // Exactly room for MAX_FDS: the kernel closes any beyond it and sets
         // MSG_CTRUNC.
-        msg.msg_controllen = space as _;
-        // SAFETY: `msg` points at `iov` (describing `buf`) and `ctrl`, both
-        // live and writable for the call, with their true lengths.
-        let n = unsafe {
-            libc::recvmsg(
-                fd.as_raw_fd(),
-                &mut msg,
-                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            match Errno::last() {
-                Errno(libc::EINTR) => continue,
-                e => return Err(Error::kernel("recvmsg(firecracker handshake)", e)),
-            }
+        match sys::recvmsg_fds(fd, buf, MAX_FDS, fds) {
+            Err(Errno(libc::EINTR)) => continue,
+            r => break r.map_err(|e| Error::kernel("recvmsg(firecracker handshake)", e))?,
         }
-        // Take ownership of every fd before looking at anything else, so that
-        // each is closed on every path.
-        // SAFETY: `msg` was filled by the kernel; the CMSG_* accessors walk
-        // `ctrl` within msg_controllen.
-        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-        while !cmsg.is_null() {
-            // SAFETY: a non-null header returned by CMSG_FIRSTHDR/NXTHDR lies
-            // inside `ctrl`.
-            let hdr = unsafe { &*cmsg };
-            if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
-                // SAFETY: CMSG_LEN only computes a size.
-                let header = unsafe { libc::CMSG_LEN(0) } as usize;
-                let count =
-                    (hdr.cmsg_len as usize).saturating_sub(header) / size_of::<libc::c_int>();
-                // SAFETY: the data of this header holds `count` ints, inside
-                // `ctrl`.
-                let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<libc::c_int>();
-                for k in 0..count {
-                    // SAFETY: `k < count`, inside the data; it may be
-                    // unaligned for c_int, hence read_unaligned.
-                    let raw = unsafe { data.add(k).read_unaligned() };
-                    if raw >= 0 {
-                        // SAFETY: SCM_RIGHTS installed `raw` as a new fd in
-                        // this process; nothing else owns it.
-                        fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                    }
-                }
-            }
-            // SAFETY: as for CMSG_FIRSTHDR; `cmsg` is a header of `msg`.
-            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
-        }
-        if msg.msg_flags & libc::MSG_TRUNC != 0 {
-            return Err(protocol(format!(
-                "the handshake is larger than {MAX_PAYLOAD} bytes (MSG_TRUNC)"
-            )));
-        }
-        return Ok((n as usize, msg.msg_flags & libc::MSG_CTRUNC != 0));
+    };
+    if flags & libc::MSG_TRUNC != 0 {
+        return Err(protocol(format!(
+            "the handshake is larger than {MAX_PAYLOAD} bytes (MSG_TRUNC)"
+        )));
     }
+    Ok((n, flags & libc::MSG_CTRUNC != 0))
 }
 
 /// Reads one handshake message: the payload and its fds.
@@ -746,63 +650,21 @@ pub fn send_payload(stream: &UnixStream, payload: &[u8], fds: &[BorrowedFd<'_>])
             "fds need at least one payload byte to ride on",
         ));
     }
-    let fd_bytes = size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-    let mut ctrl = vec![0u64; space.div_ceil(8)];
     let mut sent = 0;
     while sent < payload.len() {
-        let rest = &payload[sent..];
-        let mut iov = libc::iovec {
-            iov_base: rest.as_ptr() as *mut libc::c_void,
-            iov_len: rest.len(),
-        };
-        // SAFETY: plain data; all-zero is a valid empty msghdr.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if sent == 0 && !fds.is_empty() {
-            msg.msg_control = ctrl.as_mut_ptr().cast();
-            msg.msg_controllen = space as _;
-            // SAFETY: `ctrl` is aligned and `space` bytes long, room for one
-            // header with `fd_bytes` of data: CMSG_FIRSTHDR is non-null and
-            // CMSG_DATA points at `fd_bytes` writable bytes.
-            unsafe {
-                let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                (*cmsg).cmsg_level = libc::SOL_SOCKET;
-                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
-                for (k, fd) in fds.iter().enumerate() {
-                    data.add(k).write_unaligned(fd.as_raw_fd());
+        // The fds ride on the first byte.
+        let with = if sent == 0 { fds } else { &[] };
+        match sys::sendmsg_fds(stream.as_fd(), &payload[sent..], with) {
+            Ok(n) => sent += n,
+            Err(Errno(libc::EINTR)) => {}
+            Err(Errno(libc::EAGAIN)) => {
+                match sys::poll(&mut [sys::pollfd(stream.as_fd(), libc::POLLOUT)], -1) {
+                    Ok(_) | Err(Errno(libc::EINTR)) => {}
+                    Err(e) => return Err(Error::kernel("poll(firecracker handshake)", e)),
                 }
             }
+            Err(e) => return Err(Error::kernel(op, e)),
         }
-        // SAFETY: `msg` points at `iov` (describing `rest`, read-only for
-        // sendmsg) and `ctrl`, live for the call.
-        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            match Errno::last() {
-                Errno(libc::EINTR) => continue,
-                Errno(libc::EAGAIN) => {
-                    let mut p = libc::pollfd {
-                        fd: stream.as_raw_fd(),
-                        events: libc::POLLOUT,
-                        revents: 0,
-                    };
-                    // SAFETY: `p` is one initialised pollfd, live for
-                    // the call (nfds = 1).
-                    if unsafe { libc::poll(&mut p, 1, -1) } < 0
-                        && Errno::last() != Errno(libc::EINTR)
-                    {
-                        return Err(Error::kernel("poll(firecracker handshake)", Errno::last()));
-                    }
-                    continue;
-                }
-                e => return Err(Error::kernel(op, e)),
-            }
-        }
-        sent += n as usize;
     }
     Ok(())
 }

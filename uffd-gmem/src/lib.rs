@@ -1,3 +1,17 @@
+// Module dependencies, bottom up: a module uses only those listed for it.
+//
+// - `sys`: none. Every raw system call of the crate; ioctls through
+//   kvm-gmem-sys's checked `ioctl_arg`/`ioctl_int`.
+// - `flags`: none.
+// - `error`: `flags`.
+// - `event`: `error`. Pure decoding: no descriptor, no system call.
+// - `uffd`: `sys`, `flags`, `error`, `event`. The fd: creation, ioctls,
+//   reading events, and adopting a fork record's descriptor only from a
+//   confirmed userfaultfd (the trust decision and its enforcement).
+// - `serve`: `sys`, `flags`, `error`, `event`, `uffd`.
+// - `firecracker`: `sys`, `error`, `uffd`.
+// - `seccomp`: none (kvm-gmem's seccomp types).
+
 //! Typed **userfaultfd** for VMMs: every Linux 7.3 feature, MINOR
 //! registration on guest_memfd mappings, and (next) a fault-serving building
 //! block that speaks Firecracker's handler protocol.
@@ -14,8 +28,10 @@
 //!   `Uffd::r#move`, [`Uffd::rwprotect`], [`Uffd::set_mode`]. `EEXIST` and
 //!   `EAGAIN` are their own errors, with the progress made; the kernel's
 //!   negative result fields are never mistaken for byte counts.
-//! - Events: a `Send`, `#[non_exhaustive]` [`Event`] read in batches into a
-//!   reusable [`EventBuffer`]; [`Msg::decode`] is the pure decoder.
+//! - Events: one `Send`, `#[non_exhaustive]` [`Event`] type: read in
+//!   batches into a reusable [`EventBuffer`] (`Event<Uffd>`, a fork's
+//!   userfaultfd owned), or decoded from bytes by the pure [`Event::decode`]
+//!   (`Event`, a fork's descriptor only a number).
 //! - [`serve`]: a multi-threaded fault server; [`firecracker`]: Firecracker's
 //!   UFFD handler handshake.
 //! - [`seccomp`]: the system calls and ioctl requests each feature needs,
@@ -60,9 +76,9 @@ mod sys;
 mod uffd;
 
 pub use error::{Errno, Error, Result};
-pub use event::{Access, Event, EventBuffer, FaultKind, MSG_SIZE, Msg};
+pub use event::{Access, Event, FaultKind, MSG_SIZE};
 pub use flags::{Features, Ioctls, Mode, RegisterMode};
-pub use uffd::{Origin, Uffd, UffdBuilder};
+pub use uffd::{EventBuffer, Origin, Uffd, UffdBuilder};
 
 /// The raw bindings this crate is built on.
 pub use kvm_gmem_sys as sys_bindings;

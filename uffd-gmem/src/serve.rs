@@ -28,11 +28,12 @@
 #![allow(unsafe_code)]
 
 use crate::error::{Errno, Error, Result};
-use crate::event::{Event, EventBuffer, FaultKind};
+use crate::event::{Event, FaultKind};
 use crate::flags::Mode;
-use crate::uffd::Uffd;
+use crate::sys;
+use crate::uffd::{EventBuffer, Uffd};
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -121,22 +122,10 @@ impl MappedFile {
                 "the snapshot file is empty",
             ));
         }
-        // SAFETY: a fresh read-only private mapping of a file we hold open.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Error::kernel("mmap(snapshot)", Errno::last()));
-        }
+        let ptr = sys::mmap_read_only(file.as_fd(), len as usize)
+            .map_err(|e| Error::kernel("mmap(snapshot)", e))?;
         Ok(MappedFile {
-            ptr: p.cast(),
+            ptr,
             len,
             _file: file,
         })
@@ -147,7 +136,7 @@ impl Drop for MappedFile {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `from_file`; no pointer into it outlives
         // the server, which holds this source in an Arc.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len as usize) };
+        unsafe { sys::munmap(self.ptr, self.len as usize) };
     }
 }
 
@@ -612,9 +601,9 @@ impl ServerBuilder {
                 ));
             }
         }
-        crate::sys::set_nonblocking(self.uffd.as_fd())
+        sys::set_nonblocking(self.uffd.as_fd())
             .map_err(|e| Error::kernel("fcntl(O_NONBLOCK)", e))?;
-        let wake = crate::sys::eventfd().map_err(|e| Error::kernel("eventfd", e))?;
+        let wake = sys::eventfd().map_err(|e| Error::kernel("eventfd", e))?;
         let window_pages = (self.fault_around / page).max(1);
         let window_pages = 1u64 << (63 - window_pages.leading_zeros());
         let regions = self
@@ -789,7 +778,7 @@ impl Drop for Server {
 
 fn stop_threads(shared: &Shared, threads: Vec<JoinHandle<()>>) -> Option<String> {
     shared.stop.store(true, Ordering::Release);
-    crate::sys::eventfd_signal(shared.wake.as_fd());
+    sys::eventfd_signal(shared.wake.as_fd());
     let mut panicked = None;
     for t in threads {
         if let Err(p) = t.join() {
@@ -925,7 +914,7 @@ impl Shared {
     fn stop_because(&self, why: &str) {
         lock(&self.stopped_because).get_or_insert_with(|| why.into());
         self.stop.store(true, Ordering::Release);
-        crate::sys::eventfd_signal(self.wake.as_fd());
+        sys::eventfd_signal(self.wake.as_fd());
     }
 
     fn error(&self, msg: String) {
@@ -1193,26 +1182,15 @@ impl Shared {
             Backing::Pwrite { fd, offset } => {
                 let mut written = 0usize;
                 while written < len {
+                    let at = offset + first * page + written as u64;
                     // SAFETY: `src + written` is valid for `len - written` bytes.
-                    let n = unsafe {
-                        libc::pwrite(
-                            fd.as_raw_fd(),
-                            src.add(written).cast(),
-                            len - written,
-                            (offset + first * page) as i64 + written as i64,
-                        )
-                    };
-                    if n < 0 {
-                        let e = Errno::last();
-                        if e.0 == libc::EINTR {
-                            continue;
-                        }
-                        return Err(format!("pwrite to the backing file: {e}"));
+                    let n = unsafe { sys::pwrite(fd.as_fd(), src.add(written), len - written, at) };
+                    match n {
+                        Ok(0) => return Err("pwrite to the backing file wrote nothing".into()),
+                        Ok(n) => written += n,
+                        Err(Errno(libc::EINTR)) => continue,
+                        Err(e) => return Err(format!("pwrite to the backing file: {e}")),
                     }
-                    if n == 0 {
-                        return Err("pwrite to the backing file wrote nothing".into());
-                    }
-                    written += n as usize;
                 }
                 Ok(())
             }
@@ -1340,7 +1318,7 @@ impl Shared {
         Some(total)
     }
 
-    fn handle(&self, ev: Event, buf: &mut Vec<u8>) {
+    fn handle(&self, ev: Event<Uffd>, buf: &mut Vec<u8>) {
         match ev {
             Event::Pagefault { kind, address, .. } => {
                 self.counters.faults.fetch_add(1, Ordering::Relaxed);
@@ -1546,32 +1524,16 @@ impl Shared {
 
     fn watch_closed(&self) -> bool {
         let Some(w) = &self.watch else { return false };
-        let mut p = libc::pollfd {
-            fd: w.as_raw_fd(),
-            events: libc::POLLIN | libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: `p` is one initialised pollfd, live for the call (nfds =
-        // 1); zero timeout.
-        let r = unsafe { libc::poll(&mut p, 1, 0) };
-        if r <= 0 {
+        let mut p = [sys::pollfd(w.as_fd(), libc::POLLIN | libc::POLLRDHUP)];
+        if !matches!(sys::poll(&mut p, 0), Ok(1..)) {
             return false;
         }
-        if p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0 {
+        if p[0].revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0 {
             return true;
         }
-        // Readable: data or end-of-file.
+        // Readable: data or end-of-file. MSG_PEEK leaves any data in place.
         let mut b = [0u8; 1];
-        // SAFETY: a one-byte buffer; MSG_PEEK leaves any data in place.
-        let n = unsafe {
-            libc::recv(
-                w.as_raw_fd(),
-                b.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n == 0
+        sys::recv(w.as_fd(), &mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT) == Ok(0)
     }
 }
 
@@ -1639,7 +1601,12 @@ fn worker(s: &Shared) {
             } else {
                 -1
             };
-            crate::sys::poll2(s.uffd.as_fd(), s.wake.as_fd(), timeout);
+            let mut p = [
+                sys::pollfd(s.uffd.as_fd(), libc::POLLIN),
+                sys::pollfd(s.wake.as_fd(), libc::POLLIN),
+            ];
+            // Errors (EINTR) only end the sleep early: the read below copes.
+            let _ = sys::poll(&mut p, timeout);
         }
         match s.uffd.read_events(&mut events) {
             Ok(batch) => {

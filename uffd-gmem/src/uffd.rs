@@ -1,14 +1,15 @@
-//! The userfaultfd handle: creation, the API handshake, ranges, resolving.
+//! The userfaultfd handle: creation, the API handshake, ranges, resolving,
+//! and reading events (where the descriptor a fork record names is adopted,
+//! only from a userfaultfd created here or confirmed).
 #![allow(unsafe_code)]
 
 use crate::error::{Errno, Error, Result};
-use crate::event::{Event, EventBuffer};
+use crate::event::{Event, MSG_SIZE};
 use crate::flags::{Features, Ioctls, Mode, RegisterMode};
+use crate::sys::ioctl;
 use kvm_gmem_sys as sys;
-use std::ffi::CString;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// How a userfaultfd was obtained.
@@ -79,17 +80,10 @@ impl UffdBuilder {
     /// missing or denied.
     fn open_raw(&self) -> Result<(OwnedFd, Origin)> {
         let flags = self.flags();
-        let device = match open_device(&self.device) {
-            Ok(dev) => {
-                match crate::sys::ioctl_val(dev.as_fd(), sys::USERFAULTFD_IOC_NEW, flags as u64) {
-                    Ok(raw) => {
-                        // SAFETY: USERFAULTFD_IOC_NEW returned a new descriptor
-                        // (non-negative); nothing else owns it.
-                        return Ok((unsafe { OwnedFd::from_raw_fd(raw) }, Origin::Device));
-                    }
-                    Err(e) => e,
-                }
-            }
+        let device = match open_device(&self.device)
+            .and_then(|dev| crate::sys::userfaultfd_ioc_new(dev.as_fd(), flags))
+        {
+            Ok(fd) => return Ok((fd, Origin::Device)),
             Err(e) => e,
         };
         if !matches!(
@@ -98,11 +92,9 @@ impl UffdBuilder {
         ) {
             return Err(Error::kernel("USERFAULTFD_IOC_NEW", device));
         }
-        // SAFETY: userfaultfd(2) takes only flags.
-        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-        if raw < 0 {
-            let e = Errno::last();
-            return Err(Error::Unsupported {
+        crate::sys::userfaultfd(flags)
+            .map(|fd| (fd, Origin::Syscall))
+            .map_err(|e| Error::Unsupported {
                 op: "userfaultfd(2)",
                 what: "userfaultfd",
                 evidence: format!(
@@ -114,11 +106,7 @@ impl UffdBuilder {
                         ""
                     }
                 ),
-            });
-        }
-        // SAFETY: the system call returned a new, non-negative descriptor
-        // that nothing else owns.
-        Ok((unsafe { OwnedFd::from_raw_fd(raw as i32) }, Origin::Syscall))
+            })
     }
 
     /// Creates the userfaultfd and performs the `UFFDIO_API` handshake.
@@ -138,7 +126,7 @@ impl UffdBuilder {
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API takes a `uffdio_api`, which holds no pointers.
-        match unsafe { crate::sys::ioctl_ptr(fd.as_fd(), sys::UFFDIO_API, &mut api) } {
+        match unsafe { ioctl::<{ sys::UFFDIO_API }, _>(fd.as_fd(), &mut api) } {
             Ok(_) => Ok(Uffd {
                 fd,
                 origin,
@@ -168,16 +156,15 @@ impl UffdBuilder {
     }
 }
 
+/// Opens the device read-write (and close-on-exec, as std always does).
 fn open_device(path: &Path) -> Result<OwnedFd, Errno> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno(libc::EINVAL))?;
-    // SAFETY: `c` is a valid NUL-terminated path for the call.
-    let raw = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: open(2) returned a new, non-negative descriptor that
-    // nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map(OwnedFd::from)
+        // Only a path with a NUL byte fails without an errno.
+        .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EINVAL)))
 }
 
 /// What `/proc/self/fd/N` names `fd`; `None` where it cannot be read
@@ -188,12 +175,6 @@ pub(crate) fn proc_fd_link(fd: BorrowedFd<'_>) -> Option<std::path::PathBuf> {
 
 /// What `/proc/self/fd/N` reads for a userfaultfd.
 pub(crate) const USERFAULTFD_LINK: &str = "anon_inode:[userfaultfd]";
-
-/// Whether `/proc/self/fd` names `fd` a userfaultfd; `None` where it cannot
-/// tell (`/proc` not mounted).
-pub(crate) fn proc_says_userfaultfd(fd: BorrowedFd<'_>) -> Option<bool> {
-    proc_fd_link(fd).map(|target| target.as_os_str() == USERFAULTFD_LINK)
-}
 
 /// An owned userfaultfd.
 #[derive(Debug)]
@@ -266,10 +247,9 @@ impl Uffd {
     /// only the kernel writes): read from any other fd, or where `/proc` is
     /// not mounted, a fork record is reported as [`Event::Unknown`] and the
     /// descriptor it names is left alone.
-    ///
-    /// [`Event::Unknown`]: crate::Event::Unknown
     pub fn from_initialized(fd: OwnedFd) -> Uffd {
-        let forks_trusted = proc_says_userfaultfd(fd.as_fd()) == Some(true);
+        let forks_trusted =
+            proc_fd_link(fd.as_fd()).is_some_and(|l| l.as_os_str() == USERFAULTFD_LINK);
         Uffd {
             fd,
             origin: Origin::Adopted,
@@ -370,7 +350,7 @@ impl Uffd {
         };
         // SAFETY: the request encodes `uffdio_register`; the caller vouches
         // for the range (see # Safety).
-        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_REGISTER, &mut arg) }
+        unsafe { ioctl::<{ sys::UFFDIO_REGISTER }, _>(self.fd.as_fd(), &mut arg) }
             .map_err(|e| Error::kernel(op, e))?;
         Ok(Ioctls::from_bits_retain(arg.ioctls))
     }
@@ -422,7 +402,7 @@ impl Uffd {
             len,
         };
         // SAFETY: the request encodes `uffdio_range`; no memory changes.
-        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_UNREGISTER, &mut arg) }
+        unsafe { ioctl::<{ sys::UFFDIO_UNREGISTER }, _>(self.fd.as_fd(), &mut arg) }
             .map_err(|e| Error::kernel(op, e))?;
         Ok(())
     }
@@ -443,7 +423,7 @@ impl Uffd {
             len,
         };
         // SAFETY: the request encodes `uffdio_range`; waking changes no memory.
-        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_WAKE, &mut arg) }
+        unsafe { ioctl::<{ sys::UFFDIO_WAKE }, _>(self.fd.as_fd(), &mut arg) }
             .map_err(|e| Error::kernel(op, e))?;
         Ok(())
     }
@@ -490,7 +470,7 @@ impl Uffd {
         };
         // SAFETY: the request encodes `uffdio_copy`; the caller guarantees
         // `src` is readable for `len` bytes.
-        let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_COPY, &mut arg) };
+        let r = unsafe { ioctl::<{ sys::UFFDIO_COPY }, _>(self.fd.as_fd(), &mut arg) };
         outcome(op, r, arg.copy, dst)
     }
 
@@ -526,7 +506,7 @@ impl Uffd {
         // SAFETY: the request encodes `uffdio_zeropage`; it writes zero pages
         // only into ranges registered on this fd, whose owner accepted that
         // when registering (an `unsafe` contract).
-        let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_ZEROPAGE, &mut arg) };
+        let r = unsafe { ioctl::<{ sys::UFFDIO_ZEROPAGE }, _>(self.fd.as_fd(), &mut arg) };
         outcome(op, r, arg.zeropage, range.start)
     }
 
@@ -566,7 +546,7 @@ impl Uffd {
         // pointer; it maps existing page-cache pages only into ranges
         // registered on this fd, whose owner accepted the kernel changing
         // them when registering (the `register` contract).
-        let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_CONTINUE, &mut arg) };
+        let r = unsafe { ioctl::<{ sys::UFFDIO_CONTINUE }, _>(self.fd.as_fd(), &mut arg) };
         outcome(op, r, arg.mapped, range.start)
     }
 
@@ -603,7 +583,7 @@ impl Uffd {
         };
         // SAFETY: the request encodes `uffdio_writeprotect`; protection
         // changes no contents.
-        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_WRITEPROTECT, &mut arg) }
+        unsafe { ioctl::<{ sys::UFFDIO_WRITEPROTECT }, _>(self.fd.as_fd(), &mut arg) }
             .map_err(|e| Error::kernel(op, e))?;
         Ok(())
     }
@@ -648,7 +628,7 @@ impl Uffd {
         // pointer; it affects only missing pages of ranges registered on
         // this fd (the `register` contract). A later access there raises
         // SIGBUS, a crash rather than a memory-safety violation.
-        let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_POISON, &mut arg) };
+        let r = unsafe { ioctl::<{ sys::UFFDIO_POISON }, _>(self.fd.as_fd(), &mut arg) };
         outcome(op, r, arg.updated, range.start)
     }
 
@@ -693,7 +673,7 @@ impl Uffd {
         };
         // SAFETY: the request encodes `uffdio_move`; the caller guarantees
         // the source pages may be taken away.
-        let r = unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_MOVE, &mut arg) };
+        let r = unsafe { ioctl::<{ sys::UFFDIO_MOVE }, _>(self.fd.as_fd(), &mut arg) };
         outcome(op, r, arg.move_, dst)
     }
 
@@ -733,7 +713,7 @@ impl Uffd {
         };
         // SAFETY: the request encodes `uffdio_rwprotect`; protection changes
         // no contents.
-        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_RWPROTECT, &mut arg) }
+        unsafe { ioctl::<{ sys::UFFDIO_RWPROTECT }, _>(self.fd.as_fd(), &mut arg) }
             .map_err(|e| Error::kernel(op, e))?;
         Ok(())
     }
@@ -773,7 +753,7 @@ impl Uffd {
             disable: disable.bits(),
         };
         // SAFETY: the request encodes `uffdio_set_mode`, which holds no pointers.
-        unsafe { crate::sys::ioctl_ptr(self.fd.as_fd(), sys::UFFDIO_SET_MODE, &mut arg) }
+        unsafe { ioctl::<{ sys::UFFDIO_SET_MODE }, _>(self.fd.as_fd(), &mut arg) }
             .map_err(|e| Error::kernel(op, e))?;
         Ok(())
     }
@@ -782,19 +762,76 @@ impl Uffd {
     /// fd with nothing pending it returns none; on a blocking fd it waits for
     /// at least one.
     ///
+    /// Every record becomes one event: one the crate cannot decode, and a
+    /// fork record whose descriptor is not adopted (see
+    /// [`Uffd::from_initialized`]), as [`Event::Unknown`].
+    ///
     /// # Errors
     ///
-    /// [`Error::Kernel`] for read errors; [`Error::Protocol`] for a record
-    /// the crate cannot decode (never for an unknown event type, which
-    /// becomes [`Event::Unknown`]).
-    pub fn read_events<'b>(&self, buf: &'b mut EventBuffer) -> Result<std::vec::Drain<'b, Event>> {
-        buf.fill(
-            self.fd.as_fd(),
-            self.enabled
-                .is_some_and(|f| f.contains(Features::THREAD_ID)),
-            self.forks_trusted,
-        )?;
-        Ok(buf.drain())
+    /// [`Error::Kernel`] for read errors; [`Error::Protocol`] when the read
+    /// returns a partial record.
+    pub fn read_events<'b>(
+        &self,
+        buf: &'b mut EventBuffer,
+    ) -> Result<std::vec::Drain<'b, Event<Uffd>>> {
+        let op = "read(userfaultfd)";
+        buf.events.clear();
+        let n = loop {
+            match crate::sys::read(self.fd.as_fd(), &mut buf.raw) {
+                Ok(n) => break n,
+                Err(Errno(libc::EINTR)) => continue,
+                Err(Errno(libc::EAGAIN)) => break 0,
+                Err(e) => return Err(Error::kernel(op, e)),
+            }
+        };
+        let (records, rest) = buf.raw[..n].as_chunks::<MSG_SIZE>();
+        if !rest.is_empty() {
+            return Err(Error::Protocol {
+                op,
+                what: format!("read returned {n} bytes, not a multiple of {MSG_SIZE}"),
+            });
+        }
+        let thread_id = self
+            .enabled
+            .is_some_and(|f| f.contains(Features::THREAD_ID));
+        for rec in records {
+            // A record the crate cannot decode still reaches the caller, raw,
+            // so that no event is lost.
+            let ev = Event::decode_with(rec, thread_id, |ufd| self.adopt_fork(ufd)).unwrap_or(
+                Event::Unknown {
+                    event: rec[0],
+                    raw: *rec,
+                },
+            );
+            buf.events.push(ev);
+        }
+        Ok(buf.events.drain(..))
+    }
+
+    /// Takes ownership of the descriptor a fork record read from this fd
+    /// names, when it can be trusted to be one the kernel just installed:
+    /// this fd is a userfaultfd (created here or confirmed through `/proc`,
+    /// so only the kernel writes its records) and the number is a possible
+    /// descriptor. Anything else could name, and so close, any fd of this
+    /// process: `None`, and the number is left alone.
+    fn adopt_fork(&self, ufd: u32) -> Option<Uffd> {
+        if !self.forks_trusted {
+            return None;
+        }
+        let raw = i32::try_from(ufd).ok()?;
+        // SAFETY: the record comes from a userfaultfd, so the kernel wrote it
+        // and installed descriptor `raw` in our table for this event; nothing
+        // else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // The kernel gives the child's userfaultfd the parent's features.
+        Some(Uffd {
+            fd,
+            origin: Origin::Adopted,
+            forks_trusted: true,
+            enabled: self.enabled,
+            supported: self.supported,
+            ioctls: self.ioctls,
+        })
     }
 
     /// Reads one event, if any (see [`Uffd::read_events`]).
@@ -802,7 +839,7 @@ impl Uffd {
     /// # Errors
     ///
     /// As [`Uffd::read_events`].
-    pub fn read_event(&self) -> Result<Option<Event>> {
+    pub fn read_event(&self) -> Result<Option<Event<Uffd>>> {
         let mut buf = EventBuffer::with_capacity(1);
         Ok(self.read_events(&mut buf)?.next())
     }
@@ -813,12 +850,40 @@ impl Uffd {
     /// # Errors
     ///
     /// [`Error::Kernel`] if `poll` fails (other than `EINTR`, which reports
-    /// "not readable").
+    /// "not readable"), or reports an error on the fd (`EBADFD`: a blocking
+    /// userfaultfd).
     pub fn poll_readable(&self, timeout: std::time::Duration) -> Result<bool> {
-        crate::sys::poll_in(self.fd.as_fd(), timeout)
-            .map_err(|e| Error::kernel("poll(userfaultfd)", e))
+        let mut p = [crate::sys::pollfd(self.fd.as_fd(), libc::POLLIN)];
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        match crate::sys::poll(&mut p, ms) {
+            Ok(0) | Err(Errno(libc::EINTR)) => Ok(false),
+            Ok(_) if p[0].revents & libc::POLLERR != 0 => Err(Errno(libc::EBADFD)),
+            Ok(_) => Ok(p[0].revents & libc::POLLIN != 0),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| Error::kernel("poll(userfaultfd)", e))
     }
 }
+
+/// A reusable buffer for batched reads ([`Uffd::read_events`]).
+#[derive(Debug)]
+pub struct EventBuffer {
+    raw: Vec<u8>,
+    events: Vec<Event<Uffd>>,
+}
+
+impl EventBuffer {
+    /// Room for `n` records per read (at least 1).
+    pub fn with_capacity(n: usize) -> EventBuffer {
+        let n = n.max(1);
+        EventBuffer {
+            raw: vec![0; n * MSG_SIZE],
+            events: Vec::with_capacity(n),
+        }
+    }
+}
+
+static_assertions::assert_impl_all!(Event<Uffd>: Send);
 
 impl AsFd for Uffd {
     fn as_fd(&self) -> BorrowedFd<'_> {

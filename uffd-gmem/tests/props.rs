@@ -4,7 +4,9 @@ mod common;
 
 use proptest::prelude::*;
 use uffd_gmem::sys_bindings as sys;
-use uffd_gmem::{Access, Error, FaultKind, Features, Ioctls, MSG_SIZE, Mode, Msg, RegisterMode};
+use uffd_gmem::{
+    Access, Error, Event, FaultKind, Features, Ioctls, MSG_SIZE, Mode, RegisterMode, Uffd,
+};
 
 const PAGEFAULT: u8 = sys::UFFD_EVENT_PAGEFAULT;
 const FORK: u8 = sys::UFFD_EVENT_FORK;
@@ -67,7 +69,7 @@ proptest! {
     /// `Protocol` error.
     #[test]
     fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..100), tid in any::<bool>()) {
-        let r = Msg::decode(&bytes, tid);
+        let r = Event::decode(&bytes, tid);
         if bytes.len() != MSG_SIZE {
             prop_assert!(matches!(r, Err(Error::Protocol { .. })), "{r:?}");
         }
@@ -85,7 +87,7 @@ proptest! {
         let flags = u64::from_ne_bytes(b[8..16].try_into().unwrap());
         let kinds = [WP, MINOR, RWP].iter().filter(|&&f| flags & f != 0).count();
         let contradictory = event == PAGEFAULT && kinds > 1;
-        let r = Msg::decode(&b, tid);
+        let r = Event::decode(&b, tid);
         if contradictory {
             prop_assert!(matches!(r, Err(Error::Protocol { .. })), "{r:?}");
         } else {
@@ -115,20 +117,20 @@ proptest! {
             (16, &address.to_ne_bytes()),
             (24, &ptid.to_ne_bytes()),
         ]);
-        let want = Msg::Pagefault {
+        let want = Event::Pagefault {
             kind,
             access: if write { Access::Write } else { Access::Read },
             address,
             thread_id: tid.then_some(ptid),
         };
-        prop_assert_eq!(Msg::decode(&b, tid).unwrap(), want);
+        prop_assert_eq!(Event::decode(&b, tid).unwrap(), want);
     }
 
     #[test]
     fn fork_round_trip(noise in any::<[u8; MSG_SIZE]>(), ufd in any::<u32>(), tid in any::<bool>()) {
         // `arg.fork.ufd` (u32) at 8.
         let b = record(noise, FORK, &[(8, &ufd.to_ne_bytes())]);
-        prop_assert_eq!(Msg::decode(&b, tid).unwrap(), Msg::Fork { ufd });
+        prop_assert_eq!(Event::decode(&b, tid).unwrap(), Event::Fork { uffd: ufd });
     }
 
     #[test]
@@ -144,7 +146,7 @@ proptest! {
             (16, &to.to_ne_bytes()),
             (24, &len.to_ne_bytes()),
         ]);
-        prop_assert_eq!(Msg::decode(&b, tid).unwrap(), Msg::Remap { from, to, len });
+        prop_assert_eq!(Event::decode(&b, tid).unwrap(), Event::Remap { from, to, len });
     }
 
     #[test]
@@ -156,12 +158,12 @@ proptest! {
     ) {
         let fields: &[(usize, &[u8])] = &[(8, &start.to_ne_bytes()), (16, &end.to_ne_bytes())];
         prop_assert_eq!(
-            Msg::decode(&record(noise, REMOVE, fields), tid).unwrap(),
-            Msg::Remove { start, end }
+            Event::decode(&record(noise, REMOVE, fields), tid).unwrap(),
+            Event::Remove { start, end }
         );
         prop_assert_eq!(
-            Msg::decode(&record(noise, UNMAP, fields), tid).unwrap(),
-            Msg::Unmap { start, end }
+            Event::decode(&record(noise, UNMAP, fields), tid).unwrap(),
+            Event::Unmap { start, end }
         );
     }
 
@@ -172,7 +174,7 @@ proptest! {
         tid in any::<bool>(),
     ) {
         let b = record(noise, event, &[]);
-        prop_assert_eq!(Msg::decode(&b, tid).unwrap(), Msg::Unknown { event, raw: b });
+        prop_assert_eq!(Event::decode(&b, tid).unwrap(), Event::Unknown { event, raw: b });
     }
 
     /// Unknown bits are kept and printed, never a panic.
@@ -205,7 +207,7 @@ proptest! {
 #[test]
 fn records_read_from_a_fake_userfaultfd() {
     use std::os::fd::AsRawFd;
-    use uffd_gmem::{Event, EventBuffer};
+    use uffd_gmem::EventBuffer;
 
     let (uffd, tx) = common::fake_uffd();
     let buf = std::cell::RefCell::new(EventBuffer::with_capacity(16));
@@ -226,7 +228,7 @@ fn records_read_from_a_fake_userfaultfd() {
             let n = unsafe { libc::write(tx.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
             prop_assert_eq!(n, bytes.len() as isize);
             let mut buf = buf.borrow_mut();
-            let events: Vec<Event> = uffd.read_events(&mut buf).unwrap().collect();
+            let events: Vec<Event<Uffd>> = uffd.read_events(&mut buf).unwrap().collect();
             prop_assert_eq!(events.len(), recs.len());
             for (ev, rec) in events.iter().zip(&recs) {
                 match ev {
@@ -235,7 +237,7 @@ fn records_read_from_a_fake_userfaultfd() {
                         prop_assert_eq!(*event, rec[0]);
                         prop_assert_eq!(raw, rec);
                     }
-                    _ => prop_assert!(Msg::decode(rec, false).is_ok()),
+                    _ => prop_assert!(Event::decode(rec, false).is_ok()),
                 }
             }
             Ok(())

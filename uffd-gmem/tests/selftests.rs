@@ -20,6 +20,7 @@
 mod common;
 
 use common::{ci, serial, skip_capability, skip_missing_features};
+use kvm_gmem::VmOps;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -273,7 +274,7 @@ fn join<T>(h: JoinHandle<T>, what: &str) -> T {
 
 /// Serves `uffd` until `worker` finishes: polls with a timeout, hands every
 /// event to `on_event`, then joins the worker. Fails after [`DEADLINE`].
-fn serve<T>(uffd: &Uffd, worker: JoinHandle<T>, mut on_event: impl FnMut(Event)) -> T {
+fn serve<T>(uffd: &Uffd, worker: JoinHandle<T>, mut on_event: impl FnMut(Event<Uffd>)) -> T {
     let end = Instant::now() + DEADLINE;
     let mut buf = EventBuffer::with_capacity(16);
     while !worker.is_finished() {
@@ -298,7 +299,7 @@ fn unfaulted<T: Send + 'static>(uffd: &Uffd, f: impl FnOnce() -> T + Send + 'sta
 }
 
 /// The next event, within [`DEADLINE`].
-fn next_event(uffd: &Uffd) -> Event {
+fn next_event(uffd: &Uffd) -> Event<Uffd> {
     let end = Instant::now() + DEADLINE;
     loop {
         if uffd.poll_readable(POLL).expect("poll(userfaultfd)")
@@ -876,7 +877,7 @@ fn guest_memfd_pair(
     let cap = vm
         .check_extension(kvm_gmem::Cap::GUEST_MEMFD)
         .map_err(|e| format!("KVM_CHECK_EXTENSION: {e}"))?;
-    let offered = kvm_gmem::supported_flags(&vm).map_err(|e| format!("{e}"))?;
+    let offered = vm.guest_memfd_flags().map_err(|e| format!("{e}"))?;
     if cap <= 0 {
         skip_capability("KVM_CAP_GUEST_MEMFD", cap);
         return Err("no guest_memfd".into());
@@ -1077,7 +1078,10 @@ fn events_fork() {
 
 /// Runs `op` (which blocks until its event is read) in a thread, reads the
 /// event, joins the thread and returns both.
-fn mm_event<T: Send + 'static>(uffd: &Uffd, op: impl FnOnce() -> T + Send + 'static) -> (Event, T) {
+fn mm_event<T: Send + 'static>(
+    uffd: &Uffd,
+    op: impl FnOnce() -> T + Send + 'static,
+) -> (Event<Uffd>, T) {
     let t = std::thread::spawn(op);
     let ev = next_event(uffd);
     (ev, join(t, "mm operation"))

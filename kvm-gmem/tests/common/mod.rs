@@ -25,8 +25,7 @@ mod capability;
 
 #[allow(unused_imports)]
 pub use capability::{ci, kernel_release, skip_capability, test_name};
-use kvm_gmem::{Cap, GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmType, supported_flags};
-use std::os::fd::AsFd;
+use kvm_gmem::{Cap, GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmOps, VmType};
 use std::sync::{Mutex, MutexGuard};
 
 static LOCK: Mutex<()> = Mutex::new(());
@@ -75,14 +74,17 @@ fn flag_names() -> Vec<(GuestMemfdFlags, &'static str)> {
 /// Whether `vm` offers guest_memfd with every flag in `flags`; otherwise a
 /// capability skip ([`skip_capability`]) naming the first thing missing
 /// (`KVM_CAP_GUEST_MEMFD`, or the flag with `KVM_CAP_GUEST_MEMFD_FLAGS`).
-pub fn has_guest_memfd(vm: &impl AsFd, flags: GuestMemfdFlags) -> bool {
-    let cap = kvm_gmem::check_extension(vm, Cap::GUEST_MEMFD)
+pub fn has_guest_memfd(vm: &impl VmOps, flags: GuestMemfdFlags) -> bool {
+    let cap = vm
+        .check_extension(Cap::GUEST_MEMFD)
         .expect("KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD) on a VM fd");
     if cap <= 0 {
         skip_capability("KVM_CAP_GUEST_MEMFD", cap);
         return false;
     }
-    let offered = supported_flags(vm).expect("KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD_FLAGS)");
+    let offered = vm
+        .guest_memfd_flags()
+        .expect("KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD_FLAGS)");
     let missing = flag_names()
         .into_iter()
         .find(|&(flag, _)| flags.contains(flag) && !offered.contains(flag));
@@ -102,10 +104,11 @@ pub fn kvm_has_guest_memfd(kvm: &Kvm, flags: GuestMemfdFlags) -> bool {
     has_guest_memfd(&vm, flags)
 }
 
-/// Whether `cap` is positive on `fd` (`/dev/kvm` or a VM); otherwise a
-/// capability skip naming it (`name`) with its value.
-pub fn has_cap(fd: &impl AsFd, cap: Cap, name: &str) -> bool {
-    let v = kvm_gmem::check_extension(fd, cap)
+/// Whether `cap` is positive on `vm`; otherwise a capability skip naming it
+/// (`name`) with its value.
+pub fn has_cap(vm: &impl VmOps, cap: Cap, name: &str) -> bool {
+    let v = vm
+        .check_extension(cap)
         .unwrap_or_else(|e| panic!("KVM_CHECK_EXTENSION({name}): {e}"));
     if v <= 0 {
         skip_capability(name, v);
@@ -152,6 +155,18 @@ pub fn assert_no_fd_leaks(test: &str, leaked: &str, cases: impl FnOnce(&Kvm)) {
 
 pub fn page() -> u64 {
     kvm_gmem::page_size()
+}
+
+/// The flags a guest_memfd needs to back a memslot here: none on x86_64;
+/// `MMAP` on aarch64, whose KVM binds only guest_memfds the host can map
+/// (arm64 has no private memory): KVM_SET_USER_MEMORY_REGION2 answers
+/// EINVAL for a slot on any other.
+pub fn slot_flags() -> GuestMemfdFlags {
+    if cfg!(target_arch = "aarch64") {
+        GuestMemfdFlags::MMAP
+    } else {
+        GuestMemfdFlags::empty()
+    }
 }
 
 /// `MMAP | INIT_SHARED`: a guest_memfd the host can map, shared from the
