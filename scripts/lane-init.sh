@@ -5,8 +5,12 @@
 # scripts/kernel-lane.sh copies this file to /init of the initramfs, next to:
 #   /bin/busybox                  busybox-static (every applet linked at boot)
 #   /lane/modules/<name>.ko       the KVM modules, decompressed, in load order
+#                                 (none on arm64, whose KVM is built in)
 #   /lane/modules.list            their names, one a line, in load order
-#   /lane/tests.list              "<name> <absolute path> [extra args]" per test binary
+#   /lane/runs.list               "<name> <kind> <absolute path> [args]" per run: kind
+#                                 "test" (a libtest executable, run with
+#                                 --test-threads=1 --show-output [args]) or
+#                                 "command" (run with [args] only)
 #   /lane/required-caps           the capabilities this kernel must have, comma-separated
 #                                 (kernel-lane.sh's REQUIRED_CAPS)
 #   the test binaries and the gmem command at their host paths (so the
@@ -59,11 +63,13 @@ misc_node() {
 misc_node kvm
 misc_node userfaultfd
 
-echo "lane: $(grep -c ^processor /proc/cpuinfo) cpu(s)," \
+echo "lane: $(uname -m), $(grep -c ^processor /proc/cpuinfo) cpu(s)," \
     "$(awk '/MemTotal/ {print $2 " kB"}' /proc/meminfo) memory," \
     "svm=$(grep -qw svm /proc/cpuinfo && echo yes || echo no)," \
     "npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null || echo ?)," \
     "tdp_mmu=$(cat /sys/module/kvm/parameters/tdp_mmu 2>/dev/null || echo ?)"
+# How KVM came up (arm64: the EL2 mode, VHE or nVHE, and the GIC).
+dmesg | grep -E 'kvm \[[0-9]+\]: ' | sed 's/^/lane: /'
 
 export CI=true GMEM_KERNEL_LANE=1 RUST_BACKTRACE=1 HOME=/tmp TMPDIR=/tmp
 # A test that would skip for want of one of these fails instead.
@@ -72,15 +78,18 @@ export GMEM_REQUIRED_CAPS
 echo "lane: GMEM_REQUIRED_CAPS=$GMEM_REQUIRED_CAPS"
 cd /tmp || echo "LANE-ERROR cd /tmp"
 
-while read -r name path args; do
+while read -r name kind path args; do
     [ -n "$name" ] || continue
     echo "LANE-BEGIN $name"
-    # --show-output: the output of passing tests (their SKIP lines) too.
-    # shellcheck disable=SC2086 # args are split on purpose
-    timeout -s KILL "$per_test_timeout" "$path" --test-threads=1 --show-output $args
+    # A test executable gets --show-output: the output of passing tests
+    # (their SKIP lines) too.
+    harness=""
+    [ "$kind" = test ] && harness="--test-threads=1 --show-output"
+    # shellcheck disable=SC2086 # harness and args are split on purpose
+    timeout -s KILL "$per_test_timeout" "$path" $harness $args
     rc=$?
     echo "LANE-END $name rc=$rc"
-done < /lane/tests.list
+done < /lane/runs.list
 
 echo "LANE-DONE"
 sync

@@ -17,8 +17,10 @@
 //!    on a kernel with userfaultfd on guest_memfd the same server serves the
 //!    guest_memfd mapping itself. Skipped, the VMM copies the snapshot in.
 //! 3. **Guest checksum** (needs a KVM VM and `KVM_CAP_USER_MEMORY2`): a
-//!    real-mode guest checksums both regions, stores the sums in guest
-//!    memory and reports them over port I/O. Skipped, a host thread reads
+//!    guest (16-bit real mode on x86_64, EL1 with the MMU off on aarch64)
+//!    checksums both regions, stores the sums in guest memory and reports
+//!    them (x86_64: port I/O; aarch64: stores to an address without memory,
+//!    which exit as MMIO). Skipped, a host thread reads
 //!    and checksums the same memory instead (which still takes the lazy
 //!    region's faults through the server).
 //!
@@ -26,10 +28,8 @@
 //! crates; this file only wires them together.
 
 use kvm_gmem::populate::{Populate, Source};
-use kvm_gmem::{
-    Cap, GuestMemfd, GuestMemfdFlags, Mapping, MemoryRegion2, check_extension, interop,
-};
-use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use kvm_gmem::{Cap, GuestMemfd, GuestMemfdFlags, Mapping, MemoryRegion2, VmOps};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -48,14 +48,22 @@ const DATA_SEED: u64 = 0xD1CE;
 const LAZY_GPA: u64 = 0x8_0000;
 const LAZY_LEN: u64 = 0x4_0000;
 const LAZY_SEED: u64 = 0x5EED;
+#[cfg(target_arch = "x86_64")]
 const PORT_A: u16 = 0x10;
+#[cfg(target_arch = "x86_64")]
 const PORT_B: u16 = 0x11;
+/// aarch64: where the guest reports its sums (no memslot there: MMIO).
+#[cfg(target_arch = "aarch64")]
+const MMIO_A: u64 = 0x10_0000;
+#[cfg(target_arch = "aarch64")]
+const MMIO_B: u64 = 0x10_0002;
 /// Width of a report line's label.
 const LABEL_W: usize = 36;
 
 /// The guest: sums the bytes of the data block (segment 0x1000) and of the
 /// lazy region (segments 0x8000..0xC000) modulo 2^16, stores the sums at
 /// 0x3000 and 0x3002, reports them on ports 0x10 and 0x11, halts.
+#[cfg(target_arch = "x86_64")]
 const GUEST: &[u8] = &[
     0xB8, 0x00, 0x10, //       mov ax, 0x1000
     0x8E, 0xD8, //             mov ds, ax
@@ -93,6 +101,48 @@ const GUEST: &[u8] = &[
     0xEF, //                   out dx, ax
     0xF4, //                   hlt
 ];
+
+/// The same guest on aarch64, at EL1 with the MMU off: reports the sums
+/// with stores to `MMIO_A` and `MMIO_B`, then PSCI `SYSTEM_OFF` (assembled
+/// with aarch64-linux-gnu-as; `objdump -d` shows it as below).
+#[cfg(target_arch = "aarch64")]
+#[rustfmt::skip]
+const GUEST_WORDS: [u32; 26] = [
+    0xd2860005, //  0: mov  x5, #0x3000
+    0xd2a00020, //  4: mov  x0, #0x10000        ; DATA_GPA
+    0xd2a00021, //  8: mov  x1, #0x10000        ; DATA_LEN
+    0x9400000e, //  c: bl   44                  ; sum
+    0x790000a2, // 10: strh w2, [x5]
+    0xd2a00206, // 14: mov  x6, #0x100000       ; MMIO_A
+    0x790000c2, // 18: strh w2, [x6]
+    0xd2a00100, // 1c: mov  x0, #0x80000        ; LAZY_GPA
+    0xd2a00081, // 20: mov  x1, #0x40000        ; LAZY_LEN
+    0x94000008, // 24: bl   44                  ; sum
+    0x790004a2, // 28: strh w2, [x5, #2]
+    0xd2a00206, // 2c: mov  x6, #0x100000
+    0x790004c2, // 30: strh w2, [x6, #2]        ; MMIO_B
+    0x52800100, // 34: mov  w0, #0x8
+    0x72b08000, // 38: movk w0, #0x8400, lsl #16 ; PSCI SYSTEM_OFF
+    0xd4000002, // 3c: hvc  #0
+    0x14000000, // 40: b    40
+    0x52800002, // 44: sum: mov w2, #0          ; w2 = sum of x1 bytes at x0
+    0xd2800003, // 48: mov  x3, #0
+    0x38636804, // 4c: ldrb w4, [x0, x3]
+    0x0b040042, // 50: add  w2, w2, w4
+    0x91000463, // 54: add  x3, x3, #1
+    0xeb01007f, // 58: cmp  x3, x1
+    0x54ffff81, // 5c: b.ne 4c
+    0x12003c42, // 60: and  w2, w2, #0xffff
+    0xd65f03c0, // 64: ret
+];
+
+/// The guest's bytes.
+fn guest_code() -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    return GUEST.to_vec();
+    #[cfg(target_arch = "aarch64")]
+    return GUEST_WORDS.iter().flat_map(|w| w.to_le_bytes()).collect();
+}
 
 /// Deterministic contents, the same in both processes.
 fn pattern(len: u64, seed: u64) -> Vec<u8> {
@@ -134,7 +184,7 @@ impl Part {
         match self {
             Part::Populate => "separate-process population (guest_memfd)",
             Part::LazyRestore => "lazy restore (userfaultfd)",
-            Part::Guest => "guest checksum (real-mode vCPU)",
+            Part::Guest => "guest checksum (vCPU)",
         }
     }
 }
@@ -224,7 +274,8 @@ fn create_vm() -> Res<VmFd> {
 /// `KVM_CHECK_EXTENSION(cap)` on the VM is non-zero, or its value as the
 /// reason.
 fn cap_set(vm: &VmFd, cap: Cap, name: &str, release: &str) -> Res<()> {
-    match check_extension(&interop::vm_fd(vm), cap) {
+    // VmFd's own check_extension (kvm-ioctls' Cap, a bool) would win.
+    match VmOps::check_extension(vm, cap) {
         Ok(v) if v > 0 => Ok(()),
         Ok(v) => Err(format!("{name} = {v} on {release}")),
         Err(err) => Err(err.to_string()),
@@ -235,7 +286,7 @@ fn cap_set(vm: &VmFd, cap: Cap, name: &str, release: &str) -> Res<()> {
 fn guest_memfd_usable(vm: &VmFd, release: &str) -> Res<()> {
     cap_set(vm, Cap::GUEST_MEMFD, "KVM_CAP_GUEST_MEMFD", release)?;
     let needed = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
-    let flags = kvm_gmem::supported_flags(&interop::vm_fd(vm)).map_err(|err| err.to_string())?;
+    let flags = vm.guest_memfd_flags().map_err(|err| err.to_string())?;
     if flags.contains(needed) {
         Ok(())
     } else {
@@ -281,7 +332,7 @@ pub fn run() -> Res<()> {
             ("data block", "written by the VMM into a memfd".to_string()),
         ),
     };
-    slot0.write_at(CODE_GPA, GUEST)?;
+    slot0.write_at(CODE_GPA, &guest_code())?;
     let lazy = if plan.runs(Part::LazyRestore) {
         lazy_restore(&snapshot).map_err(in_part(Part::LazyRestore))?
     } else {
@@ -303,7 +354,7 @@ pub fn run() -> Res<()> {
 
     println!(
         "gmem demo: a guest_memfd populated by another process, a region restored lazily by\n\
-         userfaultfd, a real-mode guest that checksums both: each part this host supports\n"
+         userfaultfd, a guest that checksums both: each part this host supports\n"
     );
     println!("  {:<LABEL_W$}{}", filled.0, filled.1);
     match &stats {
@@ -385,7 +436,7 @@ fn populate_guest_memfd(vm: &VmFd) -> Res<(Slot0, (&'static str, String))> {
     let gmem = GuestMemfd::builder(GMEM_SIZE)
         .mmap(true)
         .init_shared(true)
-        .create(&interop::vm_fd(vm))
+        .create(vm)
         .map_err(e("guest_memfd"))?;
     let map = gmem.map().map_err(e("map guest_memfd"))?;
 
@@ -549,9 +600,8 @@ struct Check {
     elapsed: Duration,
 }
 
-/// Part 3: a real-mode guest over slot 0 and slot 1 (`lazy`).
+/// Part 3: a guest over slot 0 and slot 1 (`lazy`).
 fn run_guest(vm: &VmFd, slot0: &Slot0, lazy: &ShmemMap) -> Res<Check> {
-    let vmfd = interop::vm_fd(vm);
     let region0 = slot0.region()?;
     let region1 = MemoryRegion2::builder(1, LAZY_GPA, LAZY_LEN)
         .userspace_addr(lazy.addr)
@@ -559,19 +609,19 @@ fn run_guest(vm: &VmFd, slot0: &Slot0, lazy: &ShmemMap) -> Res<Check> {
         .map_err(e("memslot 1"))?;
     // SAFETY: slot 0 is deleted below, on every path, before this function
     // returns; `slot0` outlives the call.
-    unsafe { region0.set(&vmfd) }.map_err(e("KVM_SET_USER_MEMORY_REGION2 slot 0"))?;
+    unsafe { vm.set_memory_region(&region0) }.map_err(e("KVM_SET_USER_MEMORY_REGION2 slot 0"))?;
     let started = Instant::now();
     // SAFETY: slot 1 is deleted right after the guest ran, on every path;
     // `lazy` outlives the call.
-    let ran = unsafe { region1.set(&vmfd) }
+    let ran = unsafe { vm.set_memory_region(&region1) }
         .map_err(e("KVM_SET_USER_MEMORY_REGION2 slot 1"))
         .and_then(|()| {
             let sums = drive_guest(vm);
-            let deleted = kvm_gmem::delete_memory_region(&vmfd, 1).map_err(e("delete slot 1"));
+            let deleted = vm.delete_memory_region(1).map_err(e("delete slot 1"));
             sums.and_then(|sums| deleted.map(|()| sums))
         });
     let elapsed = started.elapsed();
-    let deleted = kvm_gmem::delete_memory_region(&vmfd, 0).map_err(e("delete slot 0"));
+    let deleted = vm.delete_memory_region(0).map_err(e("delete slot 0"));
     let (sum_a, sum_b) = ran?;
     deleted?;
     let mut stored = [0u8; 4];
@@ -592,7 +642,47 @@ fn run_guest(vm: &VmFd, slot0: &Slot0, lazy: &ShmemMap) -> Res<Check> {
 
 /// Runs vCPU 0 from `CODE_GPA` until it halts: the sums it reported.
 fn drive_guest(vm: &VmFd) -> Res<(Option<u16>, Option<u16>)> {
-    let mut vcpu = vm.create_vcpu(0).map_err(e("KVM_CREATE_VCPU"))?;
+    let mut vcpu = guest_vcpu(vm)?;
+    let started = Instant::now();
+    let (mut sum_a, mut sum_b) = (None, None);
+    loop {
+        match vcpu.run().map_err(e("KVM_RUN"))? {
+            #[cfg(target_arch = "x86_64")]
+            VcpuExit::IoOut(port, data) if data.len() >= 2 => {
+                let v = u16::from_le_bytes([data[0], data[1]]);
+                match port {
+                    PORT_A => sum_a = Some(v),
+                    PORT_B => sum_b = Some(v),
+                    p => return Err(format!("unexpected port {p:#x}")),
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            VcpuExit::Hlt => return Ok((sum_a, sum_b)),
+            #[cfg(target_arch = "aarch64")]
+            VcpuExit::MmioWrite(addr, data) if data.len() >= 2 => {
+                let v = u16::from_le_bytes([data[0], data[1]]);
+                match addr {
+                    MMIO_A => sum_a = Some(v),
+                    MMIO_B => sum_b = Some(v),
+                    a => return Err(format!("unexpected MMIO write at {a:#x}")),
+                }
+            }
+            #[cfg(target_arch = "aarch64")]
+            VcpuExit::SystemEvent(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
+                return Ok((sum_a, sum_b));
+            }
+            other => return Err(format!("unexpected exit: {other:?}")),
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err("the guest did not finish within 60 s".into());
+        }
+    }
+}
+
+/// vCPU 0 in real mode at `CODE_GPA`.
+#[cfg(target_arch = "x86_64")]
+fn guest_vcpu(vm: &VmFd) -> Res<VcpuFd> {
+    let vcpu = vm.create_vcpu(0).map_err(e("KVM_CREATE_VCPU"))?;
     let mut sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
@@ -603,25 +693,36 @@ fn drive_guest(vm: &VmFd) -> Res<(Option<u16>, Option<u16>)> {
         ..Default::default()
     };
     vcpu.set_regs(&regs).map_err(e("KVM_SET_REGS"))?;
-    let started = Instant::now();
-    let (mut sum_a, mut sum_b) = (None, None);
-    loop {
-        match vcpu.run().map_err(e("KVM_RUN"))? {
-            VcpuExit::IoOut(port, data) if data.len() >= 2 => {
-                let v = u16::from_le_bytes([data[0], data[1]]);
-                match port {
-                    PORT_A => sum_a = Some(v),
-                    PORT_B => sum_b = Some(v),
-                    p => return Err(format!("unexpected port {p:#x}")),
-                }
-            }
-            VcpuExit::Hlt => return Ok((sum_a, sum_b)),
-            other => return Err(format!("unexpected exit: {other:?}")),
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err("the guest did not finish within 60 s".into());
-        }
+    Ok(vcpu)
+}
+
+/// vCPU 0 (the preferred target, with PSCI 0.2 for `SYSTEM_OFF`) at EL1h
+/// with the MMU off and DAIF masked, at `CODE_GPA`.
+#[cfg(target_arch = "aarch64")]
+fn guest_vcpu(vm: &VmFd) -> Res<VcpuFd> {
+    use kvm_bindings::{
+        KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM_CORE, KVM_REG_ARM64, KVM_REG_SIZE_U64, kvm_regs,
+        kvm_vcpu_init,
+    };
+    use std::mem::offset_of;
+    let vcpu = vm.create_vcpu(0).map_err(e("KVM_CREATE_VCPU"))?;
+    let mut init = kvm_vcpu_init::default();
+    vm.get_preferred_target(&mut init)
+        .map_err(e("KVM_ARM_PREFERRED_TARGET"))?;
+    init.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+    vcpu.vcpu_init(&init).map_err(e("KVM_ARM_VCPU_INIT"))?;
+    let core_reg = |offset: usize| {
+        KVM_REG_ARM64 | KVM_REG_SIZE_U64 | u64::from(KVM_REG_ARM_CORE) | (offset / 4) as u64
+    };
+    // PSTATE 0x3c5: D, A, I, F masked; EL1 with SP_EL1.
+    for (offset, value) in [
+        (offset_of!(kvm_regs, regs.pc), CODE_GPA),
+        (offset_of!(kvm_regs, regs.pstate), 0x3c5),
+    ] {
+        vcpu.set_one_reg(core_reg(offset), &value.to_le_bytes())
+            .map_err(e("KVM_SET_ONE_REG"))?;
     }
+    Ok(vcpu)
 }
 
 /// Without a guest: a host thread reads both regions as the guest would (the

@@ -23,7 +23,7 @@ Commands:
            supports, one row per feature (upstream and RFC) with its origin
            and the evidence: a capability value or what a behavioural probe
            got
-  demo     Run a real-mode guest whose memory is a guest_memfd populated by
+  demo     Run a guest whose memory is a guest_memfd populated by
            a separate process, plus a region restored lazily by the
            userfaultfd fault server; print pages populated, faults served
            and time per fault. Runs each part the host supports and names

@@ -9,10 +9,18 @@
 //! own layout assertions are checked too. Any difference fails, and so does an
 //! item present on one side only.
 //!
+//! `abi_native_c_equals_rust` checks the architecture this executable was
+//! built for, inside the executable: the C rows that the target's C compiler
+//! compiled as data and build.rs linked in, against the Rust side as this
+//! target's rustc lays it out. Built for aarch64-unknown-linux-gnu and run
+//! under qemu-aarch64-static (`scripts/kernel-lane.sh --arch aarch64`, step
+//! 4), both sides come from aarch64 compilers.
+//!
 //! Missing tools (the aarch64 cross compiler, the linux-libc-dev download)
 //! make a check print why it skips; under `CI=true` they fail it.
 
 use std::collections::BTreeMap;
+use std::ffi::{CStr, c_char, c_ulong};
 
 /// A row of a C table: (kind, item, value).
 type CRow = (&'static str, &'static str, i128);
@@ -32,6 +40,38 @@ pub struct ModuleTables {
 
 fn pointee_size<T>(_: *const T) -> usize {
     size_of::<T>()
+}
+
+/// Measured rows: (kind, item, value).
+type Rows = Vec<(String, String, i128)>;
+
+/// The native C tables of this executable: a module's rows (`stored`: the
+/// objects that `CONST_TYPES` names), or `None` for an unknown name.
+type NativeFn = fn(&str) -> Option<Rows>;
+
+/// A row of a native C table, as build.rs's C declares it.
+#[repr(C)]
+#[derive(Debug)]
+pub struct NativeRow {
+    kind: *const c_char,
+    name: *const c_char,
+    value: i64,
+}
+
+/// The `*len` rows of a native C table starting at `first`.
+fn read_native(first: *const NativeRow, len: *const c_ulong) -> Rows {
+    let text = |p| {
+        // SAFETY: every row's strings are NUL-terminated literals of the
+        // linked C table (see below).
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    };
+    // SAFETY: build.rs's native_code passes a table's address and its
+    // length's, both `const` objects of the C file linked into this
+    // executable: `*len` rows start at `first`, and nothing writes them.
+    let rows = unsafe { std::slice::from_raw_parts(first, *len as usize) };
+    rows.iter()
+        .map(|r| (text(r.kind), text(r.name), i128::from(r.value)))
+        .collect()
 }
 
 include!(concat!(env!("OUT_DIR"), "/abi_data.rs"));
@@ -132,6 +172,71 @@ fn abi_x86_64_c_equals_rust() {
 #[test]
 fn abi_aarch64_c_equals_rust() {
     check_arch("aarch64");
+}
+
+/// A native module's rows, with the `tsize` and `signed` rows of each typed
+/// constant taken from the native table of the stored objects, as build.rs's
+/// `with_const_types` adds them to the assembly tables.
+fn native_rows(native: NativeFn, module: &str) -> Rows {
+    let stored = native("stored").expect("a native table of the stored objects");
+    let mut rows = native(module).unwrap_or_else(|| panic!("no native table for {module}"));
+    let typed: Vec<(String, &str)> = rows
+        .iter()
+        .filter(|(kind, _, _)| kind == "const")
+        .filter_map(|(_, name, _)| Some((name.clone(), gmem_gen::const_type(name)?.names)))
+        .collect();
+    for (name, names) in typed {
+        for kind in ["tsize", "signed"] {
+            let (_, _, value) = stored
+                .iter()
+                .find(|(k, n, _)| k == kind && n == names)
+                .unwrap_or_else(|| panic!("no {kind} row for {names} in the stored objects"));
+            rows.push((kind.to_string(), name.clone(), *value));
+        }
+    }
+    rows
+}
+
+/// This executable's own architecture: the C rows linked into it against the
+/// Rust side measured by the same target's rustc, and against the C rows the
+/// same compiler gave as assembly at build time.
+#[test]
+fn abi_native_c_equals_rust() {
+    let arch = std::env::consts::ARCH;
+    assert_eq!(
+        NATIVE_ARCH, arch,
+        "build.rs compiled the native tables for another arch"
+    );
+    let native = match NATIVE {
+        Ok(native) => native,
+        Err(e) if is_missing_tool(e) => return unavailable(&format!("ABI native {arch}"), e),
+        Err(e) => panic!("the native C tables for {arch}: {e}"),
+    };
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for t in TABLES.iter().filter(|t| t.arch == arch) {
+        let rows = native_rows(native, t.module);
+        let c = as_map(rows.iter().map(|(k, n, v)| (k.as_str(), n.as_str(), *v)));
+        checked += c.len();
+        let mut d = diff("C (linked)", &c, "Rust", &rust_map(t));
+        if let Ok(asm) = t.c {
+            d.extend(diff(
+                "C (linked)",
+                &c,
+                "C (assembly)",
+                &as_map(asm.iter().copied()),
+            ));
+        }
+        failures.extend(d.into_iter().map(|d| format!("{arch} {}: {d}", t.module)));
+    }
+    assert!(
+        failures.is_empty(),
+        "ABI mismatches in this {arch} executable:\n{}",
+        failures.join("\n")
+    );
+    eprintln!(
+        "{arch} (this executable): {checked} C facts linked in, compared with their Rust counterparts"
+    );
 }
 
 #[test]
