@@ -35,6 +35,7 @@
 
 #define KVM_CAP_NR_MEMSLOTS                     10
 #define KVM_CAP_MULTI_ADDRESS_SPACE             118
+#define KVM_CAP_ARM_VM_IPA_SIZE                 165   /* arm64: largest IPA size (bits) a VM type may ask for */
 /* The private-memory era, 6.5 onwards, contiguous. */
 #define KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE      228
 #define KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES       229

@@ -76,6 +76,10 @@ pub struct Capabilities {
     pub guest_memfd: Support,
     /// The VM types `KVM_CREATE_VM` accepts, as a mask of `1 << type`.
     pub vm_types: u64,
+    /// arm64: `KVM_CAP_ARM_VM_IPA_SIZE`, the largest guest physical address
+    /// size (bits) a VM type may ask for (the type is the IPA size there, and
+    /// `KVM_CAP_VM_TYPES` does not apply); 0 on other architectures.
+    pub arm_vm_ipa_size: u32,
     /// `KVM_PRE_FAULT_MEMORY` (Linux 6.11).
     pub pre_fault_memory: Support,
     /// The guest_memfd flags this VM accepts (Linux 6.18).
@@ -136,6 +140,11 @@ impl Capabilities {
             vm_types: match kvm.check_extension(Cap::VM_TYPES)? {
                 0 => 1,
                 v => v as u64,
+            },
+            arm_vm_ipa_size: if cfg!(target_arch = "aarch64") {
+                kvm.check_extension(Cap::ARM_VM_IPA_SIZE)?.max(0) as u32
+            } else {
+                0
             },
             pre_fault_memory: Support::cap(
                 "KVM_CAP_PRE_FAULT_MEMORY",
@@ -225,7 +234,15 @@ impl Capabilities {
                 feature: "VM types (KVM_CAP_VM_TYPES)",
                 origin: "Linux 6.8",
                 supported: self.vm_types != 0,
-                evidence: format!("{:#x} = {}", self.vm_types, types.join(", ")),
+                evidence: if cfg!(target_arch = "aarch64") && self.arm_vm_ipa_size != 0 {
+                    format!(
+                        "does not apply on arm64: the type is the IPA size, 32 to \
+                         KVM_CAP_ARM_VM_IPA_SIZE = {} bits (0: the default, 40)",
+                        self.arm_vm_ipa_size
+                    )
+                } else {
+                    format!("{:#x} = {}", self.vm_types, types.join(", "))
+                },
             },
             Row {
                 feature: "KVM_GUEST_MEMFD_POPULATE",
@@ -268,6 +285,7 @@ pub fn unavailable_rows(reason: &str) -> Vec<Row> {
         memory_attributes_system: MemoryAttributes::empty(),
         guest_memfd: no(),
         vm_types: 0,
+        arm_vm_ipa_size: 0,
         pre_fault_memory: no(),
         guest_memfd_flags: GuestMemfdFlags::empty(),
         nr_memslots: 0,
@@ -351,6 +369,10 @@ mod probe {
     pub(super) fn populate(vm: BorrowedFd<'_>) -> Support {
         match populate_ioctl(vm) {
             Ok(()) => Support::yes("KVM_GUEST_MEMFD_POPULATE (0x4020aed6) with size 0 succeeded"),
+            // arm64 answers EINVAL to every VM ioctl it does not know.
+            Err(Errno(libc::EINVAL)) if cfg!(target_arch = "aarch64") => Support::no(
+                "ioctl 0x4020aed6 with size 0 answered EINVAL, arm64's answer to a VM ioctl it does not know",
+            ),
             Err(Errno(libc::EINVAL)) => Support::no(
                 "ioctl 0x4020aed6 with size 0 answered EINVAL: the number is Firecracker's KVM_ASYNC_PF on this kernel",
             ),

@@ -32,6 +32,9 @@ impl Cap {
     pub const PRE_FAULT_MEMORY: Cap = Cap(sys::KVM_CAP_PRE_FAULT_MEMORY);
     /// `KVM_CAP_GUEST_MEMFD_FLAGS` (Linux 6.18): the flags a VM accepts.
     pub const GUEST_MEMFD_FLAGS: Cap = Cap(sys::KVM_CAP_GUEST_MEMFD_FLAGS);
+    /// `KVM_CAP_ARM_VM_IPA_SIZE` (arm64): the largest IPA size, in bits, a
+    /// VM type may ask for.
+    pub const ARM_VM_IPA_SIZE: Cap = Cap(sys::KVM_CAP_ARM_VM_IPA_SIZE);
 }
 
 /// `ioctl(fd, KVM_CHECK_EXTENSION, cap)` on `/dev/kvm` or a VM fd: the one
@@ -69,6 +72,13 @@ impl VmType {
     /// `KVM_X86_TDX_VM`.
     #[cfg(target_arch = "x86_64")]
     pub const TDX: VmType = VmType(sys::KVM_X86_TDX_VM);
+
+    /// arm64: a VM whose guest physical addresses have `bits` bits (32 up
+    /// to `KVM_CAP_ARM_VM_IPA_SIZE`; [`VmType::DEFAULT`] is 40).
+    #[cfg(target_arch = "aarch64")]
+    pub const fn arm_ipa(bits: u8) -> VmType {
+        VmType(bits as u64 & sys::KVM_VM_TYPE_ARM_IPA_SIZE_MASK)
+    }
 
     /// The C name of an x86 type, if it has one.
     pub fn name(self) -> Option<&'static str> {
@@ -133,8 +143,10 @@ impl Kvm {
     ///
     /// # Errors
     ///
-    /// [`Error::Unsupported`] when `KVM_CAP_VM_TYPES` does not list `ty`;
-    /// [`Error::Kernel`] for other refusals (e.g. `ENOMEM`).
+    /// [`Error::Unsupported`] when `KVM_CAP_VM_TYPES` does not list `ty`
+    /// (on arm64: when `ty` asks for an IPA size outside 32 to
+    /// `KVM_CAP_ARM_VM_IPA_SIZE`); [`Error::Kernel`] for other refusals
+    /// (e.g. `ENOMEM`).
     #[doc(alias = "KVM_CREATE_VM")]
     pub fn create_vm(&self, ty: VmType) -> Result<Vm> {
         let op = "KVM_CREATE_VM";
@@ -143,6 +155,23 @@ impl Kvm {
             Ok(raw) => Ok(Vm {
                 fd: own_new_fd(op, raw)?,
             }),
+            Err(Errno(libc::EINVAL)) if cfg!(target_arch = "aarch64") && ty != VmType::DEFAULT => {
+                let max = self.check_extension(Cap::ARM_VM_IPA_SIZE).unwrap_or(0);
+                let bits = ty.0 & sys::KVM_VM_TYPE_ARM_IPA_SIZE_MASK;
+                if bits != 0 && (bits < 32 || bits > max as u64) {
+                    Err(Error::Unsupported {
+                        op,
+                        capability: "KVM_CAP_ARM_VM_IPA_SIZE",
+                        evidence: format!(
+                            "VM type {:#x} asks for a {bits}-bit IPA, outside 32 to \
+                             KVM_CAP_ARM_VM_IPA_SIZE = {max}; KVM_CREATE_VM gave EINVAL",
+                            ty.0
+                        ),
+                    })
+                } else {
+                    Err(Error::kernel(op, Errno(libc::EINVAL)))
+                }
+            }
             Err(Errno(libc::EINVAL)) if ty != VmType::DEFAULT => {
                 let types = self.check_extension(Cap::VM_TYPES).unwrap_or(0);
                 if ty.0 < 64 && types as u64 & (1 << ty.0) == 0 {

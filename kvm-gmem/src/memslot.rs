@@ -2,7 +2,7 @@
 #![allow(unsafe_code)]
 
 use crate::error::{Error, Result};
-use crate::gmem::GuestMemfd;
+use crate::gmem::{GuestMemfd, GuestMemfdFlags};
 use crate::mapping::Mapping;
 use crate::sys::{ioctl_arg, page_size};
 use kvm_gmem_sys as sys;
@@ -36,6 +36,9 @@ bitflags::bitflags! {
 pub struct MemoryRegion2<'a> {
     raw: Raw,
     _gmem: PhantomData<&'a GuestMemfd>,
+    /// The flags of the guest_memfd the slot names (empty without one), to
+    /// explain a refusal.
+    gmem_flags: GuestMemfdFlags,
 }
 
 /// The 160-byte argument: upstream's layout, or the KVM Userfault RFC's
@@ -63,6 +66,7 @@ impl MemoryRegion2<'_> {
             userspace_addr: 0,
             userspace_len: None,
             gmem: None,
+            gmem_flags: GuestMemfdFlags::empty(),
             #[cfg(feature = "rfc-kvm-userfault")]
             bitmap: None,
         }
@@ -99,8 +103,31 @@ impl MemoryRegion2<'_> {
         // SAFETY: the request encodes the 160-byte struct `Raw` has (checked
         // at compile time); the caller guarantees the user pointers inside it.
         unsafe { ioctl_arg::<{ sys::KVM_SET_USER_MEMORY_REGION2 }, _>(vm, &mut raw) }
-            .map_err(|e| Error::kernel("KVM_SET_USER_MEMORY_REGION2", e))?;
+            .map_err(|e| self.explain_refusal(e))?;
         Ok(())
+    }
+
+    /// The kernel's refusal, typed where the cause is known: arm64 KVM binds
+    /// only guest_memfds the host can map (`GUEST_MEMFD_FLAG_MMAP`), and
+    /// answers EINVAL for any other.
+    fn explain_refusal(&self, e: crate::error::Errno) -> Error {
+        let op = "KVM_SET_USER_MEMORY_REGION2";
+        if cfg!(target_arch = "aarch64")
+            && e.0 == libc::EINVAL
+            && self.flags().contains(RegionFlags::GUEST_MEMFD)
+            && !self.gmem_flags.contains(GuestMemfdFlags::MMAP)
+        {
+            return Error::Unsupported {
+                op,
+                capability: "GUEST_MEMFD_FLAG_MMAP",
+                evidence: format!(
+                    "arm64 KVM binds only a guest_memfd created with GUEST_MEMFD_FLAG_MMAP; \
+                     this one has flags {}; the ioctl answered {e}",
+                    self.gmem_flags
+                ),
+            };
+        }
+        Error::kernel(op, e)
     }
 
     /// The raw argument, for callers that issue the ioctl themselves.
@@ -151,6 +178,7 @@ pub struct MemoryRegion2Builder<'a> {
     userspace_addr: u64,
     userspace_len: Option<u64>,
     gmem: Option<(i32, u64, u64)>,
+    gmem_flags: GuestMemfdFlags,
     #[cfg(feature = "rfc-kvm-userfault")]
     bitmap: Option<(u64, u64)>,
 }
@@ -165,6 +193,7 @@ impl<'a> MemoryRegion2Builder<'a> {
         MemoryRegion2Builder {
             _gmem: PhantomData,
             gmem: Some((gmem.as_raw_fd(), offset, gmem.size())),
+            gmem_flags: gmem.flags(),
             flags: self.flags | RegionFlags::GUEST_MEMFD,
             ..self
         }
@@ -301,6 +330,7 @@ impl<'a> MemoryRegion2Builder<'a> {
         Ok(MemoryRegion2 {
             raw,
             _gmem: PhantomData,
+            gmem_flags: self.gmem_flags,
         })
     }
 }

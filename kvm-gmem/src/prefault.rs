@@ -97,7 +97,10 @@ pub fn pre_fault_memory(vcpu: &impl AsFd, range: Range<u64>) -> Result<PreFault>
                             ),
                         });
                     }
-                } else if matches!(e.0, libc::ENOTTY | libc::EOPNOTSUPP) {
+                } else if matches!(e.0, libc::ENOTTY | libc::EOPNOTSUPP)
+                    // arm64 answers EINVAL to a vCPU ioctl it does not know.
+                    || (cfg!(target_arch = "aarch64") && e.0 == libc::EINVAL)
+                {
                     return Err(Error::Unsupported {
                         op,
                         capability: "KVM_CAP_PRE_FAULT_MEMORY",

@@ -582,29 +582,72 @@ fn vm_fd_as_borrowed(vm: &kvm_ioctls::VmFd) -> std::os::fd::BorrowedFd<'_> {
 
 fn case_vm_types(kvm: &Kvm) {
     let op = "KVM_CREATE_VM";
-    let types = kvm.check_extension(kvm_gmem::Cap::VM_TYPES).unwrap();
-    let absent = (1..64).find(|t| types as u64 & (1 << t) == 0);
-    match absent {
-        Some(t) => {
-            let evidence = unsupported(kvm.create_vm(VmType(t)), op, "KVM_CAP_VM_TYPES");
-            assert!(evidence.contains("EINVAL"), "{evidence}");
-            assert!(evidence.contains(&format!("{types:#x}")), "{evidence}");
-            #[cfg(target_arch = "x86_64")]
-            if t == 1 {
-                assert!(evidence.contains("KVM_X86_SW_PROTECTED_VM"), "{evidence}");
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        let types = kvm.check_extension(kvm_gmem::Cap::VM_TYPES).unwrap();
+        let absent = (1..64).find(|t| types as u64 & (1 << t) == 0);
+        match absent {
+            Some(t) => {
+                let evidence = unsupported(kvm.create_vm(VmType(t)), op, "KVM_CAP_VM_TYPES");
+                assert!(evidence.contains("EINVAL"), "{evidence}");
+                assert!(evidence.contains(&format!("{types:#x}")), "{evidence}");
+                #[cfg(target_arch = "x86_64")]
+                if t == 1 {
+                    assert!(evidence.contains("KVM_X86_SW_PROTECTED_VM"), "{evidence}");
+                }
             }
+            None => eprintln!("note: every VM type 1..63 is listed ({types:#x})"),
         }
-        None => eprintln!("note: every VM type 1..63 is listed ({types:#x})"),
+        // A type number past the 64-bit mask is a plain kernel refusal.
+        kernel(kvm.create_vm(VmType(1000)), op, &[libc::EINVAL]);
     }
-    // A type number past the 64-bit mask is a plain kernel refusal.
-    #[cfg(target_arch = "x86_64")]
-    kernel(kvm.create_vm(VmType(1000)), op, &[libc::EINVAL]);
-    // On arm64 the type is the guest's IPA size in bits (0: the default, 40),
-    // which KVM_CAP_VM_TYPES (0 there) does not list: 40 bits is within every
-    // arm64 host's KVM_CAP_ARM_VM_IPA_SIZE.
+    // On arm64 the type is the guest's IPA size in bits (0: the default,
+    // 40), which KVM_CAP_VM_TYPES (0 there) does not list: sizes from 32 up
+    // to KVM_CAP_ARM_VM_IPA_SIZE are created, others are refused, typed by
+    // that capability.
     #[cfg(target_arch = "aarch64")]
-    kvm.create_vm(VmType(40))
-        .expect("KVM_CREATE_VM with a 40-bit IPA");
+    {
+        let max = kvm.check_extension(kvm_gmem::Cap::ARM_VM_IPA_SIZE).unwrap();
+        assert!((40..=64).contains(&max), "KVM_CAP_ARM_VM_IPA_SIZE = {max}");
+        for bits in [32, 40] {
+            kvm.create_vm(VmType::arm_ipa(bits))
+                .unwrap_or_else(|e| panic!("KVM_CREATE_VM with a {bits}-bit IPA: {e}"));
+        }
+        for bits in [1, 31, max as u8 + 1] {
+            let evidence = unsupported(
+                kvm.create_vm(VmType::arm_ipa(bits)),
+                op,
+                "KVM_CAP_ARM_VM_IPA_SIZE",
+            );
+            assert!(evidence.contains("EINVAL"), "{evidence}");
+            assert!(
+                evidence.contains(&format!("KVM_CAP_ARM_VM_IPA_SIZE = {max}")),
+                "{evidence}"
+            );
+        }
+    }
+}
+
+/// arm64 binds only a guest_memfd the host can map: a slot on one created
+/// without `GUEST_MEMFD_FLAG_MMAP` is refused, typed by that flag.
+#[cfg(target_arch = "aarch64")]
+fn case_arm_slot_needs_mmap(kvm: &Kvm) {
+    let vm = vm(kvm);
+    if !has_guest_memfd(&vm, GuestMemfdFlags::empty()) {
+        return;
+    }
+    let g = GuestMemfd::builder(2 * page()).create(&vm).unwrap();
+    let r = MemoryRegion2::builder(0, 0, 2 * page())
+        .guest_memfd(&g, 0)
+        .build()
+        .unwrap();
+    // SAFETY: a guest_memfd-only slot: no userspace memory is handed over.
+    let evidence = unsupported(
+        unsafe { vm.set_memory_region(&r) },
+        "KVM_SET_USER_MEMORY_REGION2",
+        "GUEST_MEMFD_FLAG_MMAP",
+    );
+    assert!(evidence.contains("EINVAL"), "{evidence}");
 }
 
 // ---------------------------------------------------------------------------
@@ -693,10 +736,15 @@ fn case_gmem_of_other_vm(kvm: &Kvm) {
     let p = page();
     let vm1 = vm(kvm);
     let vm2 = vm(kvm);
-    if !has_guest_memfd(&vm1, GuestMemfdFlags::empty()) {
+    if !has_guest_memfd(&vm1, slot_flags()) {
         return;
     }
-    let g = GuestMemfd::builder(p).create(&vm1).unwrap();
+    // Flags this architecture can bind (arm64 needs MMAP), so that the other
+    // VM is the only reason to refuse.
+    let g = GuestMemfd::builder(p)
+        .flags(slot_flags())
+        .create(&vm1)
+        .unwrap();
     let r = MemoryRegion2::builder(0, 0, p)
         .guest_memfd(&g, 0)
         .build()
@@ -782,6 +830,8 @@ kvm_test!(mapping_bounds, case_mapping_bounds);
 kvm_test!(memory_attributes_refused, case_memory_attributes);
 kvm_test!(pre_fault_refused, case_pre_fault);
 kvm_test!(unsupported_vm_type, case_vm_types);
+#[cfg(target_arch = "aarch64")]
+kvm_test!(arm64_guest_memfd_slot_needs_mmap, case_arm_slot_needs_mmap);
 kvm_test!(overlapping_memslots_eexist, case_overlapping_memslots);
 kvm_test!(
     same_guest_memfd_range_in_two_slots,

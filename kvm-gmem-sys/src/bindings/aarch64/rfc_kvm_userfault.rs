@@ -4,7 +4,7 @@
 // libclang: Debian clang version 19.1.7 (3~deb12u1)
 // target: aarch64-unknown-linux-gnu
 // module: rfc_kvm_userfault (rfc/kvm-userfault.h)
-// headers-sha256: 6f2143878aac5266a1bda120d7f3fa94283cab23f6714e27e314a273e86f7306
+// headers-sha256: 379e266a4ac97d5a3385085793a31a34c40b60bb12bf094f5e0292cc3f3f8be9
 // body-sha256: faf27dd69beb56e67d67e14c83a485ac210653d2a578d5471ec698a79e04ffd3
 
 pub const KVM_CAP_USERFAULT: u32 = 245;

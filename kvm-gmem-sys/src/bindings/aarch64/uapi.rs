@@ -4,8 +4,8 @@
 // libclang: Debian clang version 19.1.7 (3~deb12u1)
 // target: aarch64-unknown-linux-gnu
 // module: uapi (linux/kvm.h, linux/userfaultfd.h)
-// headers-sha256: 6f2143878aac5266a1bda120d7f3fa94283cab23f6714e27e314a273e86f7306
-// body-sha256: 5c9ef2cd76ed099521584af1b087e3a843f5003e30d972bb7816a5678c7e695d
+// headers-sha256: 379e266a4ac97d5a3385085793a31a34c40b60bb12bf094f5e0292cc3f3f8be9
+// body-sha256: 312ed2d51e1ddecbc299bfb6cd3c28a711c9d48de0c661cf12b57f126bf6536d
 
 pub const _IOC_NRBITS: u32 = 8;
 pub const _IOC_TYPEBITS: u32 = 8;
@@ -27,6 +27,7 @@ pub const KVMIO: u32 = 174;
 pub const KVM_VM_TYPE_ARM_IPA_SIZE_MASK: u64 = 255;
 pub const KVM_CAP_NR_MEMSLOTS: u32 = 10;
 pub const KVM_CAP_MULTI_ADDRESS_SPACE: u32 = 118;
+pub const KVM_CAP_ARM_VM_IPA_SIZE: u32 = 165;
 pub const KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE: u32 = 228;
 pub const KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES: u32 = 229;
 pub const KVM_CAP_ARM_SUPPORTED_REG_MASK_RANGES: u32 = 230;

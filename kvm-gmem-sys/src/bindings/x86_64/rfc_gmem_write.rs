@@ -4,7 +4,7 @@
 // libclang: Debian clang version 19.1.7 (3~deb12u1)
 // target: x86_64-unknown-linux-gnu
 // module: rfc_gmem_write (rfc/gmem-write.h)
-// headers-sha256: 6f2143878aac5266a1bda120d7f3fa94283cab23f6714e27e314a273e86f7306
+// headers-sha256: 379e266a4ac97d5a3385085793a31a34c40b60bb12bf094f5e0292cc3f3f8be9
 // body-sha256: 3acf18c9527b7f98d610d5ca67b956df741cd1810d029ab57b1c5875ab5b9100
 
 pub const GUEST_MEMFD_FLAG_WRITE: u64 = 8;

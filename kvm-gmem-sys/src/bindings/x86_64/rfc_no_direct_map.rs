@@ -4,7 +4,7 @@
 // libclang: Debian clang version 19.1.7 (3~deb12u1)
 // target: x86_64-unknown-linux-gnu
 // module: rfc_no_direct_map (rfc/no-direct-map.h)
-// headers-sha256: 6f2143878aac5266a1bda120d7f3fa94283cab23f6714e27e314a273e86f7306
+// headers-sha256: 379e266a4ac97d5a3385085793a31a34c40b60bb12bf094f5e0292cc3f3f8be9
 // body-sha256: 22b8ff242ed65d9258f20e2e859dad77082e74ebb73808da591c7c40e75cab47
 
 pub const GUEST_MEMFD_FLAG_NO_DIRECT_MAP: u64 = 4;

@@ -4,7 +4,7 @@
 // libclang: Debian clang version 19.1.7 (3~deb12u1)
 // target: x86_64-unknown-linux-gnu
 // module: rfc_populate (rfc/populate.h)
-// headers-sha256: 6f2143878aac5266a1bda120d7f3fa94283cab23f6714e27e314a273e86f7306
+// headers-sha256: 379e266a4ac97d5a3385085793a31a34c40b60bb12bf094f5e0292cc3f3f8be9
 // body-sha256: 0d5445883b6966d0e2f6e7a10c35640ef7bfd961f20d5ba00ec66f6ea66d2ac2
 
 pub type __u64 = ::core::ffi::c_ulonglong;

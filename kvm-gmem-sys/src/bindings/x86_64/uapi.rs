@@ -4,8 +4,8 @@
 // libclang: Debian clang version 19.1.7 (3~deb12u1)
 // target: x86_64-unknown-linux-gnu
 // module: uapi (linux/kvm.h, linux/userfaultfd.h)
-// headers-sha256: 6f2143878aac5266a1bda120d7f3fa94283cab23f6714e27e314a273e86f7306
-// body-sha256: 959ee214d12c5125b8e8437fba9eee5a58df5637bf403e606298ebc025e2c7e9
+// headers-sha256: 379e266a4ac97d5a3385085793a31a34c40b60bb12bf094f5e0292cc3f3f8be9
+// body-sha256: 0f791af7adf6179f0a8e7db798377ee15ad188a868bc1f7ff7e0e51728adf83c
 
 pub const _IOC_NRBITS: u32 = 8;
 pub const _IOC_TYPEBITS: u32 = 8;
@@ -33,6 +33,7 @@ pub const KVMIO: u32 = 174;
 pub const KVM_VM_TYPE_ARM_IPA_SIZE_MASK: u64 = 255;
 pub const KVM_CAP_NR_MEMSLOTS: u32 = 10;
 pub const KVM_CAP_MULTI_ADDRESS_SPACE: u32 = 118;
+pub const KVM_CAP_ARM_VM_IPA_SIZE: u32 = 165;
 pub const KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE: u32 = 228;
 pub const KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES: u32 = 229;
 pub const KVM_CAP_ARM_SUPPORTED_REG_MASK_RANGES: u32 = 230;
