@@ -28,7 +28,7 @@
 //! crates; this file only wires them together.
 
 use kvm_gmem::populate::{Populate, Source};
-use kvm_gmem::{Cap, GuestMemfd, GuestMemfdFlags, Mapping, MemoryRegion2, VmOps};
+use kvm_gmem::{Extension, GuestMemfd, GuestMemfdFlags, Mapping, MemoryRegion2, VmOps};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -220,7 +220,7 @@ impl Plan {
                 (
                     Part::Guest,
                     status(on_vm(|vm, release| {
-                        cap_set(vm, Cap::USER_MEMORY2, "KVM_CAP_USER_MEMORY2", release)
+                        cap_set(vm, Extension::USER_MEMORY2, "KVM_CAP_USER_MEMORY2", release)
                     })),
                 ),
             ],
@@ -273,9 +273,8 @@ fn create_vm() -> Res<VmFd> {
 
 /// `KVM_CHECK_EXTENSION(cap)` on the VM is non-zero, or its value as the
 /// reason.
-fn cap_set(vm: &VmFd, cap: Cap, name: &str, release: &str) -> Res<()> {
-    // VmFd's own check_extension (kvm-ioctls' Cap, a bool) would win.
-    match VmOps::check_extension(vm, cap) {
+fn cap_set(vm: &VmFd, cap: Extension, name: &str, release: &str) -> Res<()> {
+    match vm.extension(cap) {
         Ok(v) if v > 0 => Ok(()),
         Ok(v) => Err(format!("{name} = {v} on {release}")),
         Err(err) => Err(err.to_string()),
@@ -284,7 +283,7 @@ fn cap_set(vm: &VmFd, cap: Cap, name: &str, release: &str) -> Res<()> {
 
 /// A guest_memfd the host can map and fill (part 1's needs).
 fn guest_memfd_usable(vm: &VmFd, release: &str) -> Res<()> {
-    cap_set(vm, Cap::GUEST_MEMFD, "KVM_CAP_GUEST_MEMFD", release)?;
+    cap_set(vm, Extension::GUEST_MEMFD, "KVM_CAP_GUEST_MEMFD", release)?;
     let needed = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
     let flags = vm.guest_memfd_flags().map_err(|err| err.to_string())?;
     if flags.contains(needed) {

@@ -8,7 +8,7 @@
 //! and on a default VM fd: the answers can differ per VM) and `UFFDIO_API`.
 //! Nothing is probed by behaviour: a capability number alone (245 above all)
 //! does not prove that a kernel has a feature. The KVM calls are made by
-//! kvm-gmem ([`Kvm`], [`VmOps::check_extension`]), the userfaultfd ones by
+//! kvm-gmem ([`KvmDevice`], [`VmOps::extension`]), the userfaultfd ones by
 //! uffd-gmem ([`Uffd::builder`]); this module only issues `uname(2)` and
 //! opens the userfaultfd node to report that step on its own.
 //!
@@ -21,7 +21,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use kvm_gmem::{Cap, Kvm, VmOps, VmType};
+use kvm_gmem::{Extension, KvmDevice, VmOps, VmType};
 use kvm_gmem_sys as sys;
 use uffd_gmem::{Origin, Uffd};
 
@@ -641,7 +641,7 @@ fn collect_kvm(path: &Path) -> KvmReport {
             })
             .collect(),
     };
-    let kvm = match Kvm::open_path(path) {
+    let kvm = match KvmDevice::open_path(path) {
         Ok(kvm) => kvm,
         Err(e) => {
             report.open = Err(OsError::from_kvm(Ctx::KvmOpen, &e));
@@ -654,9 +654,9 @@ fn collect_kvm(path: &Path) -> KvmReport {
         .create_vm(VmType(VM_TYPE))
         .map_err(|e| OsError::from_kvm(Ctx::CreateVm, &e));
     for row in &mut report.caps {
-        row.system = Some(kvm.check_extension(Cap(row.cap)).map_err(ioctl));
+        row.system = Some(kvm.extension(Extension(row.cap)).map_err(ioctl));
         if let Ok(vm) = &vm {
-            row.vm = Some(vm.check_extension(Cap(row.cap)).map_err(ioctl));
+            row.vm = Some(vm.extension(Extension(row.cap)).map_err(ioctl));
         }
     }
     report.vm = Some(vm.map(drop));

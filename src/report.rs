@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use kvm_gmem::caps::{Row, unavailable_rows};
-use kvm_gmem::{Capabilities, GuestMemfd, Kvm, Vm, VmType};
+use kvm_gmem::{Capabilities, GuestMemfd, KvmDevice, Vm, VmType};
 use kvm_gmem_sys as sys;
 use uffd_gmem::RegisterMode;
 
@@ -79,7 +79,7 @@ const UFFD_ON_GMEM_ORIGIN: &str = "RFC (rppt), Mar 2026";
 /// Where opening and querying KVM stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvmStage {
-    /// `open(path, O_RDWR | O_CLOEXEC)` ([`Kvm::open_path`]).
+    /// `open(path, O_RDWR | O_CLOEXEC)` ([`KvmDevice::open_path`]).
     Open,
     /// `KVM_CREATE_VM` with [`VM_TYPE`].
     CreateVm,
@@ -213,9 +213,9 @@ impl Report {
 // Collection
 // ---------------------------------------------------------------------------
 
-fn open_kvm(path: &Path) -> Result<(Kvm, Vm, Capabilities), Box<KvmFailure>> {
+fn open_kvm(path: &Path) -> Result<(KvmDevice, Vm, Capabilities), Box<KvmFailure>> {
     let fail = |stage| move |e| Box::new(KvmFailure::new(stage, &e));
-    let kvm = Kvm::open_path(path).map_err(fail(KvmStage::Open))?;
+    let kvm = KvmDevice::open_path(path).map_err(fail(KvmStage::Open))?;
     let vm = kvm.create_vm(VM_TYPE).map_err(fail(KvmStage::CreateVm))?;
     let caps = Capabilities::query(&kvm, &vm, VM_TYPE).map_err(fail(KvmStage::Query))?;
     Ok((kvm, vm, caps))

@@ -50,8 +50,8 @@ use std::time::Duration;
 use kvm_gmem::interop::vcpu_fd;
 use kvm_gmem::populate::{Populate, Source, Strategy};
 use kvm_gmem::{
-    Cap, Capabilities, Errno, GuestMemfd, GuestMemfdFlags, Kvm, MemoryAttributes, MemoryFault,
-    MemoryRegion2, UserfaultBitmap, VmOps, VmType, pre_fault_memory,
+    Capabilities, Errno, Extension, GuestMemfd, GuestMemfdFlags, KvmDevice, MemoryAttributes,
+    MemoryFault, MemoryRegion2, UserfaultBitmap, VmOps, VmType, pre_fault_memory,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use uffd_gmem::{Event, FaultKind, Features, Ioctls, Mode, RegisterMode, Uffd};
@@ -245,7 +245,7 @@ type Check = fn(&Ctx) -> Row;
 
 /// What every check shares: the crates' view of the kernel, queried once.
 struct Ctx {
-    kvm: Kvm,
+    kvm: KvmDevice,
     kvm_io: kvm_ioctls::Kvm,
     caps: Capabilities,
     /// Why userfaultfd cannot be used, if it cannot.
@@ -272,7 +272,7 @@ fn panic_text(p: &(dyn Any + Send)) -> String {
 
 #[test]
 fn kernel_matrix() {
-    let kvm = match Kvm::open() {
+    let kvm = match KvmDevice::open() {
         Ok(kvm) => kvm,
         Err(e) => {
             assert!(
@@ -883,11 +883,11 @@ fn attrs_text(v: i32) -> String {
 fn attribute_answers(cx: &Ctx) -> (i32, i32, kvm_gmem::Vm) {
     let dev = cx
         .kvm
-        .check_extension(Cap::MEMORY_ATTRIBUTES)
+        .extension(Extension::MEMORY_ATTRIBUTES)
         .expect("KVM_CHECK_EXTENSION on /dev/kvm");
     let vm = cx.kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
     let on_vm = vm
-        .check_extension(Cap::MEMORY_ATTRIBUTES)
+        .extension(Extension::MEMORY_ATTRIBUTES)
         .expect("KVM_CHECK_EXTENSION on the VM");
     assert_eq!(
         cx.caps.memory_attributes_system.bits(),
@@ -917,13 +917,13 @@ fn memory_attributes_vm_fd(cx: &Ctx) -> Row {
         // as a private memory fault.
         let mut g = Guest::new(&cx.kvm_io);
         let _data = anon_data_slot(&mut g);
-        VmOps::set_memory_attributes(&g.vm, range.clone(), MemoryAttributes::PRIVATE)
+        g.vm.set_attributes(range.clone(), MemoryAttributes::PRIVATE)
             .expect("KVM_SET_MEMORY_ATTRIBUTES(PRIVATE)");
         match g.run() {
             GuestExit::MemoryFault(f) if f.is_private() && f.gpa == DATA_GPA => {}
             other => panic!("expected a private memory fault at {DATA_GPA:#x}, got {other:?}"),
         }
-        VmOps::set_memory_attributes(&g.vm, range, MemoryAttributes::empty())
+        g.vm.set_attributes(range, MemoryAttributes::empty())
             .expect("KVM_SET_MEMORY_ATTRIBUTES(0)");
         return (
             Status::Verified,
@@ -934,7 +934,7 @@ fn memory_attributes_vm_fd(cx: &Ctx) -> Row {
         );
     }
     let e = vm
-        .set_memory_attributes(range, MemoryAttributes::PRIVATE)
+        .set_attributes(range, MemoryAttributes::PRIVATE)
         .expect_err("the VM offers no attributes, yet KVM_SET_MEMORY_ATTRIBUTES succeeded");
     assert!(e.is_unsupported(), "expected Error::Unsupported, got {e}");
     (

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
-use kvm_gmem::{Capabilities, GuestMemfd, GuestMemfdFlags, Kvm, VmOps, VmType};
+use kvm_gmem::{Capabilities, GuestMemfd, GuestMemfdFlags, KvmDevice, VmOps, VmType};
 use kvm_gmem_sys as sys;
 use probe::{CapKind, Report, UffdVia};
 
@@ -1046,8 +1046,8 @@ fn typed_rows_equal_capabilities_query() {
     let report = typed();
     assert_eq!(report.kvm.failure, None);
 
-    // An independent query, on a Kvm and VM of the test's own.
-    let kvm = Kvm::open().expect("open /dev/kvm");
+    // An independent query, on a KvmDevice and VM of the test's own.
+    let kvm = KvmDevice::open().expect("open /dev/kvm");
     let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
     let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT).expect("Capabilities::query");
     assert_eq!(
@@ -1133,7 +1133,7 @@ fn typed_userfaultfd_rows_match_uffdio_api() {
 /// userfaultfd of the test's own: the errno, or `Ok` (then unregistered).
 /// `None` when no such mapping can be made on this kernel.
 fn independent_register() -> Option<Result<(), i32>> {
-    let kvm = Kvm::open().expect("open /dev/kvm");
+    let kvm = KvmDevice::open().expect("open /dev/kvm");
     let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
     let gmem = GuestMemfd::builder(kvm_gmem::page_size())
         .mmap(true)
@@ -1435,10 +1435,10 @@ fn command_line() {
     // capability.
     let ran = stdout.lines().find(|l| l.trim_start().starts_with("ran "));
     let population = "separate-process population";
-    let gmem_shared = Kvm::open().ok().and_then(|kvm| {
+    let gmem_shared = KvmDevice::open().ok().and_then(|kvm| {
         let vm = kvm.create_vm(VmType::DEFAULT).ok()?;
         let flags = vm.guest_memfd_flags().ok()?;
-        let cap = vm.check_extension(kvm_gmem::Cap::GUEST_MEMFD).ok()?;
+        let cap = vm.extension(kvm_gmem::Extension::GUEST_MEMFD).ok()?;
         Some(cap > 0 && flags.contains(GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED))
     });
     if gmem_shared == Some(true) {

@@ -456,8 +456,7 @@ pub fn gmem_vm(
     let vm = kvm
         .create_vm()
         .map_err(|e| format!("KVM_CREATE_VM failed {} ({e})", on()))?;
-    // VmFd has methods of the same names: call ours through the trait.
-    match kvm_gmem::VmOps::check_extension(&vm, kvm_gmem::Cap::GUEST_MEMFD) {
+    match kvm_gmem::VmOps::extension(&vm, kvm_gmem::Extension::GUEST_MEMFD) {
         Ok(v) if v > 0 => {}
         Ok(v) => return Err(format!("KVM_CAP_GUEST_MEMFD = {v} {}", on())),
         Err(e) => return Err(format!("KVM_CAP_GUEST_MEMFD unknown {}: {e}", on())),

@@ -15,7 +15,7 @@
 use arbitrary::Arbitrary;
 use kvm_gmem::populate::{Populate, Source, Strategy};
 use kvm_gmem::{
-    Error, GuestMemfd, GuestMemfdFlags, Kvm, MemoryRegion2, RegionFlags, Vm, VmOps, VmType,
+    Error, GuestMemfd, GuestMemfdFlags, KvmDevice, MemoryRegion2, RegionFlags, Vm, VmOps, VmType,
     page_size,
 };
 use libfuzzer_sys::fuzz_target;
@@ -44,7 +44,7 @@ struct Input {
 }
 
 struct Fixture {
-    _kvm: Kvm,
+    _kvm: KvmDevice,
     vm: Vm,
     offered: GuestMemfdFlags,
     plain: GuestMemfd,
@@ -59,7 +59,7 @@ fn open_fds() -> usize {
 fn fixture() -> Option<&'static Fixture> {
     static F: OnceLock<Option<Fixture>> = OnceLock::new();
     F.get_or_init(|| {
-        let kvm = Kvm::open().ok()?;
+        let kvm = KvmDevice::open().ok()?;
         let vm = kvm.create_vm(VmType::DEFAULT).ok()?;
         let offered = vm.guest_memfd_flags().ok()?;
         let p = page_size();

@@ -58,6 +58,13 @@ pub mod ioctl {
 #[cfg(feature = "ioctl")]
 mod call;
 
+#[cfg(feature = "support")]
+extern crate std;
+
+#[cfg(feature = "support")]
+#[cfg_attr(docsrs, doc(cfg(feature = "support")))]
+pub mod support;
+
 /// Definitions from RFC series that are not in any Linux release.
 ///
 /// Where series disagree on a number, the crate follows Firecracker's 6.18

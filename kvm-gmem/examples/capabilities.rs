@@ -4,10 +4,10 @@
 //! cargo run -p kvm-gmem --all-features --example capabilities
 //! ```
 
-use kvm_gmem::{Capabilities, Kvm, VmType};
+use kvm_gmem::{Capabilities, KvmDevice, VmType};
 
 fn main() -> Result<(), kvm_gmem::Error> {
-    let kvm = Kvm::open()?;
+    let kvm = KvmDevice::open()?;
     let vm = kvm.create_vm(VmType::DEFAULT)?;
     let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT)?;
     print!("{caps}");

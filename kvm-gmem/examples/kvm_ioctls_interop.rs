@@ -184,6 +184,6 @@ fn on_memory_fault(vm: &kvm_ioctls::VmFd, fault: MemoryFault) -> Res<()> {
     );
     // Named in full: VmFd's own set_memory_attributes (kvm-ioctls' raw
     // struct) would win over the VmOps method.
-    VmOps::set_memory_attributes(vm, fault.gpa..fault.gpa + fault.size, to)?;
+    VmOps::set_attributes(vm, fault.gpa..fault.gpa + fault.size, to)?;
     Ok(())
 }

@@ -12,7 +12,7 @@
 //! its best and median over the runs, in GB/s (10^9 bytes/s).
 
 use kvm_gmem::populate::{Populate, Source, Strategy};
-use kvm_gmem::{GuestMemfd, Kvm, Vm, VmType};
+use kvm_gmem::{GuestMemfd, KvmDevice, Vm, VmType};
 use std::time::{Duration, Instant};
 
 fn fresh(vm: &Vm, size: u64) -> Result<GuestMemfd, kvm_gmem::Error> {
@@ -43,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mib: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1024);
     let runs: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5);
     let size = mib << 20;
-    let kvm = Kvm::open()?;
+    let kvm = KvmDevice::open()?;
     let vm = kvm.create_vm(VmType::DEFAULT)?;
 
     // A position-dependent pattern, touched once so the source is resident.

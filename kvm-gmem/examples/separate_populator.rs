@@ -17,7 +17,7 @@
 //! non-zero on failure.
 
 use kvm_gmem::populate::{Populate, Source};
-use kvm_gmem::{GuestMemfd, Kvm, VmType, share};
+use kvm_gmem::{GuestMemfd, KvmDevice, VmType, share};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -73,7 +73,7 @@ fn parent(args: &[String]) -> Res<()> {
     };
     let file = opt(args, "--file").map(PathBuf::from);
 
-    let kvm = Kvm::open()?;
+    let kvm = KvmDevice::open()?;
     let vm = kvm.create_vm(VmType::DEFAULT)?;
     let gmem = GuestMemfd::builder(size)
         .mmap(true)

@@ -1,7 +1,7 @@
 //! `KVM_SET_MEMORY_ATTRIBUTES`: private/shared state of guest memory.
 
 use crate::error::{Errno, Error, Result};
-use crate::kvm::{Cap, check_extension};
+use crate::kvm::{Extension, check_extension};
 use crate::sys::{ioctl_arg, page_size};
 use kvm_gmem_sys as sys;
 use std::ops::Range;
@@ -20,12 +20,12 @@ bitflags::bitflags! {
 /// The attributes `vm` supports; see
 /// [`VmOps::supported_attributes`](crate::VmOps::supported_attributes).
 pub(crate) fn supported(vm: BorrowedFd<'_>) -> Result<MemoryAttributes> {
-    let v = check_extension(vm, Cap::MEMORY_ATTRIBUTES)?;
+    let v = check_extension(vm, Extension::MEMORY_ATTRIBUTES)?;
     Ok(MemoryAttributes::from_bits_retain(v.max(0) as u64))
 }
 
 /// `ioctl(vm, KVM_SET_MEMORY_ATTRIBUTES, ..)`; see
-/// [`VmOps::set_memory_attributes`](crate::VmOps::set_memory_attributes).
+/// [`VmOps::set_attributes`](crate::VmOps::set_attributes).
 pub(crate) fn set(
     vm: BorrowedFd<'_>,
     range: Range<u64>,

@@ -6,7 +6,7 @@
 use crate::attributes::MemoryAttributes;
 use crate::error::{Errno, Result};
 use crate::gmem::GuestMemfdFlags;
-use crate::kvm::{Cap, Kvm, VmType};
+use crate::kvm::{Extension, KvmDevice, VmType};
 use crate::vm::VmOps;
 use std::fmt;
 use std::os::fd::BorrowedFd;
@@ -117,41 +117,41 @@ impl Capabilities {
     /// # Errors
     ///
     /// [`crate::Error::Kernel`] if `KVM_CHECK_EXTENSION` itself fails.
-    pub fn query(kvm: &Kvm, vm: &impl VmOps, vm_type: VmType) -> Result<Capabilities> {
+    pub fn query(kvm: &KvmDevice, vm: &impl VmOps, vm_type: VmType) -> Result<Capabilities> {
         let vm = vm.vm_fd();
-        let vm_cap = |c: Cap| vm.check_extension(c);
+        let vm_cap = |c: Extension| vm.extension(c);
         let flags =
-            GuestMemfdFlags::from_bits_retain(vm_cap(Cap::GUEST_MEMFD_FLAGS)?.max(0) as u64);
+            GuestMemfdFlags::from_bits_retain(vm_cap(Extension::GUEST_MEMFD_FLAGS)?.max(0) as u64);
         let scratch = kvm.create_vm(vm_type).ok();
         Ok(Capabilities {
             kernel_release: release(),
-            user_memory2: Support::cap("KVM_CAP_USER_MEMORY2", vm_cap(Cap::USER_MEMORY2)?),
+            user_memory2: Support::cap("KVM_CAP_USER_MEMORY2", vm_cap(Extension::USER_MEMORY2)?),
             memory_fault_info: Support::cap(
                 "KVM_CAP_MEMORY_FAULT_INFO",
-                vm_cap(Cap::MEMORY_FAULT_INFO)?,
+                vm_cap(Extension::MEMORY_FAULT_INFO)?,
             ),
             memory_attributes: MemoryAttributes::from_bits_retain(
-                vm_cap(Cap::MEMORY_ATTRIBUTES)?.max(0) as u64,
+                vm_cap(Extension::MEMORY_ATTRIBUTES)?.max(0) as u64,
             ),
             memory_attributes_system: MemoryAttributes::from_bits_retain(
-                kvm.check_extension(Cap::MEMORY_ATTRIBUTES)?.max(0) as u64,
+                kvm.extension(Extension::MEMORY_ATTRIBUTES)?.max(0) as u64,
             ),
-            guest_memfd: Support::cap("KVM_CAP_GUEST_MEMFD", vm_cap(Cap::GUEST_MEMFD)?),
-            vm_types: match kvm.check_extension(Cap::VM_TYPES)? {
+            guest_memfd: Support::cap("KVM_CAP_GUEST_MEMFD", vm_cap(Extension::GUEST_MEMFD)?),
+            vm_types: match kvm.extension(Extension::VM_TYPES)? {
                 0 => 1,
                 v => v as u64,
             },
             arm_vm_ipa_size: if cfg!(target_arch = "aarch64") {
-                kvm.check_extension(Cap::ARM_VM_IPA_SIZE)?.max(0) as u32
+                kvm.extension(Extension::ARM_VM_IPA_SIZE)?.max(0) as u32
             } else {
                 0
             },
             pre_fault_memory: Support::cap(
                 "KVM_CAP_PRE_FAULT_MEMORY",
-                vm_cap(Cap::PRE_FAULT_MEMORY)?,
+                vm_cap(Extension::PRE_FAULT_MEMORY)?,
             ),
             guest_memfd_flags: flags,
-            nr_memslots: vm_cap(Cap::NR_MEMSLOTS)?.max(0) as u32,
+            nr_memslots: vm_cap(Extension::NR_MEMSLOTS)?.max(0) as u32,
             rfc: RfcSupport {
                 populate: probe::populate(vm),
                 gmem_write: probe::gmem_write(scratch.as_ref(), flags),
@@ -466,7 +466,7 @@ mod probe {
     #[cfg(feature = "rfc-kvm-userfault")]
     pub(super) fn kvm_userfault(vm: BorrowedFd<'_>, scratch: Option<&Vm>) -> Support {
         use kvm_gmem_sys::rfc::kvm_userfault::{KVM_CAP_USERFAULT, KVM_MEM_USERFAULT};
-        let cap = vm.check_extension(Cap(KVM_CAP_USERFAULT)).unwrap_or(0);
+        let cap = vm.extension(Extension(KVM_CAP_USERFAULT)).unwrap_or(0);
         let Some(scratch) = scratch else {
             return Support::no("not probed: no scratch VM could be created");
         };

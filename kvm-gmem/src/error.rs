@@ -2,74 +2,7 @@
 //! rule that was broken (checked before any system call), the capability the
 //! kernel lacks, or the errno the kernel returned.
 
-use std::fmt;
-
-/// An errno value returned by the kernel.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Errno(pub i32);
-
-impl Errno {
-    /// The calling thread's current `errno`.
-    pub fn last() -> Errno {
-        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    }
-
-    /// The symbolic name (`EINVAL`), when it is one the crate meets.
-    pub fn name(self) -> Option<&'static str> {
-        Some(match self.0 {
-            libc::EPERM => "EPERM",
-            libc::ENOENT => "ENOENT",
-            libc::EINTR => "EINTR",
-            libc::EIO => "EIO",
-            libc::EBADF => "EBADF",
-            libc::EAGAIN => "EAGAIN",
-            libc::ENOMEM => "ENOMEM",
-            libc::EACCES => "EACCES",
-            libc::EFAULT => "EFAULT",
-            libc::EBUSY => "EBUSY",
-            libc::EEXIST => "EEXIST",
-            libc::ENODEV => "ENODEV",
-            libc::EINVAL => "EINVAL",
-            libc::ENOSPC => "ENOSPC",
-            libc::ESPIPE => "ESPIPE",
-            libc::ENOSYS => "ENOSYS",
-            libc::ENOTTY => "ENOTTY",
-            libc::E2BIG => "E2BIG",
-            libc::EOPNOTSUPP => "EOPNOTSUPP",
-            libc::ENXIO => "ENXIO",
-            libc::ERANGE => "ERANGE",
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for Errno {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let msg = std::io::Error::from_raw_os_error(self.0);
-        // io::Error's Display appends "(os error N)"; keep the text only.
-        let text = msg.to_string();
-        let text = text.split(" (os error").next().unwrap_or(&text);
-        match self.name() {
-            Some(n) => write!(f, "{n} ({}): {text}", self.0),
-            None => write!(f, "errno {}: {text}", self.0),
-        }
-    }
-}
-
-impl fmt::Debug for Errno {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(n) => write!(f, "Errno({n})"),
-            None => write!(f, "Errno({})", self.0),
-        }
-    }
-}
-
-impl From<Errno> for std::io::Error {
-    fn from(e: Errno) -> Self {
-        std::io::Error::from_raw_os_error(e.0)
-    }
-}
+pub use kvm_gmem_sys::support::Errno;
 
 /// What went wrong, and where.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use crate::error::{Error, Result};
-use crate::kvm::{Cap, check_extension};
+use crate::kvm::{Extension, check_extension};
 use crate::sys::{ioctl_arg, own_new_fd, page_size};
 use crate::vm::VmOps;
 use kvm_gmem_sys as sys;
@@ -54,7 +54,7 @@ impl std::fmt::Display for GuestMemfdFlags {
 
 /// The flags `vm` accepts; see [`VmOps::guest_memfd_flags`].
 pub(crate) fn supported_flags(vm: BorrowedFd<'_>) -> Result<GuestMemfdFlags> {
-    let v = check_extension(vm, Cap::GUEST_MEMFD_FLAGS)?;
+    let v = check_extension(vm, Extension::GUEST_MEMFD_FLAGS)?;
     Ok(GuestMemfdFlags::from_bits_retain(v.max(0) as u64))
 }
 
@@ -178,7 +178,7 @@ impl GuestMemfdBuilder {
 /// offer).
 fn explain_refusal(vm: BorrowedFd<'_>, flags: GuestMemfdFlags) -> Result<Option<Error>> {
     let op = "KVM_CREATE_GUEST_MEMFD";
-    if check_extension(vm, Cap::GUEST_MEMFD)? == 0 {
+    if check_extension(vm, Extension::GUEST_MEMFD)? == 0 {
         return Ok(Some(Error::Unsupported {
             op,
             capability: "KVM_CAP_GUEST_MEMFD",

@@ -2,10 +2,11 @@
 //!
 //! A `kvm_ioctls::VmFd` is a [`VmOps`]: pass `&vm_fd` wherever this crate
 //! takes a VM (`GuestMemfd::builder(..).create(&vm_fd)`) and call the VM
-//! operations on it. Two of them share a name with a `VmFd` method of its
-//! own, which method syntax picks first: call ours in full,
-//! `VmOps::check_extension(&vm_fd, cap)` and
-//! `VmOps::set_memory_attributes(&vm_fd, range, attributes)`.
+//! operations on it with method syntax (`vm_fd.extension(..)`,
+//! `vm_fd.set_attributes(..)`): no name is shared with `VmFd`'s own methods,
+//! and none of this crate's types shares a name with kvm-ioctls' (its `Kvm`
+//! and `Cap` are [`KvmDevice`](crate::KvmDevice) and
+//! [`Extension`](crate::Extension) here), so one file imports both.
 //!
 //! A `VcpuFd` implements only `AsRawFd`, so [`vcpu_fd`] lends its
 //! descriptor to [`crate::pre_fault_memory`].

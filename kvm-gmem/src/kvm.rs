@@ -11,36 +11,36 @@ use std::path::Path;
 
 /// A capability number for `KVM_CHECK_EXTENSION`, named as in C.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Cap(pub u32);
+pub struct Extension(pub u32);
 
-impl Cap {
+impl Extension {
     /// `KVM_CAP_NR_MEMSLOTS`: memory slots per address space.
-    pub const NR_MEMSLOTS: Cap = Cap(sys::KVM_CAP_NR_MEMSLOTS);
+    pub const NR_MEMSLOTS: Extension = Extension(sys::KVM_CAP_NR_MEMSLOTS);
     /// `KVM_CAP_MULTI_ADDRESS_SPACE`: number of address spaces.
-    pub const MULTI_ADDRESS_SPACE: Cap = Cap(sys::KVM_CAP_MULTI_ADDRESS_SPACE);
+    pub const MULTI_ADDRESS_SPACE: Extension = Extension(sys::KVM_CAP_MULTI_ADDRESS_SPACE);
     /// `KVM_CAP_USER_MEMORY2` (Linux 6.8).
-    pub const USER_MEMORY2: Cap = Cap(sys::KVM_CAP_USER_MEMORY2);
+    pub const USER_MEMORY2: Extension = Extension(sys::KVM_CAP_USER_MEMORY2);
     /// `KVM_CAP_MEMORY_FAULT_INFO` (Linux 6.8).
-    pub const MEMORY_FAULT_INFO: Cap = Cap(sys::KVM_CAP_MEMORY_FAULT_INFO);
+    pub const MEMORY_FAULT_INFO: Extension = Extension(sys::KVM_CAP_MEMORY_FAULT_INFO);
     /// `KVM_CAP_MEMORY_ATTRIBUTES` (Linux 6.8): the supported attribute mask.
-    pub const MEMORY_ATTRIBUTES: Cap = Cap(sys::KVM_CAP_MEMORY_ATTRIBUTES);
+    pub const MEMORY_ATTRIBUTES: Extension = Extension(sys::KVM_CAP_MEMORY_ATTRIBUTES);
     /// `KVM_CAP_GUEST_MEMFD` (Linux 6.8).
-    pub const GUEST_MEMFD: Cap = Cap(sys::KVM_CAP_GUEST_MEMFD);
+    pub const GUEST_MEMFD: Extension = Extension(sys::KVM_CAP_GUEST_MEMFD);
     /// `KVM_CAP_VM_TYPES` (Linux 6.8): a mask of `1 << type`.
-    pub const VM_TYPES: Cap = Cap(sys::KVM_CAP_VM_TYPES);
+    pub const VM_TYPES: Extension = Extension(sys::KVM_CAP_VM_TYPES);
     /// `KVM_CAP_PRE_FAULT_MEMORY` (Linux 6.11).
-    pub const PRE_FAULT_MEMORY: Cap = Cap(sys::KVM_CAP_PRE_FAULT_MEMORY);
+    pub const PRE_FAULT_MEMORY: Extension = Extension(sys::KVM_CAP_PRE_FAULT_MEMORY);
     /// `KVM_CAP_GUEST_MEMFD_FLAGS` (Linux 6.18): the flags a VM accepts.
-    pub const GUEST_MEMFD_FLAGS: Cap = Cap(sys::KVM_CAP_GUEST_MEMFD_FLAGS);
+    pub const GUEST_MEMFD_FLAGS: Extension = Extension(sys::KVM_CAP_GUEST_MEMFD_FLAGS);
     /// `KVM_CAP_ARM_VM_IPA_SIZE` (arm64): the largest IPA size, in bits, a
     /// VM type may ask for.
-    pub const ARM_VM_IPA_SIZE: Cap = Cap(sys::KVM_CAP_ARM_VM_IPA_SIZE);
+    pub const ARM_VM_IPA_SIZE: Extension = Extension(sys::KVM_CAP_ARM_VM_IPA_SIZE);
 }
 
 /// `ioctl(fd, KVM_CHECK_EXTENSION, cap)` on `/dev/kvm` or a VM fd: the one
-/// implementation behind [`Kvm::check_extension`] and
-/// [`VmOps::check_extension`](crate::VmOps::check_extension).
-pub(crate) fn check_extension(fd: BorrowedFd<'_>, cap: Cap) -> Result<i32> {
+/// implementation behind [`KvmDevice::extension`] and
+/// [`VmOps::extension`](crate::VmOps::extension).
+pub(crate) fn check_extension(fd: BorrowedFd<'_>, cap: Extension) -> Result<i32> {
     // SAFETY: KVM_CHECK_EXTENSION takes the capability number as its value.
     unsafe { ioctl_int::<{ sys::KVM_CHECK_EXTENSION }>(fd, cap.0.into()) }
         .map_err(|e| Error::kernel("KVM_CHECK_EXTENSION", e))
@@ -103,23 +103,23 @@ impl VmType {
 
 /// An open `/dev/kvm`.
 #[derive(Debug)]
-pub struct Kvm {
+pub struct KvmDevice {
     fd: OwnedFd,
 }
 
-impl Kvm {
+impl KvmDevice {
     /// Opens `/dev/kvm` (read-write, close-on-exec).
-    pub fn open() -> Result<Kvm> {
-        Kvm::open_path(Path::new("/dev/kvm"))
+    pub fn open() -> Result<KvmDevice> {
+        KvmDevice::open_path(Path::new("/dev/kvm"))
     }
 
     /// Opens a KVM device node at `path` (read-write, close-on-exec).
-    pub fn open_path(path: &Path) -> Result<Kvm> {
+    pub fn open_path(path: &Path) -> Result<KvmDevice> {
         let c = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| Error::invalid("open /dev/kvm", "the path contains a NUL byte"))?;
         let fd = crate::sys::open_cloexec(&c, libc::O_RDWR)
             .map_err(|e| Error::kernel("open /dev/kvm", e))?;
-        Ok(Kvm { fd })
+        Ok(KvmDevice { fd })
     }
 
     /// `ioctl(kvm, KVM_GET_API_VERSION)`: 12 on every kernel since 2.6.22.
@@ -133,9 +133,9 @@ impl Kvm {
     /// `ioctl(kvm, KVM_CHECK_EXTENSION, cap)`: the system-wide answer (0 =
     /// not supported). A VM's own answer, which can differ (memory
     /// attributes, guest_memfd flags), is
-    /// [`VmOps::check_extension`](crate::VmOps::check_extension).
+    /// [`VmOps::extension`](crate::VmOps::extension).
     #[doc(alias = "KVM_CHECK_EXTENSION")]
-    pub fn check_extension(&self, cap: Cap) -> Result<i32> {
+    pub fn extension(&self, cap: Extension) -> Result<i32> {
         check_extension(self.fd.as_fd(), cap)
     }
 
@@ -156,7 +156,7 @@ impl Kvm {
                 fd: own_new_fd(op, raw)?,
             }),
             Err(Errno(libc::EINVAL)) if cfg!(target_arch = "aarch64") && ty != VmType::DEFAULT => {
-                let max = self.check_extension(Cap::ARM_VM_IPA_SIZE).unwrap_or(0);
+                let max = self.extension(Extension::ARM_VM_IPA_SIZE).unwrap_or(0);
                 let bits = ty.0 & sys::KVM_VM_TYPE_ARM_IPA_SIZE_MASK;
                 if bits != 0 && (bits < 32 || bits > max as u64) {
                     Err(Error::Unsupported {
@@ -173,7 +173,7 @@ impl Kvm {
                 }
             }
             Err(Errno(libc::EINVAL)) if ty != VmType::DEFAULT => {
-                let types = self.check_extension(Cap::VM_TYPES).unwrap_or(0);
+                let types = self.extension(Extension::VM_TYPES).unwrap_or(0);
                 if ty.0 < 64 && types as u64 & (1 << ty.0) == 0 {
                     Err(Error::Unsupported {
                         op,
@@ -192,13 +192,13 @@ impl Kvm {
     }
 }
 
-impl AsFd for Kvm {
+impl AsFd for KvmDevice {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
 }
 
-impl AsRawFd for Kvm {
+impl AsRawFd for KvmDevice {
     fn as_raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
     }

@@ -17,7 +17,7 @@
 
 //! Typed, safe KVM **guest_memfd** API for VMM authors.
 //!
-//! - [`Kvm`] and [`Vm`] handles; [`VmOps`], the operations on any VM fd
+//! - [`KvmDevice`] and [`Vm`] handles; [`VmOps`], the operations on any VM fd
 //!   (yours, a borrowed fd, a `kvm_ioctls::VmFd`);
 //! - [`Capabilities`], a typed report queried once, with every RFC feature
 //!   confirmed by behaviour ([`caps`]);
@@ -29,7 +29,7 @@
 //! - [`MemoryRegion2`] for `KVM_SET_USER_MEMORY_REGION2`, set with
 //!   [`VmOps::set_memory_region`] (`unsafe` exactly where the kernel starts
 //!   trusting a user address);
-//! - [`VmOps::set_memory_attributes`], [`MemoryFault`] decoding and
+//! - [`VmOps::set_attributes`], [`MemoryFault`] decoding and
 //!   [`pre_fault_memory`] with its partial progress;
 //! - [`populate`]: filling guest memory, by the VMM or another process
 //!   ([`share`]);
@@ -45,10 +45,10 @@
 //! capability, or the errno.
 //!
 //! ```no_run
-//! use kvm_gmem::{GuestMemfd, Kvm, MemoryRegion2, VmOps, VmType};
+//! use kvm_gmem::{GuestMemfd, KvmDevice, MemoryRegion2, VmOps, VmType};
 //!
 //! # fn main() -> Result<(), kvm_gmem::Error> {
-//! let kvm = Kvm::open()?;
+//! let kvm = KvmDevice::open()?;
 //! let vm = kvm.create_vm(VmType::DEFAULT)?;
 //! let gmem = GuestMemfd::builder(2 << 20)
 //!     .mmap(true)
@@ -114,7 +114,7 @@ pub use caps::Capabilities;
 pub use error::{Errno, Error, Result};
 pub use fault::{MemoryFault, MemoryFaultFlags};
 pub use gmem::{GuestMemfd, GuestMemfdBuilder, GuestMemfdFlags};
-pub use kvm::{Cap, Kvm, Vm, VmType};
+pub use kvm::{Extension, KvmDevice, Vm, VmType};
 pub use mapping::Mapping;
 #[cfg(feature = "rfc-kvm-userfault")]
 pub use memslot::UserfaultBitmap;

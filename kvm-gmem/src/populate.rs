@@ -32,10 +32,10 @@
 //!
 //! ```no_run
 //! use kvm_gmem::populate::{Populate, Source, Strategy};
-//! use kvm_gmem::{GuestMemfd, Kvm, VmType};
+//! use kvm_gmem::{GuestMemfd, KvmDevice, VmType};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let kvm = Kvm::open()?;
+//! let kvm = KvmDevice::open()?;
 //! let vm = kvm.create_vm(VmType::DEFAULT)?;
 //! let gmem = GuestMemfd::builder(512 << 20).mmap(true).init_shared(true).create(&vm)?;
 //! let snapshot = std::fs::File::open("snapshot.mem")?;

@@ -1,7 +1,7 @@
 //! `KVM_PRE_FAULT_MEMORY`: map guest memory before the guest touches it.
 
 use crate::error::{Errno, Error, Result};
-use crate::kvm::{Cap, Kvm};
+use crate::kvm::{Extension, KvmDevice};
 use crate::sys::{ioctl_arg, page_size};
 use kvm_gmem_sys as sys;
 use std::ops::Range;
@@ -127,6 +127,6 @@ pub fn pre_fault_memory(vcpu: &impl AsFd, range: Range<u64>) -> Result<PreFault>
 /// `KVM_CHECK_EXTENSION(KVM_CAP_PRE_FAULT_MEMORY)` on `/dev/kvm`, when it
 /// can be opened (only on the error path: a vCPU fd cannot answer it).
 fn system_cap() -> Option<i32> {
-    let kvm = Kvm::open().ok()?;
-    kvm.check_extension(Cap::PRE_FAULT_MEMORY).ok()
+    let kvm = KvmDevice::open().ok()?;
+    kvm.extension(Extension::PRE_FAULT_MEMORY).ok()
 }

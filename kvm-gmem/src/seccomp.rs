@@ -59,96 +59,19 @@
 use crate::populate::Strategy;
 use kvm_gmem_sys as sys;
 
-/// A system call: its name and its number on this target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub struct Syscall {
-    /// The kernel's name for it (`openat`, `fallocate`, ...).
-    pub name: &'static str,
-    /// Its number on the target (`libc::SYS_*`).
-    pub nr: libc::c_long,
-}
-
-/// An ioctl request: its name and its number (the `kvm-gmem-sys` constant).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub struct Ioctl {
-    /// The request's name in the kernel headers.
-    pub name: &'static str,
-    /// The request number, as the crate passes it to `ioctl`.
-    pub request: u32,
-}
-
-/// What one feature needs; see the [module docs](self) for how to turn it
-/// into a filter. `F` is the crate's feature type ([`Feature`] here,
-/// `uffd_gmem::seccomp::Feature` in uffd-gmem).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Rule<F: 'static> {
-    /// The feature.
-    pub feature: F,
-    /// System calls other than `ioctl`, allowed with any arguments.
-    pub syscalls: &'static [Syscall],
-    /// `ioctl` requests.
-    pub ioctls: &'static [Ioctl],
-    /// Whether the feature starts threads (see [`thread_start`]).
-    pub threads: bool,
-}
-
-impl Syscall {
-    /// `name` with number `nr` (for crates that describe their own features
-    /// with these types).
-    pub const fn new(name: &'static str, nr: libc::c_long) -> Syscall {
-        Syscall { name, nr }
-    }
-}
-
-impl Ioctl {
-    /// Request `request`, named `name`.
-    pub const fn new(name: &'static str, request: u32) -> Ioctl {
-        Ioctl { name, request }
-    }
-}
-
-impl<F> Rule<F> {
-    /// A rule (for crates that describe their own features with these
-    /// types).
-    pub const fn new(
-        feature: F,
-        syscalls: &'static [Syscall],
-        ioctls: &'static [Ioctl],
-        threads: bool,
-    ) -> Rule<F> {
-        Rule {
-            feature,
-            syscalls,
-            ioctls,
-            threads,
-        }
-    }
-
-    /// Whether the rule lists system call `nr` (any call but `ioctl`).
-    pub fn allows_syscall(&self, nr: libc::c_long) -> bool {
-        self.syscalls.iter().any(|s| s.nr == nr)
-    }
-
-    /// Whether the rule lists ioctl request `request`.
-    pub fn allows_ioctl(&self, request: u32) -> bool {
-        self.ioctls.iter().any(|i| i.request == request)
-    }
-}
+pub use kvm_gmem_sys::support::seccomp::{Ioctl, Rule, Syscall, thread_start};
 
 /// A feature of this crate, as a unit of seccomp policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Feature {
-    /// [`Kvm::open`](crate::Kvm::open) and
-    /// [`Kvm::open_path`](crate::Kvm::open_path).
+    /// [`KvmDevice::open`](crate::Kvm::open) and
+    /// [`KvmDevice::open_path`](crate::Kvm::open_path).
     OpenKvm,
-    /// [`Kvm::create_vm`](crate::Kvm::create_vm),
-    /// [`Kvm::check_extension`](crate::Kvm::check_extension),
-    /// [`VmOps::check_extension`](crate::VmOps::check_extension),
-    /// [`Kvm::api_version`](crate::Kvm::api_version).
+    /// [`KvmDevice::create_vm`](crate::Kvm::create_vm),
+    /// [`KvmDevice::extension`](crate::KvmDevice::extension),
+    /// [`VmOps::extension`](crate::VmOps::extension),
+    /// [`KvmDevice::api_version`](crate::Kvm::api_version).
     CreateVm,
     /// [`Capabilities::query`](crate::Capabilities::query): capability
     /// checks, and the behavioural RFC probes on a scratch VM (a guest_memfd
@@ -170,7 +93,7 @@ pub enum Feature {
     /// [`VmOps::set_memory_region`](crate::VmOps::set_memory_region) and
     /// [`VmOps::delete_memory_region`](crate::VmOps::delete_memory_region).
     MemslotV2,
-    /// [`VmOps::set_memory_attributes`](crate::VmOps::set_memory_attributes)
+    /// [`VmOps::set_attributes`](crate::VmOps::set_attributes)
     /// and [`VmOps::supported_attributes`](crate::VmOps::supported_attributes).
     MemoryAttributes,
     /// [`pre_fault_memory`](crate::pre_fault_memory) (on its error path it
@@ -189,7 +112,7 @@ pub enum Feature {
 /// `Syscall` entries from `libc::SYS_*` names.
 macro_rules! sc {
     ($($(#[$m:meta])* $nr:ident),* $(,)?) => {
-        &[$($(#[$m])* Syscall::new(strip_sys(stringify!($nr)), libc::$nr)),*]
+        &[$($(#[$m])* Syscall::new(stringify!($nr), libc::$nr)),*]
     };
 }
 
@@ -200,50 +123,39 @@ macro_rules! io {
     };
 }
 
-/// `"SYS_openat"` -> `"openat"`.
-const fn strip_sys(s: &'static str) -> &'static str {
-    match s.as_bytes() {
-        [b'S', b'Y', b'S', b'_', rest @ ..] => match std::str::from_utf8(rest) {
-            Ok(name) => name,
-            Err(_) => s,
-        },
-        _ => s,
-    }
-}
-
 /// The descriptor bookkeeping of a call that creates one: `fcntl` to mark it
 /// close-on-exec where the kernel did not (guest_memfd), `close` on drop.
 const FD: &[Syscall] = sc![SYS_fcntl, SYS_close];
 
 const POPULATE_IOCTL: &[Ioctl] = &[
     #[cfg(feature = "rfc-populate")]
-    Ioctl {
-        name: "KVM_GUEST_MEMFD_POPULATE",
-        request: sys::rfc::populate::KVM_GUEST_MEMFD_POPULATE,
-    },
+    Ioctl::new(
+        "KVM_GUEST_MEMFD_POPULATE",
+        sys::rfc::populate::KVM_GUEST_MEMFD_POPULATE,
+    ),
 ];
 
 static RULES: &[Rule<Feature>] = &[
-    Rule {
-        feature: Feature::OpenKvm,
-        syscalls: sc![
+    Rule::new(
+        Feature::OpenKvm,
+        sc![
             #[cfg(target_arch = "x86_64")]
             SYS_open,
             SYS_openat,
             SYS_close
         ],
-        ioctls: &[],
-        threads: false,
-    },
-    Rule {
-        feature: Feature::CreateVm,
-        syscalls: FD,
-        ioctls: io![KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_GET_API_VERSION],
-        threads: false,
-    },
-    Rule {
-        feature: Feature::Capabilities,
-        syscalls: sc![
+        &[],
+        false,
+    ),
+    Rule::new(
+        Feature::CreateVm,
+        FD,
+        io![KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_GET_API_VERSION],
+        false,
+    ),
+    Rule::new(
+        Feature::Capabilities,
+        sc![
             // /proc/sys/kernel/osrelease
             #[cfg(target_arch = "x86_64")]
             SYS_open,
@@ -261,76 +173,62 @@ static RULES: &[Rule<Feature>] = &[
             SYS_mmap,
             SYS_munmap,
         ],
-        ioctls: &[
-            Ioctl {
-                name: "KVM_CHECK_EXTENSION",
-                request: sys::KVM_CHECK_EXTENSION,
-            },
-            Ioctl {
-                name: "KVM_CREATE_VM",
-                request: sys::KVM_CREATE_VM,
-            },
-            Ioctl {
-                name: "KVM_CREATE_GUEST_MEMFD",
-                request: sys::KVM_CREATE_GUEST_MEMFD,
-            },
-            Ioctl {
-                name: "KVM_SET_USER_MEMORY_REGION2",
-                request: sys::KVM_SET_USER_MEMORY_REGION2,
-            },
+        &[
+            Ioctl::new("KVM_CHECK_EXTENSION", sys::KVM_CHECK_EXTENSION),
+            Ioctl::new("KVM_CREATE_VM", sys::KVM_CREATE_VM),
+            Ioctl::new("KVM_CREATE_GUEST_MEMFD", sys::KVM_CREATE_GUEST_MEMFD),
+            Ioctl::new(
+                "KVM_SET_USER_MEMORY_REGION2",
+                sys::KVM_SET_USER_MEMORY_REGION2,
+            ),
             #[cfg(feature = "rfc-populate")]
-            Ioctl {
-                name: "KVM_GUEST_MEMFD_POPULATE",
-                request: sys::rfc::populate::KVM_GUEST_MEMFD_POPULATE,
-            },
+            Ioctl::new(
+                "KVM_GUEST_MEMFD_POPULATE",
+                sys::rfc::populate::KVM_GUEST_MEMFD_POPULATE,
+            ),
         ],
-        threads: false,
-    },
-    Rule {
-        feature: Feature::CreateGuestMemfd,
-        syscalls: FD,
-        ioctls: io![KVM_CHECK_EXTENSION, KVM_CREATE_GUEST_MEMFD],
-        threads: false,
-    },
-    Rule {
-        feature: Feature::Map,
-        syscalls: sc![SYS_mmap, SYS_munmap, SYS_madvise],
-        ioctls: &[],
-        threads: false,
-    },
-    Rule {
-        feature: Feature::PunchHole,
-        syscalls: sc![SYS_fallocate],
-        ioctls: &[],
-        threads: false,
-    },
-    Rule {
-        feature: Feature::MemslotV2,
-        syscalls: &[],
-        ioctls: io![KVM_SET_USER_MEMORY_REGION2],
-        threads: false,
-    },
-    Rule {
-        feature: Feature::MemoryAttributes,
-        syscalls: &[],
-        ioctls: io![KVM_CHECK_EXTENSION, KVM_SET_MEMORY_ATTRIBUTES],
-        threads: false,
-    },
-    Rule {
-        feature: Feature::PreFault,
-        syscalls: sc![
+        false,
+    ),
+    Rule::new(
+        Feature::CreateGuestMemfd,
+        FD,
+        io![KVM_CHECK_EXTENSION, KVM_CREATE_GUEST_MEMFD],
+        false,
+    ),
+    Rule::new(
+        Feature::Map,
+        sc![SYS_mmap, SYS_munmap, SYS_madvise],
+        &[],
+        false,
+    ),
+    Rule::new(Feature::PunchHole, sc![SYS_fallocate], &[], false),
+    Rule::new(
+        Feature::MemslotV2,
+        &[],
+        io![KVM_SET_USER_MEMORY_REGION2],
+        false,
+    ),
+    Rule::new(
+        Feature::MemoryAttributes,
+        &[],
+        io![KVM_CHECK_EXTENSION, KVM_SET_MEMORY_ATTRIBUTES],
+        false,
+    ),
+    Rule::new(
+        Feature::PreFault,
+        sc![
             #[cfg(target_arch = "x86_64")]
             SYS_open,
             SYS_openat,
             SYS_close
         ],
-        ioctls: io![KVM_PRE_FAULT_MEMORY, KVM_CHECK_EXTENSION],
-        threads: false,
-    },
-    Rule {
-        feature: Feature::Populate(Strategy::PopulateIoctl),
+        io![KVM_PRE_FAULT_MEMORY, KVM_CHECK_EXTENSION],
+        false,
+    ),
+    Rule::new(
+        Feature::Populate(Strategy::PopulateIoctl),
         // The source file's size, and its read-only mapping.
-        syscalls: sc![
+        sc![
             SYS_statx,
             SYS_fstat,
             SYS_newfstatat,
@@ -338,12 +236,12 @@ static RULES: &[Rule<Feature>] = &[
             SYS_madvise,
             SYS_munmap
         ],
-        ioctls: POPULATE_IOCTL,
-        threads: true,
-    },
-    Rule {
-        feature: Feature::Populate(Strategy::Write),
-        syscalls: sc![
+        POPULATE_IOCTL,
+        true,
+    ),
+    Rule::new(
+        Feature::Populate(Strategy::Write),
+        sc![
             SYS_statx,
             SYS_fstat,
             SYS_newfstatat,
@@ -352,12 +250,12 @@ static RULES: &[Rule<Feature>] = &[
             SYS_munmap,
             SYS_pwrite64,
         ],
-        ioctls: &[],
-        threads: true,
-    },
-    Rule {
-        feature: Feature::Populate(Strategy::MmapCopy),
-        syscalls: sc![
+        &[],
+        true,
+    ),
+    Rule::new(
+        Feature::Populate(Strategy::MmapCopy),
+        sc![
             SYS_statx,
             SYS_fstat,
             SYS_newfstatat,
@@ -367,12 +265,12 @@ static RULES: &[Rule<Feature>] = &[
             SYS_madvise,
             SYS_pread64,
         ],
-        ioctls: &[],
-        threads: true,
-    },
-    Rule {
-        feature: Feature::Populate(Strategy::Auto),
-        syscalls: sc![
+        &[],
+        true,
+    ),
+    Rule::new(
+        Feature::Populate(Strategy::Auto),
+        sc![
             SYS_statx,
             SYS_fstat,
             SYS_newfstatat,
@@ -383,18 +281,13 @@ static RULES: &[Rule<Feature>] = &[
             SYS_pread64,
             SYS_pwrite64,
         ],
-        ioctls: POPULATE_IOCTL,
-        threads: true,
-    },
-    Rule {
-        feature: Feature::ShareSend,
-        syscalls: sc![SYS_sendmsg, SYS_sendto],
-        ioctls: &[],
-        threads: false,
-    },
-    Rule {
-        feature: Feature::ShareRecv,
-        syscalls: sc![
+        POPULATE_IOCTL,
+        true,
+    ),
+    Rule::new(Feature::ShareSend, sc![SYS_sendmsg, SYS_sendto], &[], false),
+    Rule::new(
+        Feature::ShareRecv,
+        sc![
             SYS_recvmsg,
             SYS_close,
             // identity: /proc/self/fd/N, fstatfs, the size
@@ -410,9 +303,9 @@ static RULES: &[Rule<Feature>] = &[
             SYS_madvise,
             SYS_munmap,
         ],
-        ioctls: &[],
-        threads: false,
-    },
+        &[],
+        false,
+    ),
 ];
 
 /// Every feature's rule (for [`Feature::Populate`]: one per strategy,
@@ -425,38 +318,6 @@ pub fn rules() -> &'static [Rule<Feature>] {
 /// it); `Feature::Populate(Strategy::UffdCopy)`, which always fails before
 /// any system call, gets an empty rule.
 pub fn rule(feature: Feature) -> &'static Rule<Feature> {
-    static NONE: Rule<Feature> = Rule {
-        feature: Feature::Populate(Strategy::UffdCopy),
-        syscalls: &[],
-        ioctls: &[],
-        threads: false,
-    };
+    static NONE: Rule<Feature> = Rule::new(Feature::Populate(Strategy::UffdCopy), &[], &[], false);
     RULES.iter().find(|r| r.feature == feature).unwrap_or(&NONE)
 }
-
-/// What starting and joining a `std::thread` takes with glibc (2.36) and
-/// Rust's standard library on Linux, as measured by this crate's tests: not
-/// the crate's own calls, and other C libraries differ (`clone` instead of
-/// `clone3`, no `rseq`). Allow these where a [`Rule::threads`] feature runs.
-pub fn thread_start() -> &'static [Syscall] {
-    THREAD_START
-}
-
-const THREAD_START: &[Syscall] = sc![
-    SYS_clone3,
-    SYS_clone,
-    SYS_rseq,
-    SYS_set_robust_list,
-    SYS_rt_sigprocmask,
-    SYS_rt_sigaction,
-    SYS_sigaltstack,
-    SYS_prctl,
-    SYS_sched_getaffinity,
-    SYS_gettid,
-    SYS_mmap,
-    SYS_mprotect,
-    SYS_munmap,
-    SYS_madvise,
-    SYS_futex,
-    SYS_exit,
-];

@@ -61,24 +61,7 @@ fn set_cloexec(op: &'static str, raw: i32) -> Result<()> {
     Ok(())
 }
 
-/// The host page size.
-#[inline]
-pub fn page_size() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    // Asked once: the page size of a running process never changes, and the
-    // hot paths (every userfaultfd resolve) check alignment against it.
-    static PAGE: AtomicU64 = AtomicU64::new(0);
-    let cached = PAGE.load(Ordering::Relaxed);
-    if cached != 0 {
-        return cached;
-    }
-    // SAFETY: sysconf takes an integer name and returns an integer; no
-    // memory of ours is passed.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    let page = if v > 0 { v as u64 } else { 4096 };
-    PAGE.store(page, Ordering::Relaxed);
-    page
-}
+pub use kvm_gmem_sys::support::page_size;
 
 /// `open(path, flags | O_CLOEXEC)`.
 pub(crate) fn open_cloexec(path: &std::ffi::CStr, flags: i32) -> Result<OwnedFd, Errno> {

@@ -5,7 +5,7 @@
 use crate::attributes::{self, MemoryAttributes};
 use crate::error::Result;
 use crate::gmem::{self, GuestMemfdFlags};
-use crate::kvm::{self, Cap, Vm};
+use crate::kvm::{self, Extension, Vm};
 use crate::memslot::{self, MemoryRegion2};
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -14,17 +14,17 @@ use std::os::fd::{AsFd, BorrowedFd};
 ///
 /// Implemented for [`Vm`], for a [`BorrowedFd`] of any VM fd, for references
 /// to either, and (feature `kvm-ioctls`) for `kvm_ioctls::VmFd`; the one
-/// method to write for a VMM's own VM type is [`VmOps::vm_fd`]. A `VmFd`
-/// has its own `check_extension` and `set_memory_attributes`, which method
-/// syntax picks first: call these in full there,
-/// `VmOps::check_extension(&vm_fd, cap)`.
+/// method to write for a VMM's own VM type is [`VmOps::vm_fd`]. No method
+/// shares a name with one of `VmFd`'s own (its `check_extension` and
+/// `set_memory_attributes` take kvm-ioctls' types), so method syntax works
+/// on a `VmFd` as on a [`Vm`].
 ///
 /// ```no_run
-/// use kvm_gmem::{Cap, Kvm, VmOps, VmType};
+/// use kvm_gmem::{Extension, KvmDevice, VmOps, VmType};
 ///
 /// # fn main() -> Result<(), kvm_gmem::Error> {
-/// let vm = Kvm::open()?.create_vm(VmType::DEFAULT)?;
-/// println!("guest_memfd: {}", vm.check_extension(Cap::GUEST_MEMFD)?);
+/// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+/// println!("guest_memfd: {}", vm.extension(Extension::GUEST_MEMFD)?);
 /// println!("flags: {}", vm.guest_memfd_flags()?);
 /// # Ok(())
 /// # }
@@ -35,10 +35,10 @@ pub trait VmOps {
 
     /// `ioctl(vm, KVM_CHECK_EXTENSION, cap)`: this VM's answer (0 = not
     /// supported), which can differ from `/dev/kvm`'s
-    /// ([`Kvm::check_extension`](crate::Kvm::check_extension)) for memory
+    /// ([`KvmDevice::extension`](crate::KvmDevice::extension)) for memory
     /// attributes and guest_memfd flags.
     #[doc(alias = "KVM_CHECK_EXTENSION")]
-    fn check_extension(&self, cap: Cap) -> Result<i32> {
+    fn extension(&self, cap: Extension) -> Result<i32> {
         kvm::check_extension(self.vm_fd(), cap)
     }
 
@@ -105,7 +105,7 @@ pub trait VmOps {
     /// requested attribute (or any, when clearing);
     /// [`Error::Kernel`](crate::Error::Kernel) otherwise.
     #[doc(alias = "KVM_SET_MEMORY_ATTRIBUTES")]
-    fn set_memory_attributes(&self, range: Range<u64>, attributes: MemoryAttributes) -> Result<()> {
+    fn set_attributes(&self, range: Range<u64>, attributes: MemoryAttributes) -> Result<()> {
         attributes::set(self.vm_fd(), range, attributes)
     }
 }

@@ -14,13 +14,13 @@ mod common;
 
 use common::{assert_no_fd_leaks, has_guest_memfd, page, shared, slot_flags};
 use kvm_gmem::{
-    Error, GuestMemfd, GuestMemfdFlags, Kvm, MemoryAttributes, MemoryRegion2, Vm, VmOps, VmType,
-    pre_fault_memory,
+    Error, GuestMemfd, GuestMemfdFlags, KvmDevice, MemoryAttributes, MemoryRegion2, Vm, VmOps,
+    VmType, pre_fault_memory,
 };
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
 
-fn vm(kvm: &Kvm) -> Vm {
+fn vm(kvm: &KvmDevice) -> Vm {
     kvm.create_vm(VmType::DEFAULT)
         .expect("KVM_CREATE_VM(default)")
 }
@@ -161,7 +161,7 @@ fn unsupported<T: std::fmt::Debug>(r: kvm_gmem::Result<T>, op: &str, capability:
 // Rules checked before the system call
 // ---------------------------------------------------------------------------
 
-fn case_gmem_builder(kvm: &Kvm) {
+fn case_gmem_builder(kvm: &KvmDevice) {
     let op = "KVM_CREATE_GUEST_MEMFD";
     let p = page();
     let vm = vm(kvm);
@@ -252,7 +252,7 @@ fn case_gmem_builder(kvm: &Kvm) {
     }
 }
 
-fn case_fallocate_rules(kvm: &Kvm) {
+fn case_fallocate_rules(kvm: &KvmDevice) {
     let p = page();
     let vm = vm(kvm);
     if !has_guest_memfd(&vm, GuestMemfdFlags::empty()) {
@@ -279,7 +279,7 @@ fn case_fallocate_rules(kvm: &Kvm) {
     }
 }
 
-fn case_memslot_builder(kvm: &Kvm) {
+fn case_memslot_builder(kvm: &KvmDevice) {
     let op = "KVM_SET_USER_MEMORY_REGION2";
     let p = page();
     let vm = vm(kvm);
@@ -367,7 +367,7 @@ fn case_memslot_builder(kvm: &Kvm) {
     }
 }
 
-fn case_mapping_bounds(kvm: &Kvm) {
+fn case_mapping_bounds(kvm: &KvmDevice) {
     let p = page();
     let vm = vm(kvm);
     if !has_guest_memfd(&vm, shared()) {
@@ -444,35 +444,35 @@ fn case_mapping_bounds(kvm: &Kvm) {
 // Features this kernel lacks
 // ---------------------------------------------------------------------------
 
-fn case_memory_attributes(kvm: &Kvm) {
+fn case_memory_attributes(kvm: &KvmDevice) {
     let op = "KVM_SET_MEMORY_ATTRIBUTES";
     let p = page();
     let vm = vm(kvm);
     // The range rule comes before the capability check.
     invalid(
-        vm.set_memory_attributes(1..p, MemoryAttributes::PRIVATE),
+        vm.set_attributes(1..p, MemoryAttributes::PRIVATE),
         op,
         "page aligned",
     );
     invalid(
-        vm.set_memory_attributes(0..p + 1, MemoryAttributes::PRIVATE),
+        vm.set_attributes(0..p + 1, MemoryAttributes::PRIVATE),
         op,
         "page aligned",
     );
     invalid(
-        vm.set_memory_attributes(p..p, MemoryAttributes::PRIVATE),
+        vm.set_attributes(p..p, MemoryAttributes::PRIVATE),
         op,
         "non-empty",
     );
 
     let supported = vm.supported_attributes().unwrap();
     let cap = vm
-        .check_extension(kvm_gmem::Cap::MEMORY_ATTRIBUTES)
+        .extension(kvm_gmem::Extension::MEMORY_ATTRIBUTES)
         .unwrap();
     assert_eq!(supported.bits(), cap.max(0) as u64);
     // An attribute no kernel defines is refused on every kernel.
     unsupported(
-        vm.set_memory_attributes(0..p, MemoryAttributes::from_bits_retain(1 << 40)),
+        vm.set_attributes(0..p, MemoryAttributes::from_bits_retain(1 << 40)),
         op,
         "KVM_CAP_MEMORY_ATTRIBUTES",
     );
@@ -482,7 +482,7 @@ fn case_memory_attributes(kvm: &Kvm) {
         );
     } else {
         let evidence = unsupported(
-            vm.set_memory_attributes(0..p, MemoryAttributes::PRIVATE),
+            vm.set_attributes(0..p, MemoryAttributes::PRIVATE),
             op,
             "KVM_CAP_MEMORY_ATTRIBUTES",
         );
@@ -493,7 +493,7 @@ fn case_memory_attributes(kvm: &Kvm) {
     }
 }
 
-fn case_pre_fault(kvm: &Kvm) {
+fn case_pre_fault(kvm: &KvmDevice) {
     let op = "KVM_PRE_FAULT_MEMORY";
     let p = page();
     let ki = kvm_ioctls::Kvm::new().expect("kvm-ioctls: open /dev/kvm");
@@ -511,7 +511,7 @@ fn case_pre_fault(kvm: &Kvm) {
     invalid(pre_fault_memory(&vcpu_fd, 0..p + 1), op, "page aligned");
 
     let cap = kvm
-        .check_extension(kvm_gmem::Cap::PRE_FAULT_MEMORY)
+        .extension(kvm_gmem::Extension::PRE_FAULT_MEMORY)
         .unwrap();
     if cap > 0 {
         eprintln!(
@@ -580,11 +580,11 @@ fn vm_fd_as_borrowed(vm: &kvm_ioctls::VmFd) -> std::os::fd::BorrowedFd<'_> {
     }
 }
 
-fn case_vm_types(kvm: &Kvm) {
+fn case_vm_types(kvm: &KvmDevice) {
     let op = "KVM_CREATE_VM";
     #[cfg(not(target_arch = "aarch64"))]
     {
-        let types = kvm.check_extension(kvm_gmem::Cap::VM_TYPES).unwrap();
+        let types = kvm.extension(kvm_gmem::Extension::VM_TYPES).unwrap();
         let absent = (1..64).find(|t| types as u64 & (1 << t) == 0);
         match absent {
             Some(t) => {
@@ -607,7 +607,7 @@ fn case_vm_types(kvm: &Kvm) {
     // that capability.
     #[cfg(target_arch = "aarch64")]
     {
-        let max = kvm.check_extension(kvm_gmem::Cap::ARM_VM_IPA_SIZE).unwrap();
+        let max = kvm.extension(kvm_gmem::Extension::ARM_VM_IPA_SIZE).unwrap();
         assert!((40..=64).contains(&max), "KVM_CAP_ARM_VM_IPA_SIZE = {max}");
         for bits in [32, 40] {
             kvm.create_vm(VmType::arm_ipa(bits))
@@ -631,7 +631,7 @@ fn case_vm_types(kvm: &Kvm) {
 /// arm64 binds only a guest_memfd the host can map: a slot on one created
 /// without `GUEST_MEMFD_FLAG_MMAP` is refused, typed by that flag.
 #[cfg(target_arch = "aarch64")]
-fn case_arm_slot_needs_mmap(kvm: &Kvm) {
+fn case_arm_slot_needs_mmap(kvm: &KvmDevice) {
     let vm = vm(kvm);
     if !has_guest_memfd(&vm, GuestMemfdFlags::empty()) {
         return;
@@ -654,7 +654,7 @@ fn case_arm_slot_needs_mmap(kvm: &Kvm) {
 // Refusals only the kernel can make
 // ---------------------------------------------------------------------------
 
-fn case_overlapping_memslots(kvm: &Kvm) {
+fn case_overlapping_memslots(kvm: &KvmDevice) {
     let op = "KVM_SET_USER_MEMORY_REGION2";
     let p = page();
     let vm = vm(kvm);
@@ -688,7 +688,7 @@ fn case_overlapping_memslots(kvm: &Kvm) {
     vm.delete_memory_region(1).unwrap();
 }
 
-fn case_same_gmem_range_twice(kvm: &Kvm) {
+fn case_same_gmem_range_twice(kvm: &KvmDevice) {
     let op = "KVM_SET_USER_MEMORY_REGION2";
     let p = page();
     let vm = vm(kvm);
@@ -731,7 +731,7 @@ fn case_same_gmem_range_twice(kvm: &Kvm) {
     vm.delete_memory_region(2).unwrap();
 }
 
-fn case_gmem_of_other_vm(kvm: &Kvm) {
+fn case_gmem_of_other_vm(kvm: &KvmDevice) {
     let op = "KVM_SET_USER_MEMORY_REGION2";
     let p = page();
     let vm1 = vm(kvm);
@@ -753,21 +753,21 @@ fn case_gmem_of_other_vm(kvm: &Kvm) {
     kernel(unsafe { vm2.set_memory_region(&r) }, op, &[libc::EINVAL]);
 }
 
-fn case_other_kernel_refusals(kvm: &Kvm) {
+fn case_other_kernel_refusals(kvm: &KvmDevice) {
     // Not a KVM device.
     kernel(
-        Kvm::open_path(Path::new("/nonexistent/kvm-gmem-test")),
+        KvmDevice::open_path(Path::new("/nonexistent/kvm-gmem-test")),
         "open /dev/kvm",
         &[libc::ENOENT],
     );
     invalid(
-        Kvm::open_path(Path::new("/dev/kvm\0x")),
+        KvmDevice::open_path(Path::new("/dev/kvm\0x")),
         "open /dev/kvm",
         "NUL",
     );
     let null = std::fs::File::open("/dev/null").unwrap();
     kernel(
-        null.as_fd().check_extension(kvm_gmem::Cap::GUEST_MEMFD),
+        null.as_fd().extension(kvm_gmem::Extension::GUEST_MEMFD),
         "KVM_CHECK_EXTENSION",
         &[libc::ENOTTY, libc::EINVAL],
     );
@@ -775,7 +775,7 @@ fn case_other_kernel_refusals(kvm: &Kvm) {
     // query but refuses the creation (where /dev/kvm says guest_memfd is
     // absent, the refusal is typed as such).
     let create = GuestMemfd::builder(page()).create(&kvm.as_fd());
-    if kvm.check_extension(kvm_gmem::Cap::GUEST_MEMFD).unwrap() > 0 {
+    if kvm.extension(kvm_gmem::Extension::GUEST_MEMFD).unwrap() > 0 {
         let e = kernel(
             create,
             "KVM_CREATE_GUEST_MEMFD",
@@ -799,8 +799,12 @@ fn fd_flags(fd: RawFd) -> i32 {
     r
 }
 
-fn case_cloexec(kvm: &Kvm) {
-    assert_ne!(fd_flags(kvm.as_raw_fd()) & libc::FD_CLOEXEC, 0, "Kvm fd");
+fn case_cloexec(kvm: &KvmDevice) {
+    assert_ne!(
+        fd_flags(kvm.as_raw_fd()) & libc::FD_CLOEXEC,
+        0,
+        "KvmDevice fd"
+    );
     let vm = vm(kvm);
     assert_ne!(fd_flags(vm.as_raw_fd()) & libc::FD_CLOEXEC, 0, "Vm fd");
     for flags in [GuestMemfdFlags::empty(), shared()] {

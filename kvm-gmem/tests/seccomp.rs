@@ -23,8 +23,8 @@ use filter::{Filter, fail, ok, run_child};
 use kvm_gmem::populate::{Populate, Source, Strategy};
 use kvm_gmem::seccomp::{Feature, Rule, rule, rules, thread_start};
 use kvm_gmem::{
-    Capabilities, Error, GuestMemfd, GuestMemfdFlags, Kvm, MemoryAttributes, MemoryRegion2, Vm,
-    VmOps, VmType, page_size, pre_fault_memory,
+    Capabilities, Error, GuestMemfd, GuestMemfdFlags, KvmDevice, MemoryAttributes, MemoryRegion2,
+    Vm, VmOps, VmType, page_size, pre_fault_memory,
 };
 use kvm_gmem_sys as sys;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -164,8 +164,8 @@ fn seccomp_child() {
     }
 }
 
-fn setup(name: &str) -> (Kvm, Vm) {
-    let kvm = Kvm::open().unwrap_or_else(|e| fail(name, e));
+fn setup(name: &str) -> (KvmDevice, Vm) {
+    let kvm = KvmDevice::open().unwrap_or_else(|e| fail(name, e));
     let vm = kvm
         .create_vm(VmType::DEFAULT)
         .unwrap_or_else(|e| fail(name, e));
@@ -182,7 +182,7 @@ fn shared_gmem(name: &str, vm: &Vm, size: u64) -> GuestMemfd {
 
 fn open_and_create_vm(name: &str) {
     filter_for(&[Feature::OpenKvm, Feature::CreateVm]).install();
-    let kvm = Kvm::open().unwrap_or_else(|e| fail(name, e));
+    let kvm = KvmDevice::open().unwrap_or_else(|e| fail(name, e));
     let v = kvm.api_version().unwrap_or_else(|e| fail(name, e));
     if v != 12 {
         fail(name, format!("KVM_GET_API_VERSION = {v}"));
@@ -190,7 +190,7 @@ fn open_and_create_vm(name: &str) {
     let vm = kvm
         .create_vm(VmType::DEFAULT)
         .unwrap_or_else(|e| fail(name, e));
-    vm.check_extension(kvm_gmem::Cap::GUEST_MEMFD)
+    vm.extension(kvm_gmem::Extension::GUEST_MEMFD)
         .unwrap_or_else(|e| fail(name, e));
     drop(vm);
     drop(kvm);
@@ -266,7 +266,7 @@ fn memory_attributes(name: &str) {
     } else {
         MemoryAttributes::empty()
     };
-    match vm.set_memory_attributes(0..p, want) {
+    match vm.set_attributes(0..p, want) {
         Ok(()) => {}
         // A VM type without private memory: refused, after the calls ran.
         Err(e) if e.is_unsupported() => {}
@@ -354,7 +354,7 @@ fn share(name: &str) {
 fn capabilities(name: &str) {
     let (kvm, vm) = setup(name);
     let gmem = vm
-        .check_extension(kvm_gmem::Cap::GUEST_MEMFD)
+        .extension(kvm_gmem::Extension::GUEST_MEMFD)
         .unwrap_or_else(|e| fail(name, e));
     filter_for(&[Feature::Capabilities]).install();
     let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT).unwrap_or_else(|e| fail(name, e));

@@ -29,20 +29,20 @@ mod common;
 
 use common::{assert_no_fd_leaks, has_guest_memfd, kvm_has_guest_memfd, page};
 use kvm_gmem::sys_bindings as sys;
-use kvm_gmem::{Capabilities, Error, GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmOps, VmType};
+use kvm_gmem::{Capabilities, Error, GuestMemfd, GuestMemfdFlags, KvmDevice, Vm, VmOps, VmType};
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// The VM types the selftest iterates: `KVM_CAP_VM_TYPES` through the
 /// capability report (the default type when the cap is absent).
-fn vm_types(kvm: &Kvm) -> Vec<VmType> {
+fn vm_types(kvm: &KvmDevice) -> Vec<VmType> {
     let vm = kvm
         .create_vm(VmType::DEFAULT)
         .expect("KVM_CREATE_VM(default)");
     let caps = Capabilities::query(kvm, &vm, VmType::DEFAULT).expect("capability report");
     let raw = kvm
-        .check_extension(kvm_gmem::Cap::VM_TYPES)
+        .extension(kvm_gmem::Extension::VM_TYPES)
         .expect("KVM_CHECK_EXTENSION(VM_TYPES)");
     let expected = if raw == 0 { 1 } else { raw as u64 };
     assert_eq!(
@@ -59,7 +59,7 @@ fn vm_types(kvm: &Kvm) -> Vec<VmType> {
         .collect()
 }
 
-fn create_vm(kvm: &Kvm, ty: VmType) -> Vm {
+fn create_vm(kvm: &KvmDevice, ty: VmType) -> Vm {
     kvm.create_vm(ty)
         .unwrap_or_else(|e| panic!("KVM_CAP_VM_TYPES lists {ty:?} but KVM_CREATE_VM failed: {e}"))
 }
@@ -83,7 +83,7 @@ fn flag_sets(vm: &Vm) -> Vec<GuestMemfdFlags> {
 
 /// Runs `case` for every VM type and every flag set the driver would use,
 /// and returns how many (type, flags) configurations it ran on.
-fn for_each_config(kvm: &Kvm, mut case: impl FnMut(&Vm, GuestMemfdFlags) -> bool) -> usize {
+fn for_each_config(kvm: &KvmDevice, mut case: impl FnMut(&Vm, GuestMemfdFlags) -> bool) -> usize {
     let mut ran = 0;
     for ty in vm_types(kvm) {
         let vm = create_vm(kvm, ty);
@@ -206,7 +206,7 @@ fn expect_errno<T: std::fmt::Debug>(r: Result<T, i32>, want: i32, what: &str) {
 /// §1.1 create_guest_memfd_invalid_sizes: every size 1..page-1 (and 0, 4097,
 /// 2^63) is refused by the builder before the ioctl, and by the kernel with
 /// EINVAL.
-fn case_invalid_sizes(kvm: &Kvm) {
+fn case_invalid_sizes(kvm: &KvmDevice) {
     let p = page();
     let ran = for_each_config(kvm, |vm, flags| {
         let mut sizes: Vec<u64> = (1..p).collect();
@@ -234,13 +234,13 @@ fn case_invalid_sizes(kvm: &Kvm) {
 /// §1.2 guest_memfd_flags: each single bit 0..63 on a 1-page guest_memfd.
 /// Bits in the VM's `KVM_CAP_GUEST_MEMFD_FLAGS` succeed; the builder refuses
 /// every other bit with `UnsupportedFlags`, and the kernel agrees (EINVAL).
-fn case_flags(kvm: &Kvm) {
+fn case_flags(kvm: &KvmDevice) {
     let p = page();
     for ty in vm_types(kvm) {
         let vm = create_vm(kvm, ty);
         let supported = vm.guest_memfd_flags().expect("KVM_CAP_GUEST_MEMFD_FLAGS");
         let raw_cap = vm
-            .check_extension(kvm_gmem::Cap::GUEST_MEMFD_FLAGS)
+            .extension(kvm_gmem::Extension::GUEST_MEMFD_FLAGS)
             .expect("check_extension");
         assert_eq!(supported.bits(), raw_cap.max(0) as u64);
         let mut accepted = 0u64;
@@ -283,7 +283,7 @@ fn case_flags(kvm: &Kvm) {
 
 /// §1.3 create_guest_memfd_multiple: 1-page and 2-page files on one VM have
 /// the right sizes, different inodes, and fd1 is unchanged by fd2.
-fn case_multiple(kvm: &Kvm) {
+fn case_multiple(kvm: &KvmDevice) {
     let p = page();
     let ran = for_each_config(kvm, |vm, flags| {
         let g1 = gmem(vm, 1, flags);
@@ -306,7 +306,7 @@ fn case_multiple(kvm: &Kvm) {
 /// §1.4 file_read_write: read/write → EINVAL, pread/pwrite → ESPIPE (seen
 /// 6.18.44; the selftest checks only for failure); lseek → ESPIPE; ftruncate
 /// → EINVAL. The API offers none of these: guest_memfd is not a byte stream.
-fn case_file_read_write(kvm: &Kvm) {
+fn case_file_read_write(kvm: &KvmDevice) {
     let ran = for_each_config(kvm, |vm, flags| {
         let g = gmem(vm, 4, flags);
         let fd = g.as_raw_fd();
@@ -366,7 +366,7 @@ fn case_file_read_write(kvm: &Kvm) {
 
 /// §1.5 mmap_not_supported: without MMAP, the kernel refuses `mmap` (ENODEV)
 /// and `GuestMemfd::map` refuses before trying (Invalid).
-fn case_mmap_not_supported(kvm: &Kvm) -> usize {
+fn case_mmap_not_supported(kvm: &KvmDevice) -> usize {
     for_each_config(kvm, |vm, flags| {
         if flags.contains(GuestMemfdFlags::MMAP) {
             return false;
@@ -393,7 +393,7 @@ fn case_mmap_not_supported(kvm: &Kvm) -> usize {
 
 /// §1.6 mmap_supported: MMAP|INIT_SHARED, 4 pages; fill 0xaa; punch page 0
 /// (reads 0, others keep 0xaa); rewrite page 0.
-fn case_mmap_supported(kvm: &Kvm) -> usize {
+fn case_mmap_supported(kvm: &KvmDevice) -> usize {
     let p = page() as usize;
     for_each_config(kvm, |vm, flags| {
         if !flags.contains(GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED) {
@@ -438,7 +438,7 @@ fn case_mmap_supported(kvm: &Kvm) -> usize {
 /// refuses any access past it with `Invalid` — before copying anything, so
 /// (unlike the selftest, where the in-file part is written before the fault)
 /// the file keeps its earlier contents.
-fn case_fault_overflow(kvm: &Kvm) -> usize {
+fn case_fault_overflow(kvm: &KvmDevice) -> usize {
     let p = page() as usize;
     for_each_config(kvm, |vm, flags| {
         if !flags.contains(GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED) {
@@ -488,7 +488,7 @@ fn case_fault_overflow(kvm: &Kvm) -> usize {
 /// §1.8 fault_private: MMAP without INIT_SHARED. The kernel's mmap succeeds
 /// but every access raises SIGBUS; `GuestMemfd::map` refuses to exist
 /// (Invalid, naming SIGBUS).
-fn case_fault_private(kvm: &Kvm) -> usize {
+fn case_fault_private(kvm: &KvmDevice) -> usize {
     for_each_config(kvm, |vm, flags| {
         if flags != GuestMemfdFlags::MMAP {
             return false;
@@ -504,7 +504,7 @@ fn case_fault_private(kvm: &Kvm) -> usize {
 }
 
 /// §1.9 mmap_cow: `MAP_PRIVATE` of any MMAP guest_memfd → EINVAL.
-fn case_mmap_cow(kvm: &Kvm) -> usize {
+fn case_mmap_cow(kvm: &KvmDevice) -> usize {
     for_each_config(kvm, |vm, flags| {
         if !flags.contains(GuestMemfdFlags::MMAP) {
             return false;
@@ -520,7 +520,7 @@ fn case_mmap_cow(kvm: &Kvm) -> usize {
 }
 
 /// §1.13 file_size: st_size == 4 pages, st_blksize == page size.
-fn case_file_size(kvm: &Kvm) {
+fn case_file_size(kvm: &KvmDevice) {
     let ran = for_each_config(kvm, |vm, flags| {
         let g = gmem(vm, 4, flags);
         let st = fstat(g.as_raw_fd());
@@ -535,7 +535,7 @@ fn case_file_size(kvm: &Kvm) {
 
 /// §1.14 fallocate, through `allocate`/`punch_hole` and, where the API is
 /// stricter than the kernel, raw `fallocate`.
-fn case_fallocate(kvm: &Kvm) {
+fn case_fallocate(kvm: &KvmDevice) {
     let p = page();
     let keep = libc::FALLOC_FL_KEEP_SIZE;
     let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -638,7 +638,7 @@ fn case_fallocate(kvm: &Kvm) {
 
 /// §1.15 invalid_punch_hole: the 10 unaligned (offset, len) pairs → the API
 /// refuses (Invalid), and the kernel says EINVAL.
-fn case_invalid_punch_hole(kvm: &Kvm) {
+fn case_invalid_punch_hole(kvm: &KvmDevice) {
     let p = page();
     let pairs = [
         (0, 1),
@@ -678,7 +678,7 @@ fn case_invalid_punch_hole(kvm: &Kvm) {
 
 /// A guest_memfd keeps working after its VM fd (and /dev/kvm) are closed: the
 /// file holds a reference on the VM.
-fn case_outlives_vm_fd(kvm: &Kvm) {
+fn case_outlives_vm_fd(kvm: &KvmDevice) {
     let p = page();
     let mut sets = Vec::new();
     {
@@ -712,7 +712,12 @@ fn case_outlives_vm_fd(kvm: &Kvm) {
 /// For the flag-dependent cases: run, and check the case ran exactly when
 /// the default VM offers `needs` (a capability skip names the flag when it
 /// does not).
-fn run_flag_case(test: &str, kvm: &Kvm, case: fn(&Kvm) -> usize, needs: GuestMemfdFlags) {
+fn run_flag_case(
+    test: &str,
+    kvm: &KvmDevice,
+    case: fn(&KvmDevice) -> usize,
+    needs: GuestMemfdFlags,
+) {
     let ran = case(kvm);
     let vm = create_vm(kvm, VmType::DEFAULT);
     if has_guest_memfd(&vm, needs) {
@@ -729,31 +734,31 @@ kvm_test!(create_guest_memfd_invalid_sizes, needs guest_memfd(GuestMemfdFlags::e
 kvm_test!(guest_memfd_flags, needs guest_memfd(GuestMemfdFlags::empty()), case_flags);
 kvm_test!(create_guest_memfd_multiple, needs guest_memfd(GuestMemfdFlags::empty()), case_multiple);
 kvm_test!(file_read_write, needs guest_memfd(GuestMemfdFlags::empty()), case_file_read_write);
-kvm_test!(mmap_not_supported, needs guest_memfd(GuestMemfdFlags::empty()), |kvm: &Kvm| run_flag_case(
+kvm_test!(mmap_not_supported, needs guest_memfd(GuestMemfdFlags::empty()), |kvm: &KvmDevice| run_flag_case(
     "mmap_not_supported",
     kvm,
     case_mmap_not_supported,
     GuestMemfdFlags::empty()
 ));
-kvm_test!(mmap_supported, needs guest_memfd(GuestMemfdFlags::empty()), |kvm: &Kvm| run_flag_case(
+kvm_test!(mmap_supported, needs guest_memfd(GuestMemfdFlags::empty()), |kvm: &KvmDevice| run_flag_case(
     "mmap_supported",
     kvm,
     case_mmap_supported,
     GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED
 ));
-kvm_test!(fault_overflow, needs guest_memfd(GuestMemfdFlags::empty()), |kvm: &Kvm| run_flag_case(
+kvm_test!(fault_overflow, needs guest_memfd(GuestMemfdFlags::empty()), |kvm: &KvmDevice| run_flag_case(
     "fault_overflow",
     kvm,
     case_fault_overflow,
     GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED
 ));
-kvm_test!(fault_private, needs guest_memfd(GuestMemfdFlags::empty()), |kvm: &Kvm| run_flag_case(
+kvm_test!(fault_private, needs guest_memfd(GuestMemfdFlags::empty()), |kvm: &KvmDevice| run_flag_case(
     "fault_private",
     kvm,
     case_fault_private,
     GuestMemfdFlags::MMAP
 ));
-kvm_test!(mmap_cow, needs guest_memfd(GuestMemfdFlags::empty()), |kvm: &Kvm| run_flag_case(
+kvm_test!(mmap_cow, needs guest_memfd(GuestMemfdFlags::empty()), |kvm: &KvmDevice| run_flag_case(
     "mmap_cow",
     kvm,
     case_mmap_cow,

@@ -1,7 +1,7 @@
 //! The crate's error type: the operation, and the rule, the missing kernel
 //! feature, or the errno, with the partial progress the kernel reported.
 
-pub use kvm_gmem::Errno;
+pub use kvm_gmem_sys::support::Errno;
 
 use crate::flags::Features;
 

@@ -32,13 +32,13 @@
 //! seccomp filter made of their rule and a documented runtime baseline
 //! (`uffd-gmem/tests/seccomp.rs`).
 
-use kvm_gmem::seccomp::{Ioctl, Syscall};
 use kvm_gmem_sys as sys;
+use kvm_gmem_sys::support::seccomp::{Ioctl, Syscall};
 
-pub use kvm_gmem::seccomp::thread_start;
+pub use kvm_gmem_sys::support::seccomp::thread_start;
 
-/// What one feature needs; see [`kvm_gmem::seccomp`].
-pub type Rule = kvm_gmem::seccomp::Rule<Feature>;
+/// What one feature needs (the shape kvm-gmem's `seccomp` module uses too).
+pub type Rule = kvm_gmem_sys::support::seccomp::Rule<Feature>;
 
 /// A feature of this crate, as a unit of seccomp policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -110,7 +110,7 @@ pub enum Feature {
 /// `Syscall` entries from `libc::SYS_*` names.
 macro_rules! sc {
     ($($(#[$m:meta])* $nr:ident),* $(,)?) => {
-        &[$($(#[$m])* Syscall::new(strip_sys(stringify!($nr)), libc::$nr)),*]
+        &[$($(#[$m])* Syscall::new(stringify!($nr), libc::$nr)),*]
     };
 }
 
@@ -119,17 +119,6 @@ macro_rules! io {
     ($($req:ident),* $(,)?) => {
         &[$(Ioctl::new(stringify!($req), sys::$req)),*]
     };
-}
-
-/// `"SYS_openat"` -> `"openat"`.
-const fn strip_sys(s: &'static str) -> &'static str {
-    match s.as_bytes() {
-        [b'S', b'Y', b'S', b'_', rest @ ..] => match std::str::from_utf8(rest) {
-            Ok(name) => name,
-            Err(_) => s,
-        },
-        _ => s,
-    }
 }
 
 /// One ioctl and nothing else.

@@ -537,7 +537,7 @@ impl ServerBuilder {
     /// or a thread cannot be started.
     pub fn spawn(self) -> Result<Server> {
         let op = "serve::spawn";
-        let base = kvm_gmem::page_size();
+        let base = kvm_gmem_sys::support::page_size();
         let page = self.page_size.unwrap_or(base);
         if !page.is_power_of_two() || !page.is_multiple_of(base) {
             return Err(Error::invalid(

@@ -5,9 +5,9 @@
 //! module of the crate.
 #![allow(unsafe_code)]
 
-use kvm_gmem::Errno;
 use kvm_gmem_sys as sys;
 use kvm_gmem_sys::ioctl::{ioctl_arg, ioctl_int};
+use kvm_gmem_sys::support::Errno;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// Owns the descriptor a call returned, or reads errno (`raw < 0`).

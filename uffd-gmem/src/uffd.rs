@@ -192,7 +192,7 @@ pub struct Uffd {
 
 #[inline]
 fn check_range(op: &'static str, range: &Range<u64>) -> Result<u64> {
-    let page = kvm_gmem::page_size();
+    let page = kvm_gmem_sys::support::page_size();
     // The page size is a power of two: alignment is a mask test.
     if range.start >= range.end || (range.start | range.end) & (page - 1) != 0 {
         return Err(Error::invalid(

@@ -860,7 +860,7 @@ fn guest_memfd_pair(
     ),
     String,
 > {
-    let kvm = match kvm_gmem::Kvm::open() {
+    let kvm = match kvm_gmem::KvmDevice::open() {
         Ok(kvm) => kvm,
         Err(e) => {
             assert!(
@@ -875,7 +875,7 @@ fn guest_memfd_pair(
         .map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
     let want = kvm_gmem::GuestMemfdFlags::MMAP | kvm_gmem::GuestMemfdFlags::INIT_SHARED;
     let cap = vm
-        .check_extension(kvm_gmem::Cap::GUEST_MEMFD)
+        .extension(kvm_gmem::Extension::GUEST_MEMFD)
         .map_err(|e| format!("KVM_CHECK_EXTENSION: {e}"))?;
     let offered = vm.guest_memfd_flags().map_err(|e| format!("{e}"))?;
     if cap <= 0 {

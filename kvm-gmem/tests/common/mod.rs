@@ -25,7 +25,7 @@ mod capability;
 
 #[allow(unused_imports)]
 pub use capability::{ci, kernel_release, skip_capability, test_name};
-use kvm_gmem::{Cap, GuestMemfd, GuestMemfdFlags, Kvm, Vm, VmOps, VmType};
+use kvm_gmem::{Extension, GuestMemfd, GuestMemfdFlags, KvmDevice, Vm, VmOps, VmType};
 use std::sync::{Mutex, MutexGuard};
 
 static LOCK: Mutex<()> = Mutex::new(());
@@ -38,8 +38,8 @@ pub fn lock() -> MutexGuard<'static, ()> {
 
 /// Opens `/dev/kvm`, or says why the test is skipped (`None`); under
 /// `CI=true` a missing device is a failure.
-pub fn kvm_or_skip(test: &str) -> Option<Kvm> {
-    match Kvm::open() {
+pub fn kvm_or_skip(test: &str) -> Option<KvmDevice> {
+    match KvmDevice::open() {
         Ok(kvm) => Some(kvm),
         Err(e) => {
             assert!(
@@ -76,7 +76,7 @@ fn flag_names() -> Vec<(GuestMemfdFlags, &'static str)> {
 /// (`KVM_CAP_GUEST_MEMFD`, or the flag with `KVM_CAP_GUEST_MEMFD_FLAGS`).
 pub fn has_guest_memfd(vm: &impl VmOps, flags: GuestMemfdFlags) -> bool {
     let cap = vm
-        .check_extension(Cap::GUEST_MEMFD)
+        .extension(Extension::GUEST_MEMFD)
         .expect("KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD) on a VM fd");
     if cap <= 0 {
         skip_capability("KVM_CAP_GUEST_MEMFD", cap);
@@ -99,16 +99,16 @@ pub fn has_guest_memfd(vm: &impl VmOps, flags: GuestMemfdFlags) -> bool {
 }
 
 /// [`has_guest_memfd`] asked of a fresh VM of the default type.
-pub fn kvm_has_guest_memfd(kvm: &Kvm, flags: GuestMemfdFlags) -> bool {
+pub fn kvm_has_guest_memfd(kvm: &KvmDevice, flags: GuestMemfdFlags) -> bool {
     let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
     has_guest_memfd(&vm, flags)
 }
 
 /// Whether `cap` is positive on `vm`; otherwise a capability skip naming it
 /// (`name`) with its value.
-pub fn has_cap(vm: &impl VmOps, cap: Cap, name: &str) -> bool {
+pub fn has_cap(vm: &impl VmOps, cap: Extension, name: &str) -> bool {
     let v = vm
-        .check_extension(cap)
+        .extension(cap)
         .unwrap_or_else(|e| panic!("KVM_CHECK_EXTENSION({name}): {e}"));
     if v <= 0 {
         skip_capability(name, v);
@@ -118,7 +118,7 @@ pub fn has_cap(vm: &impl VmOps, cap: Cap, name: &str) -> bool {
 
 /// `/dev/kvm` and a VM of the default type, or `None` as [`kvm_or_skip`].
 /// Once `/dev/kvm` is open, a VM that cannot be created is a failure.
-pub fn vm_or_skip(test: &str) -> Option<(Kvm, Vm)> {
+pub fn vm_or_skip(test: &str) -> Option<(KvmDevice, Vm)> {
     let kvm = kvm_or_skip(test)?;
     let vm = kvm.create_vm(VmType::DEFAULT).expect("KVM_CREATE_VM");
     Some((kvm, vm))
@@ -126,7 +126,7 @@ pub fn vm_or_skip(test: &str) -> Option<(Kvm, Vm)> {
 
 /// [`vm_or_skip`], then [`has_guest_memfd`] with `flags` on that VM: `None`
 /// after a device or capability skip.
-pub fn gmem_vm_or_skip(test: &str, flags: GuestMemfdFlags) -> Option<(Kvm, Vm)> {
+pub fn gmem_vm_or_skip(test: &str, flags: GuestMemfdFlags) -> Option<(KvmDevice, Vm)> {
     let (kvm, vm) = vm_or_skip(test)?;
     has_guest_memfd(&vm, flags).then_some((kvm, vm))
 }
@@ -141,7 +141,7 @@ pub fn open_fds() -> usize {
 /// Runs `cases` with `/dev/kvm` (or skips: [`kvm_or_skip`]) under the lock
 /// and fails with `leaked` if that leaves a descriptor open that was not
 /// open before (`/dev/kvm`'s own included).
-pub fn assert_no_fd_leaks(test: &str, leaked: &str, cases: impl FnOnce(&Kvm)) {
+pub fn assert_no_fd_leaks(test: &str, leaked: &str, cases: impl FnOnce(&KvmDevice)) {
     let _guard = lock();
     let before = open_fds();
     {
@@ -205,12 +205,12 @@ pub fn header(magic: &[u8; 8], version: u32, reserved: u32, size: u64, flags: u6
 #[macro_export]
 macro_rules! kvm_test {
     ($name:ident, $body:expr) => {
-        $crate::kvm_test!(@ $name, |_: &kvm_gmem::Kvm| true, $body);
+        $crate::kvm_test!(@ $name, |_: &kvm_gmem::KvmDevice| true, $body);
     };
     ($name:ident, needs guest_memfd($flags:expr), $body:expr) => {
         $crate::kvm_test!(
             @ $name,
-            |kvm: &kvm_gmem::Kvm| $crate::common::kvm_has_guest_memfd(kvm, $flags),
+            |kvm: &kvm_gmem::KvmDevice| $crate::common::kvm_has_guest_memfd(kvm, $flags),
             $body
         );
     };
