@@ -92,6 +92,41 @@ pub fn page_size() -> u64 {
     page
 }
 
+/// Copies `len` bytes with volatile accesses: 8-byte words when source and
+/// destination can be aligned together (the usual case: page-aligned guest
+/// memory and heap buffers), single bytes otherwise. Never forms a reference
+/// to either side.
+///
+/// # Safety
+///
+/// `src` must be valid for reads and `dst` for writes of `len` bytes.
+pub unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
+    let mut i = 0;
+    if (src as usize ^ dst as usize).is_multiple_of(8) {
+        while i < len && !(dst as usize + i).is_multiple_of(8) {
+            // SAFETY: `i < len`, and the caller guarantees `src` readable and
+            // `dst` writable for `len` bytes; byte accesses need no alignment.
+            unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+            i += 1;
+        }
+        while i + 8 <= len {
+            // SAFETY: `i + 8 <= len` keeps the word inside both caller
+            // ranges; `dst + i` is 8-aligned (loop above) and `src + i` too,
+            // as `src` and `dst` agree modulo 8 on this path.
+            unsafe {
+                let w = src.add(i).cast::<u64>().read_volatile();
+                dst.add(i).cast::<u64>().write_volatile(w);
+            }
+            i += 8;
+        }
+    }
+    while i < len {
+        // SAFETY: `i < len`, inside both caller ranges; byte accesses.
+        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+        i += 1;
+    }
+}
+
 /// The vocabulary of the crates' seccomp tables: each crate lists, per
 /// feature, the system calls and ioctl requests it makes
 /// (`kvm_gmem::seccomp`, `uffd_gmem::seccomp`, whose module docs say how to

@@ -182,8 +182,9 @@ fn on_memory_fault(vm: &kvm_ioctls::VmFd, fault: MemoryFault) -> Res<()> {
         "vCPU: memory fault at GPA {:#x} (+{:#x}), flags {:?}: converting to {to:?}",
         fault.gpa, fault.size, fault.flags
     );
-    // Named in full: VmFd's own set_memory_attributes (kvm-ioctls' raw
-    // struct) would win over the VmOps method.
-    VmOps::set_attributes(vm, fault.gpa..fault.gpa + fault.size, to)?;
+    // Method syntax: VmFd's own is `set_memory_attributes` (kvm-bindings'
+    // raw struct, which `MemoryAttributes::to_kvm_bindings` builds), so
+    // `set_attributes` is the VmOps method, with its checks.
+    vm.set_attributes(fault.gpa..fault.gpa + fault.size, to)?;
     Ok(())
 }

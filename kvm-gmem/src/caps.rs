@@ -117,6 +117,40 @@ impl Capabilities {
     /// # Errors
     ///
     /// [`crate::Error::Kernel`] if `KVM_CHECK_EXTENSION` itself fails.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kvm_gmem::{Capabilities, KvmDevice, VmType};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let kvm = KvmDevice::open()?;
+    /// let vm = kvm.create_vm(VmType::DEFAULT)?;
+    /// let caps = Capabilities::query(&kvm, &vm, VmType::DEFAULT)?;
+    /// if !caps.guest_memfd.supported {
+    ///     println!("no guest_memfd on {}: {}", caps.kernel_release, caps.guest_memfd.evidence);
+    /// }
+    /// for row in caps.rows() {
+    ///     println!("{:<40} {:<5} {}", row.feature, row.supported, row.evidence);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// - <https://docs.kernel.org/virt/kvm/api.html#kvm-check-extension>, <https://docs.kernel.org/virt/kvm/api.html#kvm-create-vm>,
+    ///   <https://docs.kernel.org/virt/kvm/api.html#kvm-create-guest-memfd>, <https://docs.kernel.org/virt/kvm/api.html#kvm-set-user-memory-region2>
+    ///   (the probes)
+    /// - RFC `KVM_GUEST_MEMFD_POPULATE`:
+    ///   <https://lore.kernel.org/kvm/20241024095429.54052-1-kalyazin@amazon.com/>
+    /// - RFC `GUEST_MEMFD_FLAG_WRITE`:
+    ///   <https://lore.kernel.org/kvm/20251114151828.98165-2-kalyazin@amazon.com/>
+    /// - RFC `GUEST_MEMFD_FLAG_NO_DIRECT_MAP`:
+    ///   <https://lore.kernel.org/kvm/20260114134510.1835-8-kalyazin@amazon.com/>
+    /// - RFC KVM Userfault:
+    ///   <https://lore.kernel.org/kvm/20250618042424.330664-1-jthoughton@google.com/>
     pub fn query(kvm: &KvmDevice, vm: &impl VmOps, vm_type: VmType) -> Result<Capabilities> {
         let vm = vm.vm_fd();
         let vm_cap = |c: Extension| vm.extension(c);
@@ -394,12 +428,14 @@ mod probe {
         GuestMemfd::builder(crate::sys::page_size())
             .flags(GuestMemfdFlags::from_bits_retain(flags))
             .create_unchecked(vm.as_fd())
-            .map_err(|e| match e.errno() {
-                Some(n) => format!(
+            // The kernel's own answer only: `errno()` also reports EINVAL
+            // for a refusal made before the ioctl.
+            .map_err(|e| match e {
+                crate::error::Error::Kernel { errno, .. } => format!(
                     "KVM_CREATE_GUEST_MEMFD with flags {flags:#x} gave {}",
-                    errno_text(n)
+                    errno_text(errno)
                 ),
-                None => e.to_string(),
+                e => e.to_string(),
             })
     }
 
@@ -509,6 +545,9 @@ mod probe {
         if set.is_ok() {
             let _ = vm.delete_memory_region(0);
         }
-        set.map_err(|e| e.errno().map_or_else(|| e.to_string(), errno_text))
+        set.map_err(|e| match e {
+            crate::error::Error::Kernel { errno, .. } => errno_text(errno),
+            e => e.to_string(),
+        })
     }
 }

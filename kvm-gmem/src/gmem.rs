@@ -24,11 +24,13 @@ bitflags::bitflags! {
         /// so host accesses through a mapping are allowed.
         const INIT_SHARED = sys::GUEST_MEMFD_FLAG_INIT_SHARED;
         /// `GUEST_MEMFD_FLAG_NO_DIRECT_MAP` (RFC, bit 2): folios leave the
-        /// kernel's direct map.
+        /// kernel's direct map
+        /// (<https://lore.kernel.org/kvm/20260114134510.1835-8-kalyazin@amazon.com/>).
         #[cfg(feature = "rfc-no-direct-map")]
         const NO_DIRECT_MAP = sys::rfc::no_direct_map::GUEST_MEMFD_FLAG_NO_DIRECT_MAP;
         /// `GUEST_MEMFD_FLAG_WRITE` (RFC, bit 3 in Firecracker's stack):
-        /// `write()`/`pwrite()` populate the file.
+        /// `write()`/`pwrite()` populate the file
+        /// (<https://lore.kernel.org/kvm/20251114151828.98165-2-kalyazin@amazon.com/>).
         #[cfg(feature = "rfc-gmem-write")]
         const WRITE = sys::rfc::gmem_write::GUEST_MEMFD_FLAG_WRITE;
     }
@@ -118,6 +120,33 @@ impl GuestMemfdBuilder {
     /// naming the offending flags and the supported set,
     /// [`Error::Unsupported`] when the kernel has no guest_memfd at all, and
     /// [`Error::Kernel`] for other refusals.
+    ///
+    /// # Examples
+    ///
+    /// A guest_memfd the host can map where the VM offers that (Linux
+    /// 6.18), a private-only one otherwise; the typed refusal where the
+    /// kernel has no guest_memfd:
+    ///
+    /// ```
+    /// use kvm_gmem::{GuestMemfd, GuestMemfdFlags, KvmDevice, VmOps, VmType};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+    /// let shared = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    /// let flags = vm.guest_memfd_flags()?.intersection(shared);
+    /// match GuestMemfd::builder(64 << 20).flags(flags).create(&vm) {
+    ///     Ok(gmem) => println!("{} MiB guest_memfd, flags {}", gmem.size() >> 20, gmem.flags()),
+    ///     Err(e) if e.is_unsupported() => println!("no guest_memfd here: {e}"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// <https://docs.kernel.org/virt/kvm/api.html#kvm-create-guest-memfd>
     #[doc(alias = "KVM_CREATE_GUEST_MEMFD")]
     pub fn create(self, vm: &impl VmOps) -> Result<GuestMemfd> {
         let vm = vm.vm_fd();
@@ -200,6 +229,23 @@ fn explain_refusal(vm: BorrowedFd<'_>, flags: GuestMemfdFlags) -> Result<Option<
 }
 
 /// An owned guest_memfd: the fd, its size and the flags it was created with.
+///
+/// # Examples
+///
+/// ```
+/// use kvm_gmem::{GuestMemfd, KvmDevice, VmType};
+///
+/// # fn main() -> Result<(), kvm_gmem::Error> {
+/// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+/// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+/// match GuestMemfd::builder(2 << 20).create(&vm) {
+///     Ok(gmem) => println!("{} bytes, flags {}", gmem.size(), gmem.flags()),
+///     Err(e) if e.is_unsupported() => println!("no guest_memfd here: {e}"),
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct GuestMemfd {
     fd: OwnedFd,
@@ -208,7 +254,31 @@ pub struct GuestMemfd {
 }
 
 impl GuestMemfd {
-    /// A builder for a guest_memfd of `size` bytes.
+    /// A builder for a guest_memfd of `size` bytes; [`GuestMemfdBuilder::create`]
+    /// issues the ioctl.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kvm_gmem::{GuestMemfd, KvmDevice, VmType};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+    /// // The size rule is checked before the ioctl.
+    /// assert!(GuestMemfd::builder(0).create(&vm).is_err());
+    /// match GuestMemfd::builder(2 << 20).mmap(true).init_shared(true).create(&vm) {
+    ///     Ok(gmem) => assert_eq!(gmem.size(), 2 << 20),
+    ///     // No guest_memfd (before 6.8), or no MMAP/INIT_SHARED (before 6.18).
+    ///     Err(e) => assert!(e.is_unsupported(), "{e}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// <https://docs.kernel.org/virt/kvm/api.html#kvm-create-guest-memfd>
     pub fn builder(size: u64) -> GuestMemfdBuilder {
         GuestMemfdBuilder {
             size,
@@ -273,6 +343,36 @@ impl GuestMemfd {
     ///
     /// [`Error::Invalid`] unless `range` is non-empty, page aligned and inside
     /// the file (checked before the call); [`Error::Kernel`] otherwise.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kvm_gmem::{GuestMemfd, GuestMemfdFlags, KvmDevice, VmOps, VmType};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+    /// let shared = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    /// if !vm.guest_memfd_flags()?.contains(shared) {
+    ///     return Ok(()); // a guest_memfd the host maps needs Linux 6.18
+    /// }
+    /// let gmem = GuestMemfd::builder(2 << 20).flags(shared).create(&vm)?;
+    /// let map = gmem.map()?;
+    /// let page = kvm_gmem::page_size();
+    /// map.fill(0, 2 * page as usize, 0xaa)?;
+    /// gmem.punch_hole(0..page)?; // the first page is freed ...
+    /// let mut byte = [0u8];
+    /// map.read_at(0, &mut byte)?;
+    /// assert_eq!(byte, [0]); // ... and reads as zero
+    /// map.read_at(page, &mut byte)?;
+    /// assert_eq!(byte, [0xaa]); // the second is untouched
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// <https://man7.org/linux/man-pages/man2/fallocate.2.html>
     #[doc(alias = "FALLOC_FL_PUNCH_HOLE")]
     pub fn punch_hole(&self, range: Range<u64>) -> Result<()> {
         let op = "fallocate(PUNCH_HOLE)";
@@ -290,6 +390,10 @@ impl GuestMemfd {
     /// # Errors
     ///
     /// As for [`GuestMemfd::punch_hole`].
+    ///
+    /// # References
+    ///
+    /// <https://man7.org/linux/man-pages/man2/fallocate.2.html>
     pub fn allocate(&self, range: Range<u64>) -> Result<()> {
         let op = "fallocate(KEEP_SIZE)";
         self.check_range(op, &range)?;
@@ -310,6 +414,33 @@ impl GuestMemfd {
     /// SIGBUS: the guest_memfd lacks `MMAP` (no mapping possible) or
     /// `INIT_SHARED` (every host fault is refused). [`Error::Kernel`] if
     /// `mmap` fails.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kvm_gmem::{GuestMemfd, GuestMemfdFlags, KvmDevice, VmOps, VmType};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+    /// let shared = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    /// if !vm.guest_memfd_flags()?.contains(shared) {
+    ///     return Ok(()); // a guest_memfd the host maps needs Linux 6.18
+    /// }
+    /// let gmem = GuestMemfd::builder(2 << 20).flags(shared).create(&vm)?;
+    /// let map = gmem.map()?;
+    /// assert_eq!(map.len() as u64, gmem.size());
+    /// // Without INIT_SHARED every host access would fault: refused.
+    /// let private = GuestMemfd::builder(2 << 20).mmap(true).create(&vm)?;
+    /// assert!(private.map().is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// - <https://docs.kernel.org/virt/kvm/api.html#kvm-create-guest-memfd> (mapping a guest_memfd)
+    /// - <https://man7.org/linux/man-pages/man2/mmap.2.html>
     pub fn map(&self) -> Result<crate::mapping::Mapping> {
         crate::mapping::Mapping::new(self)
     }

@@ -102,6 +102,20 @@ impl VmType {
 }
 
 /// An open `/dev/kvm`.
+///
+/// # Examples
+///
+/// ```
+/// use kvm_gmem::{Extension, KvmDevice, VmType};
+///
+/// # fn main() -> Result<(), kvm_gmem::Error> {
+/// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+/// let kvm = KvmDevice::open()?;
+/// println!("KVM_CAP_GUEST_MEMFD = {}", kvm.extension(Extension::GUEST_MEMFD)?);
+/// let _vm = kvm.create_vm(VmType::DEFAULT)?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct KvmDevice {
     fd: OwnedFd,
@@ -109,6 +123,33 @@ pub struct KvmDevice {
 
 impl KvmDevice {
     /// Opens `/dev/kvm` (read-write, close-on-exec).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kernel`] with `open`'s errno: `ENOENT` without KVM,
+    /// `EACCES` for a user outside the `kvm` group.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kvm_gmem::KvmDevice;
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// let kvm = match KvmDevice::open() {
+    ///     Ok(kvm) => kvm,
+    ///     Err(e) => {
+    ///         println!("no KVM here: {e}");
+    ///         return Ok(());
+    ///     }
+    /// };
+    /// assert_eq!(kvm.api_version()?, 12);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// <https://docs.kernel.org/virt/kvm/api.html#kvm-get-api-version> (the system ioctls of `/dev/kvm`)
     pub fn open() -> Result<KvmDevice> {
         KvmDevice::open_path(Path::new("/dev/kvm"))
     }
@@ -123,6 +164,10 @@ impl KvmDevice {
     }
 
     /// `ioctl(kvm, KVM_GET_API_VERSION)`: 12 on every kernel since 2.6.22.
+    ///
+    /// # References
+    ///
+    /// <https://docs.kernel.org/virt/kvm/api.html#kvm-get-api-version>
     #[doc(alias = "KVM_GET_API_VERSION")]
     pub fn api_version(&self) -> Result<i32> {
         // SAFETY: KVM_GET_API_VERSION takes no argument (0).
@@ -134,6 +179,24 @@ impl KvmDevice {
     /// not supported). A VM's own answer, which can differ (memory
     /// attributes, guest_memfd flags), is
     /// [`VmOps::extension`](crate::VmOps::extension).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kvm_gmem::{Extension, KvmDevice};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let kvm = KvmDevice::open()?;
+    /// let slots = kvm.extension(Extension::NR_MEMSLOTS)?;
+    /// println!("{slots} memory slots per address space");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// <https://docs.kernel.org/virt/kvm/api.html#kvm-check-extension>
     #[doc(alias = "KVM_CHECK_EXTENSION")]
     pub fn extension(&self, cap: Extension) -> Result<i32> {
         check_extension(self.fd.as_fd(), cap)
@@ -147,6 +210,31 @@ impl KvmDevice {
     /// (on arm64: when `ty` asks for an IPA size outside 32 to
     /// `KVM_CAP_ARM_VM_IPA_SIZE`); [`Error::Kernel`] for other refusals
     /// (e.g. `ENOMEM`).
+    ///
+    /// # Examples
+    ///
+    /// A default VM, and what it offers for guest_memfd (a VM's answer can
+    /// differ from `/dev/kvm`'s):
+    ///
+    /// ```
+    /// use kvm_gmem::{Extension, KvmDevice, VmOps, VmType};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let kvm = KvmDevice::open()?;
+    /// let vm = kvm.create_vm(VmType::DEFAULT)?;
+    /// println!(
+    ///     "KVM_CAP_GUEST_MEMFD = {}, flags {}",
+    ///     vm.extension(Extension::GUEST_MEMFD)?,
+    ///     vm.guest_memfd_flags()?
+    /// );
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// <https://docs.kernel.org/virt/kvm/api.html#kvm-create-vm>
     #[doc(alias = "KVM_CREATE_VM")]
     pub fn create_vm(&self, ty: VmType) -> Result<Vm> {
         let op = "KVM_CREATE_VM";

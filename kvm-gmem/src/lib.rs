@@ -13,7 +13,8 @@
 //   capability and RFC probe.
 // - `populate`: `sys`, `gmem`, `mapping`, `vm`, `caps` (the ioctl's probe).
 // - `share`: `sys`, `gmem`. `seccomp`: `populate` (its `Strategy`).
-// - `interop`: `vm`, `fault`.
+// - `interop`: `vm`, `fault`, `memslot`, `attributes` (kvm-bindings
+//   conversions of their types).
 
 //! Typed, safe KVM **guest_memfd** API for VMM authors.
 //!
@@ -44,31 +45,40 @@
 //! `kvm-ioctls`). Errors name the operation and the rule, the missing
 //! capability, or the errno.
 //!
-//! ```no_run
-//! use kvm_gmem::{GuestMemfd, KvmDevice, MemoryRegion2, VmOps, VmType};
+//! ```
+//! use kvm_gmem::{GuestMemfd, GuestMemfdFlags, KvmDevice, MemoryRegion2, VmOps, VmType};
 //!
 //! # fn main() -> Result<(), kvm_gmem::Error> {
+//! # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
 //! let kvm = KvmDevice::open()?;
 //! let vm = kvm.create_vm(VmType::DEFAULT)?;
-//! let gmem = GuestMemfd::builder(2 << 20)
-//!     .mmap(true)
-//!     .init_shared(true)
-//!     .create(&vm)?;
+//! let shared = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+//! let offered = vm.guest_memfd_flags()?;
+//! if !offered.contains(shared) {
+//!     println!("this VM offers guest_memfd flags {offered}; a mappable one needs Linux 6.18");
+//!     return Ok(());
+//! }
+//! let gmem = GuestMemfd::builder(2 << 20).flags(shared).create(&vm)?;
 //! let map = gmem.map()?;
 //! map.write_at(0x1000, &[0xf4])?; // hlt
 //! let region = MemoryRegion2::builder(0, 0, 2 << 20)
 //!     .guest_memfd(&gmem, 0)
 //!     .userspace(&map)
 //!     .build()?;
-//! // SAFETY: `map` outlives the VM, which is dropped first at the end of
-//! // this scope, so the slot never points at unmapped memory.
+//! // SAFETY: `map` stays mapped until the slot is deleted below.
 //! unsafe { vm.set_memory_region(&region)? };
+//! // ... create the vCPUs and run the guest ...
+//! vm.delete_memory_region(0)?;
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! Where the API draws the `unsafe` line, and why, is in the repository's
-//! `SAFETY.md`; moving from kvm-ioctls is in `MIGRATING.md`.
+//! The same example is in the crate's README. Each wrapper of an ioctl links
+//! its section of the kernel's KVM API documentation,
+//! <https://docs.kernel.org/virt/kvm/api.html>, under `# References`.
+//!
+//! Where the API draws the `unsafe` line, and why, is in
+//! [`guide::safety`]; moving from kvm-ioctls is in [`guide::migrating`].
 //!
 //! # Examples
 //!
@@ -95,6 +105,7 @@ pub mod caps;
 mod error;
 mod fault;
 mod gmem;
+pub mod guide;
 mod kvm;
 mod mapping;
 mod memslot;
@@ -108,6 +119,10 @@ mod vm;
 #[cfg(feature = "kvm-ioctls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kvm-ioctls")))]
 pub mod interop;
+
+#[cfg(feature = "vm-memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
+pub mod vm_memory;
 
 pub use attributes::MemoryAttributes;
 pub use caps::Capabilities;

@@ -3,6 +3,7 @@
 
 use crate::error::{Errno, Error, Result};
 use crate::gmem::{GuestMemfd, GuestMemfdFlags};
+use kvm_gmem_sys::support::volatile_copy;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
@@ -18,6 +19,32 @@ use std::ptr::NonNull;
 ///
 /// The mapping stays valid after the [`GuestMemfd`] handle is dropped (it
 /// holds its own reference on the file) and is unmapped on drop.
+///
+/// # Examples
+///
+/// ```
+/// use kvm_gmem::{GuestMemfd, GuestMemfdFlags, KvmDevice, VmOps, VmType};
+///
+/// # fn main() -> Result<(), kvm_gmem::Error> {
+/// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+/// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+/// let shared = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+/// if !vm.guest_memfd_flags()?.contains(shared) {
+///     return Ok(()); // a guest_memfd the host maps needs Linux 6.18
+/// }
+/// let map = GuestMemfd::builder(2 << 20).flags(shared).create(&vm)?.map()?;
+/// map.fill(0, map.len(), 0)?;
+/// map.write_at(0x1000, &0xdead_beef_u32.to_le_bytes())?;
+/// let mut word = [0u8; 4];
+/// map.read_at(0x1000, &mut word)?;
+/// assert_eq!(u32::from_le_bytes(word), 0xdead_beef);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # References
+///
+/// <https://docs.kernel.org/virt/kvm/api.html#kvm-create-guest-memfd>
 #[derive(Debug)]
 pub struct Mapping {
     ptr: NonNull<u8>,
@@ -120,6 +147,29 @@ impl Mapping {
     /// # Errors
     ///
     /// [`Error::Invalid`] if the range leaves the mapping.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kvm_gmem::{GuestMemfd, GuestMemfdFlags, KvmDevice, VmOps, VmType};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+    /// let shared = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    /// if !vm.guest_memfd_flags()?.contains(shared) {
+    ///     return Ok(()); // a guest_memfd the host maps needs Linux 6.18
+    /// }
+    /// let map = GuestMemfd::builder(2 << 20).flags(shared).create(&vm)?.map()?;
+    /// map.write_at(0x1000, b"guest code")?;
+    /// let mut back = [0u8; 10];
+    /// map.read_at(0x1000, &mut back)?;
+    /// assert_eq!(&back, b"guest code");
+    /// // Past the end: refused, nothing copied.
+    /// assert!(map.write_at(map.len() as u64 - 4, b"too long").is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let off = self.check("Mapping::read_at", offset, buf.len())?;
         // SAFETY: `off + buf.len()` is inside the mapping (checked), which is
@@ -134,6 +184,29 @@ impl Mapping {
     /// # Errors
     ///
     /// [`Error::Invalid`] if the range leaves the mapping.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kvm_gmem::{GuestMemfd, GuestMemfdFlags, KvmDevice, VmOps, VmType};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+    /// let shared = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    /// if !vm.guest_memfd_flags()?.contains(shared) {
+    ///     return Ok(()); // a guest_memfd the host maps needs Linux 6.18
+    /// }
+    /// let map = GuestMemfd::builder(2 << 20).flags(shared).create(&vm)?.map()?;
+    /// map.write_at(0x1000, b"guest code")?;
+    /// let mut back = [0u8; 10];
+    /// map.read_at(0x1000, &mut back)?;
+    /// assert_eq!(&back, b"guest code");
+    /// // Past the end: refused, nothing copied.
+    /// assert!(map.write_at(map.len() as u64 - 4, b"too long").is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         let off = self.check("Mapping::write_at", offset, data.len())?;
         // SAFETY: `off + data.len()` is inside the mapping (checked), which is
@@ -175,6 +248,10 @@ impl Mapping {
     ///
     /// [`Error::Invalid`] if the range leaves the mapping or is not page
     /// aligned; [`Error::Kernel`] if the kernel refuses.
+    ///
+    /// # References
+    ///
+    /// <https://man7.org/linux/man-pages/man2/madvise.2.html>
     pub fn populate_write(&self, offset: u64, len: usize) -> Result<()> {
         let op = "madvise(MADV_POPULATE_WRITE)";
         let off = self.check(op, offset, len)?;
@@ -206,41 +283,6 @@ impl Drop for Mapping {
         // SAFETY: `ptr`/`len` describe the mapping created in `new`, which
         // nothing else unmaps; no reference into it outlives `self`.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
-/// Copies `len` bytes with volatile accesses: 8-byte words when source and
-/// destination can be aligned together (the usual case: page-aligned guest
-/// memory and heap buffers), single bytes otherwise. Never forms a reference
-/// to either side.
-///
-/// # Safety
-///
-/// `src` must be valid for reads and `dst` for writes of `len` bytes.
-pub(crate) unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
-    let mut i = 0;
-    if (src as usize ^ dst as usize).is_multiple_of(8) {
-        while i < len && !(dst as usize + i).is_multiple_of(8) {
-            // SAFETY: `i < len`, and the caller guarantees `src` readable and
-            // `dst` writable for `len` bytes; byte accesses need no alignment.
-            unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
-            i += 1;
-        }
-        while i + 8 <= len {
-            // SAFETY: `i + 8 <= len` keeps the word inside both caller
-            // ranges; `dst + i` is 8-aligned (loop above) and `src + i` too,
-            // as `src` and `dst` agree modulo 8 on this path.
-            unsafe {
-                let w = src.add(i).cast::<u64>().read_volatile();
-                dst.add(i).cast::<u64>().write_volatile(w);
-            }
-            i += 8;
-        }
-    }
-    while i < len {
-        // SAFETY: `i < len`, inside both caller ranges; byte accesses.
-        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
-        i += 1;
     }
 }
 

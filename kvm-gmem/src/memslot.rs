@@ -21,7 +21,8 @@ bitflags::bitflags! {
         /// [`MemoryRegion2Builder::guest_memfd`].
         const GUEST_MEMFD = sys::KVM_MEM_GUEST_MEMFD;
         /// `KVM_MEM_USERFAULT` (RFC KVM Userfault): vCPU faults on pages whose
-        /// bit is set in the slot's [`UserfaultBitmap`] exit to userspace.
+        /// bit is set in the slot's [`UserfaultBitmap`] exit to userspace
+        /// (<https://lore.kernel.org/kvm/20250618042424.330664-1-jthoughton@google.com/>).
         #[cfg(feature = "rfc-kvm-userfault")]
         const USERFAULT = sys::rfc::kvm_userfault::KVM_MEM_USERFAULT;
     }
@@ -32,6 +33,25 @@ bitflags::bitflags! {
 /// It borrows the [`GuestMemfd`] whose descriptor it names (`'a`), so the fd
 /// cannot be closed, and its number reused, before the slot is set; once set,
 /// KVM holds its own reference to the file.
+///
+/// # Examples
+///
+/// ```
+/// use kvm_gmem::{MemoryRegion2, RegionFlags};
+///
+/// # fn main() -> Result<(), kvm_gmem::Error> {
+/// let region = MemoryRegion2::builder(0, 0x10_0000, 2 << 20)
+///     .userspace_addr(0x7f00_0000_0000)
+///     .flags(RegionFlags::LOG_DIRTY_PAGES)
+///     .build()?;
+/// assert_eq!((region.slot(), region.gpa(), region.size()), (0, 0x10_0000, 2 << 20));
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # References
+///
+/// <https://docs.kernel.org/virt/kvm/api.html#kvm-set-user-memory-region2>
 #[derive(Clone, Copy, Debug)]
 pub struct MemoryRegion2<'a> {
     raw: Raw,
@@ -56,6 +76,43 @@ impl MemoryRegion2<'_> {
     ///
     /// Bits 16..31 of `slot` select the address space where the VM has
     /// several (`KVM_CAP_MULTI_ADDRESS_SPACE`).
+    ///
+    /// # Examples
+    ///
+    /// The rules the kernel enforces are checked by
+    /// [`MemoryRegion2Builder::build`], before any ioctl:
+    ///
+    /// ```
+    /// use kvm_gmem::{Error, GuestMemfd, GuestMemfdFlags, KvmDevice, MemoryRegion2, VmOps, VmType};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// let e = MemoryRegion2::builder(0, 0x1000, 0x1234).build().unwrap_err();
+    /// assert!(matches!(e, Error::Invalid { .. })); // size not a page multiple
+    ///
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+    /// let shared = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    /// if !vm.guest_memfd_flags()?.contains(shared) {
+    ///     return Ok(()); // a guest_memfd the host maps needs Linux 6.18
+    /// }
+    /// let gmem = GuestMemfd::builder(4 << 20).flags(shared).create(&vm)?;
+    /// let map = gmem.map()?;
+    /// // Slot 1: guest physical 1 GiB.. backed by the second half of the file;
+    /// // its shared view is the mapping (which must cover the whole slot).
+    /// let region = MemoryRegion2::builder(1, 1 << 30, 2 << 20)
+    ///     .guest_memfd(&gmem, 2 << 20)
+    ///     .userspace_addr(map.addr() + (2 << 20))
+    ///     .build()?;
+    /// assert_eq!(region.as_raw().guest_memfd_offset, 2 << 20);
+    /// // The guest_memfd range must lie inside the file.
+    /// assert!(MemoryRegion2::builder(2, 0, 4 << 20).guest_memfd(&gmem, 2 << 20).build().is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// <https://docs.kernel.org/virt/kvm/api.html#kvm-set-user-memory-region2>
     pub fn builder(slot: u32, gpa: u64, size: u64) -> MemoryRegion2Builder<'static> {
         MemoryRegion2Builder {
             _gmem: PhantomData,
@@ -98,6 +155,17 @@ impl MemoryRegion2<'_> {
     /// # Safety
     ///
     /// As for [`VmOps::set_memory_region`](crate::VmOps::set_memory_region).
+    ///
+    /// # Errors
+    ///
+    /// As for [`VmOps::set_memory_region`](crate::VmOps::set_memory_region):
+    /// the kernel's errno (`EEXIST` for an overlapping guest range, and from
+    /// Linux 7.2 for a guest_memfd range already bound to another slot,
+    /// which 7.1 and older answer `EINVAL`), typed where the cause is known.
+    ///
+    /// # References
+    ///
+    /// <https://docs.kernel.org/virt/kvm/api.html#kvm-set-user-memory-region2>
     pub(crate) unsafe fn set(&self, vm: BorrowedFd<'_>) -> Result<()> {
         let mut raw = self.raw;
         // SAFETY: the request encodes the 160-byte struct `Raw` has (checked
@@ -130,7 +198,12 @@ impl MemoryRegion2<'_> {
         Error::kernel(op, e)
     }
 
-    /// The raw argument, for callers that issue the ioctl themselves.
+    /// The raw argument, for callers that issue the ioctl themselves (with
+    /// feature `kvm-ioctls`, kvm-bindings' struct converts `From` a region).
+    ///
+    /// # References
+    ///
+    /// <https://docs.kernel.org/virt/kvm/api.html#kvm-set-user-memory-region2>
     pub fn as_raw(&self) -> &sys::kvm_userspace_memory_region2 {
         // Always upstream's type: with the KVM Userfault RFC on, `Raw` is the
         // RFC's layout and `raw_upstream` reinterprets it (see there).
@@ -154,6 +227,10 @@ impl MemoryRegion2<'_> {
 
 /// `ioctl(vm, KVM_SET_USER_MEMORY_REGION2, {slot, memory_size: 0})`; see
 /// [`VmOps::delete_memory_region`](crate::VmOps::delete_memory_region).
+///
+/// # References
+///
+/// <https://docs.kernel.org/virt/kvm/api.html#kvm-set-user-memory-region2>
 pub(crate) fn delete(vm: BorrowedFd<'_>, slot: u32) -> Result<()> {
     let mut raw = sys::kvm_userspace_memory_region2 {
         slot,
@@ -238,6 +315,10 @@ impl<'a> MemoryRegion2Builder<'a> {
     /// aligned and the range inside the file; a mapping given with
     /// [`Self::userspace`] at least `size` long; a userfault bitmap covering
     /// every page.
+    ///
+    /// # References
+    ///
+    /// <https://docs.kernel.org/virt/kvm/api.html#kvm-set-user-memory-region2> (the rules)
     pub fn build(self) -> Result<MemoryRegion2<'a>> {
         let op = "KVM_SET_USER_MEMORY_REGION2";
         let page = page_size();
@@ -341,6 +422,11 @@ impl<'a> MemoryRegion2Builder<'a> {
 /// Bits are set and cleared atomically; clearing uses release ordering, so
 /// the page's contents written before [`UserfaultBitmap::clear`] are visible
 /// to the vCPU that sees the bit clear.
+///
+/// # References
+///
+/// "KVM: Introduce KVM Userfault", v3:
+/// <https://lore.kernel.org/kvm/20250618042424.330664-1-jthoughton@google.com/>
 #[cfg(feature = "rfc-kvm-userfault")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rfc-kvm-userfault")))]
 #[derive(Debug)]

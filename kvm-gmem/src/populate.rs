@@ -113,10 +113,12 @@ pub enum Strategy {
     Auto,
     /// The RFC VM ioctl `KVM_GUEST_MEMFD_POPULATE` (feature `rfc-populate`;
     /// needs [`Populate::new`] and [`Populate::gpa_base`]; the source must be
-    /// in this process, which must be the VM's creator).
+    /// in this process, which must be the VM's creator). The series:
+    /// <https://lore.kernel.org/kvm/20241024095429.54052-1-kalyazin@amazon.com/>.
     PopulateIoctl,
     /// `pwrite()` on a guest_memfd created with the RFC
-    /// `GUEST_MEMFD_FLAG_WRITE` (feature `rfc-gmem-write`).
+    /// `GUEST_MEMFD_FLAG_WRITE` (feature `rfc-gmem-write`). The series:
+    /// <https://lore.kernel.org/kvm/20251114151828.98165-2-kalyazin@amazon.com/>.
     Write,
     /// Map the guest_memfd (`MMAP | INIT_SHARED`, Linux 6.18) and copy,
     /// after allocating and mapping each batch in bulk (`fallocate`,
@@ -264,6 +266,47 @@ impl<'a> Populate<'a> {
     /// with every reason); [`Error::Kernel`] when a system call fails
     /// midway (the range is then partly populated). The ioctl's `EEXIST`
     /// means a page was already populated: punch it first.
+    ///
+    /// # Examples
+    ///
+    /// Filling a guest_memfd from a buffer; on a stock kernel
+    /// [`Strategy::Auto`] ends at [`Strategy::MmapCopy`] and the report
+    /// says why the faster strategies were skipped:
+    ///
+    /// ```
+    /// use kvm_gmem::populate::{Populate, Source};
+    /// use kvm_gmem::{GuestMemfd, GuestMemfdFlags, KvmDevice, VmOps, VmType};
+    ///
+    /// # fn main() -> Result<(), kvm_gmem::Error> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+    /// let shared = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    /// if !vm.guest_memfd_flags()?.contains(shared) {
+    ///     return Ok(()); // no strategy without a mappable guest_memfd (Linux 6.18)
+    /// }
+    /// let gmem = GuestMemfd::builder(4 << 20).flags(shared).create(&vm)?;
+    /// let image = vec![0x5a; 4 << 20];
+    /// let report = Populate::new(&vm, &gmem).run(0..4 << 20, Source::bytes(&image))?;
+    /// println!("{} bytes via {:?} in {:?}", report.bytes, report.strategy, report.elapsed);
+    /// for (skipped, why) in &report.tried {
+    ///     println!("  skipped {skipped:?}: {why}");
+    /// }
+    /// let mut byte = [0u8];
+    /// gmem.map()?.read_at(0x1234, &mut byte)?;
+    /// assert_eq!(byte, [0x5a]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// - RFC `KVM_GUEST_MEMFD_POPULATE`:
+    ///   <https://lore.kernel.org/kvm/20241024095429.54052-1-kalyazin@amazon.com/>
+    /// - RFC guest_memfd `write()`:
+    ///   <https://lore.kernel.org/kvm/20251114151828.98165-2-kalyazin@amazon.com/>
+    /// - <https://man7.org/linux/man-pages/man2/fallocate.2.html>,
+    ///   <https://man7.org/linux/man-pages/man2/madvise.2.html>
+    ///   (`MmapCopy`'s batches)
     pub fn run(&self, range: Range<u64>, source: Source<'_>) -> Result<Report> {
         let start = Instant::now();
         let len = self.check(&range, &source)?;

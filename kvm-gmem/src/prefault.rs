@@ -45,6 +45,32 @@ impl PreFault {
 /// would be `EINVAL`); [`Error::Unsupported`] naming
 /// `KVM_CAP_PRE_FAULT_MEMORY` when the kernel has no pre-fault
 /// (`ENOTTY`/`EOPNOTSUPP` before any progress).
+///
+/// # Examples
+///
+/// Mapping the guest's first 16 MiB before its vCPU first runs, so that
+/// the first accesses take no stage-2 fault (with kvm-ioctls, pass
+/// `&interop::vcpu_fd(&vcpu)`):
+///
+/// ```
+/// use kvm_gmem::{Error, pre_fault_memory};
+/// use std::os::fd::AsFd;
+///
+/// fn warm_up(vcpu: &impl AsFd) -> Result<(), Error> {
+///     match pre_fault_memory(vcpu, 0..16 << 20) {
+///         Ok(p) if p.is_complete() => {}
+///         Ok(p) => eprintln!("pre-fault stopped at {:#x}: {:?}", p.remaining.start, p.stopped),
+///         // Before Linux 6.11 the guest simply faults on first access.
+///         Err(e) if e.is_unsupported() => {}
+///         Err(e) => return Err(e),
+///     }
+///     Ok(())
+/// }
+/// ```
+///
+/// # References
+///
+/// <https://docs.kernel.org/virt/kvm/api.html#kvm-pre-fault-memory>
 #[doc(alias = "KVM_PRE_FAULT_MEMORY")]
 pub fn pre_fault_memory(vcpu: &impl AsFd, range: Range<u64>) -> Result<PreFault> {
     let op = "KVM_PRE_FAULT_MEMORY";

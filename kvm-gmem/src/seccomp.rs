@@ -65,13 +65,13 @@ pub use kvm_gmem_sys::support::seccomp::{Ioctl, Rule, Syscall, thread_start};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Feature {
-    /// [`KvmDevice::open`](crate::Kvm::open) and
-    /// [`KvmDevice::open_path`](crate::Kvm::open_path).
+    /// [`KvmDevice::open`](crate::KvmDevice::open) and
+    /// [`KvmDevice::open_path`](crate::KvmDevice::open_path).
     OpenKvm,
-    /// [`KvmDevice::create_vm`](crate::Kvm::create_vm),
+    /// [`KvmDevice::create_vm`](crate::KvmDevice::create_vm),
     /// [`KvmDevice::extension`](crate::KvmDevice::extension),
     /// [`VmOps::extension`](crate::VmOps::extension),
-    /// [`KvmDevice::api_version`](crate::Kvm::api_version).
+    /// [`KvmDevice::api_version`](crate::KvmDevice::api_version).
     CreateVm,
     /// [`Capabilities::query`](crate::Capabilities::query): capability
     /// checks, and the behavioural RFC probes on a scratch VM (a guest_memfd

@@ -91,6 +91,35 @@ fn is_guest_memfd(f_type: i64, link: &std::ffi::OsStr) -> bool {
 ///
 /// [`Error::Kernel`] naming `sendmsg` when the kernel refuses (`EPIPE` when
 /// the peer is gone: no SIGPIPE is raised).
+///
+/// # Examples
+///
+/// Both ends in one process, for brevity; in a VMM the other end belongs to
+/// the populator (a socket pair made before spawning it, or a listening
+/// socket):
+///
+/// ```
+/// use kvm_gmem::{Extension, GuestMemfd, KvmDevice, VmOps, VmType, share};
+/// use std::os::unix::net::UnixStream;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+/// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+/// if vm.extension(Extension::GUEST_MEMFD)? == 0 {
+///     return Ok(()); // guest_memfd needs Linux 6.8
+/// }
+/// let gmem = GuestMemfd::builder(2 << 20).create(&vm)?;
+/// let (vmm_end, populator_end) = UnixStream::pair()?;
+/// share::send(&vmm_end, &gmem)?; // the VMM
+/// let received = share::recv(&populator_end)?; // the populator
+/// assert_eq!((received.size(), received.flags()), (gmem.size(), gmem.flags()));
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # References
+///
+/// `SCM_RIGHTS`: <https://man7.org/linux/man-pages/man7/unix.7.html>
 pub fn send(socket: &UnixStream, gmem: &GuestMemfd) -> Result<()> {
     let op = "sendmsg(guest_memfd)";
     let header = encode(gmem.size(), gmem.flags().bits());
@@ -168,6 +197,35 @@ pub fn send(socket: &UnixStream, gmem: &GuestMemfd) -> Result<()> {
 /// [`Error::Protocol`] naming what was wrong with the message or the fd
 /// (every fd received is closed); [`Error::Kernel`] naming `recvmsg` when
 /// the kernel refuses (e.g. `EAGAIN` on a non-blocking socket).
+///
+/// # Examples
+///
+/// Both ends in one process, for brevity; in a VMM the other end belongs to
+/// the populator (a socket pair made before spawning it, or a listening
+/// socket):
+///
+/// ```
+/// use kvm_gmem::{Extension, GuestMemfd, KvmDevice, VmOps, VmType, share};
+/// use std::os::unix::net::UnixStream;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+/// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+/// if vm.extension(Extension::GUEST_MEMFD)? == 0 {
+///     return Ok(()); // guest_memfd needs Linux 6.8
+/// }
+/// let gmem = GuestMemfd::builder(2 << 20).create(&vm)?;
+/// let (vmm_end, populator_end) = UnixStream::pair()?;
+/// share::send(&vmm_end, &gmem)?; // the VMM
+/// let received = share::recv(&populator_end)?; // the populator
+/// assert_eq!((received.size(), received.flags()), (gmem.size(), gmem.flags()));
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # References
+///
+/// `SCM_RIGHTS`: <https://man7.org/linux/man-pages/man7/unix.7.html>
 pub fn recv(socket: &UnixStream) -> Result<GuestMemfd> {
     let op = "recvmsg(guest_memfd)";
     // One byte more than the header, so an over-long message shows.

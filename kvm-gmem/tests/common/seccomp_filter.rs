@@ -309,7 +309,7 @@ pub fn run_child(child_test: &str, env: &str, scenario: &str) {
 /// system call, and no system call is listed twice. Returns the number of
 /// ioctls checked.
 pub fn check_rule_table<F: std::fmt::Debug>(
-    rules: &[kvm_gmem::seccomp::Rule<F>],
+    rules: &[kvm_gmem_sys::support::seccomp::Rule<F>],
     by_name: impl Fn(&str) -> Option<u32>,
 ) -> usize {
     let mut seen = 0;
