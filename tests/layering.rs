@@ -218,3 +218,24 @@ fn the_checker_sees_every_edge_form() {
     assert!(bad[0].contains("x::extra has no row"), "{bad:?}");
     assert!(bad[1].contains("x::low uses high"), "{bad:?}");
 }
+
+/// Each published crate's tests build from its own `.crate`, so uffd-gmem
+/// carries copies of the test helpers it shares with kvm-gmem instead of
+/// including them by path. The copies stay byte-identical: edit kvm-gmem's
+/// file and copy it.
+#[test]
+fn shared_test_helpers_are_identical_copies() {
+    let root = root();
+    for file in ["capability.rs", "seccomp_filter.rs"] {
+        let original = root.join("kvm-gmem/tests/common").join(file);
+        let copy = root.join("uffd-gmem/tests/common").join(file);
+        let a = std::fs::read(&original).unwrap_or_else(|e| panic!("{}: {e}", original.display()));
+        let b = std::fs::read(&copy).unwrap_or_else(|e| panic!("{}: {e}", copy.display()));
+        assert!(
+            a == b,
+            "{} differs from {}: copy kvm-gmem's file over it",
+            copy.display(),
+            original.display()
+        );
+    }
+}

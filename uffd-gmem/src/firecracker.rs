@@ -210,6 +210,49 @@ impl PeerCred {
 }
 
 /// A received and validated handshake.
+///
+/// # Examples
+///
+/// Both sides in one process (a VMM would be the other end of the socket):
+/// the VMM sends its registered userfaultfd and regions, the handler
+/// receives them and serves the regions from the snapshot.
+///
+/// ```
+/// use std::os::fd::AsFd;
+/// use std::os::unix::net::UnixStream;
+/// use std::time::Duration;
+/// use uffd_gmem::firecracker::{self, GuestRegionUffdMapping, Handshake};
+/// use uffd_gmem::serve::{Region, Server};
+/// use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let Ok(vmm_uffd) = Uffd::builder().create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let page = uffd_gmem::page_size();
+/// let guest = HostMapping::anonymous(4 * page as usize)?;
+/// vmm_uffd.register_mapping(&guest, RegisterMode::MISSING)?;
+/// let (vmm, handler) = UnixStream::pair()?;
+/// let regions = [GuestRegionUffdMapping::new(guest.addr(), 4 * page, 0, page)];
+/// firecracker::send(&vmm, &regions, &[vmm_uffd.as_fd()])?;
+///
+/// // The handler's side.
+/// let snapshot = vec![0xabu8; 4 * page as usize];
+/// let hs = Handshake::recv_timeout(&handler, Duration::from_secs(10))?;
+/// hs.validate_against_snapshot(snapshot.len() as u64)?;
+/// let mut builder = Server::builder(hs.uffd);
+/// for r in &hs.regions {
+///     builder = builder.region(Region::new(r.base_host_virt_addr, r.size).source_offset(r.offset));
+/// }
+/// let server = builder.source(snapshot).spawn()?;
+///
+/// let mut b = [0u8; 1];
+/// guest.read_at(3 * page, &mut b)?; // served by the handler's server
+/// assert_eq!(b[0], 0xab);
+/// server.shutdown()?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Handshake {

@@ -1,6 +1,6 @@
 //! What each feature of this crate asks of the kernel, for seccomp filters.
 //!
-//! The same shape as [`kvm_gmem::seccomp`] (whose module docs say how to
+//! The same shape as `kvm_gmem::seccomp` (whose module docs say how to
 //! turn a [`Rule`] into a filter): for each [`Feature`], the system calls by
 //! their number on the target and the ioctl requests by the `kvm-gmem-sys`
 //! constant the crate issues.
@@ -9,10 +9,12 @@
 //! use uffd_gmem::seccomp::{Feature, rule};
 //!
 //! // A fault-handling process: the Firecracker handshake, then serving.
+//! # #[cfg(feature = "firecracker")]
 //! let handshake = rule(Feature::FirecrackerHandshake);
 //! let serve = rule(Feature::Serve);
 //! assert!(serve.allows_ioctl(uffd_gmem::sys_bindings::UFFDIO_COPY));
-//! assert!(serve.threads); // also allow kvm_gmem::seccomp::thread_start()
+//! assert!(serve.threads); // also allow seccomp::thread_start()
+//! # #[cfg(feature = "firecracker")]
 //! assert!(handshake.allows_syscall(libc::SYS_recvmsg));
 //! ```
 //!
@@ -56,7 +58,8 @@ pub enum Feature {
     /// VMM's userfaultfd (it asks `/proc/self/fd` whether the fd is one).
     Adopt,
     /// [`Uffd::register`](crate::Uffd::register),
-    /// [`Uffd::register_guest_memfd`](crate::Uffd::register_guest_memfd),
+    /// [`Uffd::register_mapping`](crate::Uffd::register_mapping),
+    /// `Uffd::register_guest_memfd`,
     /// [`Uffd::unregister`](crate::Uffd::unregister).
     Register,
     /// [`Uffd::copy`](crate::Uffd::copy).
@@ -96,14 +99,23 @@ pub enum Feature {
     /// [`MappedFile::from_file`](crate::serve::MappedFile::from_file), and
     /// its drop.
     MappedFile,
+    /// [`HostMapping::anonymous`](crate::HostMapping::anonymous),
+    /// [`HostMapping::memfd`](crate::HostMapping::memfd),
+    /// [`HostMapping::file`](crate::HostMapping::file), their copies and
+    /// their drop.
+    HostMapping,
     /// [`firecracker::Handshake::recv`](crate::firecracker::Handshake::recv)
     /// and `recv_timeout`: the message and its fds, the userfaultfd check
     /// (`/proc/self/fd`, or `fstatfs` where `/proc` is not mounted),
     /// `SO_PEERCRED`.
+    #[cfg(feature = "firecracker")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "firecracker")))]
     FirecrackerHandshake,
     /// [`firecracker::send`](crate::firecracker::send) and
     /// [`firecracker::send_payload`](crate::firecracker::send_payload) (the
     /// VMM's side).
+    #[cfg(feature = "firecracker")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "firecracker")))]
     FirecrackerSend,
 }
 
@@ -234,6 +246,19 @@ static RULES: &[Rule] = &[
         false,
     ),
     Rule::new(
+        Feature::HostMapping,
+        sc![
+            SYS_memfd_create,
+            SYS_ftruncate,
+            SYS_mmap,
+            SYS_munmap,
+            SYS_close
+        ],
+        &[],
+        false,
+    ),
+    #[cfg(feature = "firecracker")]
+    Rule::new(
         Feature::FirecrackerHandshake,
         sc![
             SYS_recvmsg,
@@ -251,6 +276,7 @@ static RULES: &[Rule] = &[
         &[],
         false,
     ),
+    #[cfg(feature = "firecracker")]
     Rule::new(
         Feature::FirecrackerSend,
         sc![

@@ -99,7 +99,7 @@ impl MappedFile {
     ///
     /// # Errors
     ///
-    /// [`Error::Kernel`] naming `open` or `mmap`.
+    /// [`Error::Io`] naming `open`; [`Error::Kernel`] naming `mmap`.
     pub fn open(path: &Path) -> Result<MappedFile> {
         let file = File::open(path).map_err(|e| io_err("open(snapshot)", e))?;
         MappedFile::from_file(file)
@@ -109,8 +109,8 @@ impl MappedFile {
     ///
     /// # Errors
     ///
-    /// [`Error::Kernel`] naming `fstat` or `mmap`; [`Error::Invalid`] for an
-    /// empty file.
+    /// [`Error::Io`] naming `fstat`; [`Error::Kernel`] naming `mmap`;
+    /// [`Error::Invalid`] for an empty file.
     pub fn from_file(file: File) -> Result<MappedFile> {
         let len = file
             .metadata()
@@ -184,8 +184,8 @@ impl PageSource for Vec<u8> {
     }
 }
 
-fn io_err(op: &'static str, e: std::io::Error) -> Error {
-    Error::kernel(op, Errno(e.raw_os_error().unwrap_or(libc::EIO)))
+fn io_err(op: &'static str, source: std::io::Error) -> Error {
+    Error::Io { op, source }
 }
 
 /// How a region's faults are resolved.
@@ -352,6 +352,65 @@ impl Histogram {
     }
 }
 
+/// One error a [`Server`] met while serving, recorded in [`Stats::errors`]
+/// instead of stopping it: what the server was doing, the host addresses it
+/// concerns, and the [`Error`].
+///
+/// Its `Display` reads `<op> <start>..<end>: <error>`.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServeError {
+    /// What the server was doing: `"fill"` (resolving a fault or a
+    /// fault-around or prefetch window), `"page source read"`,
+    /// `"page cache fill"` (the `pwrite` of a `Continue` region),
+    /// `"wake"`, `"REMOVE"`, `"event"` (a malformed event range),
+    /// `"deferred fault"` (given up after
+    /// [`ServerBuilder::eagain_timeout`]) or `"read events"`.
+    pub op: &'static str,
+    /// The host addresses concerned, when the error concerns some.
+    pub range: Option<std::ops::Range<u64>>,
+    /// Where `range`'s contents start in the page source, for errors
+    /// reading or writing them.
+    pub source_offset: Option<u64>,
+    /// What went wrong (shared: `Stats` is `Clone`, [`Error`] is not).
+    pub error: Arc<Error>,
+}
+
+impl ServeError {
+    fn new(op: &'static str, range: Option<std::ops::Range<u64>>, error: Error) -> ServeError {
+        ServeError {
+            op,
+            range,
+            source_offset: None,
+            error: Arc::new(error),
+        }
+    }
+
+    fn at_source(mut self, offset: u64) -> ServeError {
+        self.source_offset = Some(offset);
+        self
+    }
+}
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.op)?;
+        if let Some(r) = &self.range {
+            write!(f, " {:#x}..{:#x}", r.start, r.end)?;
+        }
+        if let Some(off) = self.source_offset {
+            write!(f, " (source offset {off:#x})")?;
+        }
+        write!(f, ": {}", self.error)
+    }
+}
+
+impl std::error::Error for ServeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.error)
+    }
+}
+
 /// What a server did.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
@@ -382,8 +441,8 @@ pub struct Stats {
     /// [`ServerBuilder::record`]).
     pub fault_log: Vec<u64>,
     /// Errors met (the fault they concern is left to its timeout or the
-    /// VMM).
-    pub errors: Vec<String>,
+    /// VMM), at most 1000.
+    pub errors: Vec<ServeError>,
     /// Why the server stopped, when it stopped by itself.
     pub stopped_because: Option<String>,
 }
@@ -533,8 +592,8 @@ impl ServerBuilder {
     ///
     /// [`Error::Invalid`] naming the rule: a source is set; regions are
     /// non-empty, page aligned, do not overlap and lie inside the source;
-    /// workers >= 1. [`Error::Kernel`] if the fd cannot be made non-blocking
-    /// or a thread cannot be started.
+    /// workers >= 1. [`Error::Kernel`] if the fd cannot be made
+    /// non-blocking; [`Error::Io`] if a thread cannot be started.
     pub fn spawn(self) -> Result<Server> {
         let op = "serve::spawn";
         let base = kvm_gmem_sys::support::page_size();
@@ -702,6 +761,41 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// A builder serving faults of `uffd` (made non-blocking on spawn).
+    ///
+    /// # Examples
+    ///
+    /// Two regions of one snapshot, fault-around and a background fill of
+    /// the rest (the crate's front page has the whole program):
+    ///
+    /// ```
+    /// use uffd_gmem::serve::{Region, Server};
+    /// use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let Ok(uffd) = Uffd::builder().non_blocking(true).create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let page = uffd_gmem::page_size();
+    /// let (low, high) = (HostMapping::anonymous(8 * page as usize)?, HostMapping::anonymous(8 * page as usize)?);
+    /// uffd.register_mapping(&low, RegisterMode::MISSING)?;
+    /// uffd.register_mapping(&high, RegisterMode::MISSING)?;
+    /// let snapshot = vec![7u8; 16 * page as usize];
+    /// let server = Server::builder(uffd)
+    ///     .region(Region::new(low.addr(), 8 * page))
+    ///     .region(Region::new(high.addr(), 8 * page).source_offset(8 * page))
+    ///     .source(snapshot)
+    ///     .fault_around(4 * page)
+    ///     .prefetch_all(true)
+    ///     .workers(2)
+    ///     .spawn()?;
+    /// let mut b = [0u8; 1];
+    /// high.read_at(5 * page, &mut b)?;
+    /// assert_eq!(b[0], 7);
+    /// let stats = server.shutdown()?;
+    /// assert!(stats.errors.is_empty(), "{:?}", stats.errors);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn builder(uffd: Uffd) -> ServerBuilder {
         ServerBuilder {
             uffd,
@@ -891,7 +985,7 @@ struct Shared {
     counters: Counters,
     latency: Mutex<(Vec<u64>, Duration)>,
     log: Mutex<Vec<u64>>,
-    errors: Mutex<Vec<String>>,
+    errors: Mutex<Vec<ServeError>>,
     stopped_because: Mutex<Option<String>>,
 }
 
@@ -917,10 +1011,14 @@ impl Shared {
         sys::eventfd_signal(self.wake.as_fd());
     }
 
-    fn error(&self, msg: String) {
+    fn error(&self, op: &'static str, range: Option<std::ops::Range<u64>>, error: Error) {
+        self.report(ServeError::new(op, range, error));
+    }
+
+    fn report(&self, error: ServeError) {
         let mut e = lock(&self.errors);
         if e.len() < 1000 {
-            e.push(msg);
+            e.push(error);
         }
     }
 
@@ -966,7 +1064,7 @@ impl Shared {
     fn wake_page(&self, addr: u64) {
         self.counters.wakes.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.uffd.wake(addr..addr + self.page) {
-            self.error(format!("UFFDIO_WAKE at {addr:#x}: {e}"));
+            self.error("wake", Some(addr..addr + self.page), e);
         }
     }
 
@@ -1003,7 +1101,17 @@ impl Shared {
                     None => {
                         buf.resize(len as usize, 0);
                         if let Err(e) = self.source.read_at(src_off, &mut buf[..len as usize]) {
-                            self.error(format!("page source read at {src_off:#x}+{len:#x}: {e}"));
+                            self.report(
+                                ServeError::new(
+                                    "page source read",
+                                    Some(addr..addr + len),
+                                    Error::Io {
+                                        op: "PageSource::read_at",
+                                        source: e,
+                                    },
+                                )
+                                .at_source(src_off),
+                            );
                             // Release the claims, or later faults on these
                             // pages are taken for fills in progress and never
                             // resolved.
@@ -1023,8 +1131,8 @@ impl Shared {
                 unsafe { self.uffd.copy(addr, ptr, len, Mode::empty()) }
             }
             Resolve::Continue(backing) => {
-                if let Err(msg) = self.fill_page_cache(r, backing, first, count, zero, buf) {
-                    self.error(msg);
+                if let Err(err) = self.fill_page_cache(r, backing, first, count, zero, buf) {
+                    self.report(err);
                     for i in first..first + count {
                         r.claimed.clear(i);
                     }
@@ -1097,7 +1205,9 @@ impl Shared {
                     // The range was unmapped or unregistered meanwhile (an
                     // UNMAP, REMAP or REMOVE event the workers are applying).
                     Some(Errno(libc::ENOENT)) => {}
-                    _ => self.error(format!("filling {addr:#x}+{len:#x}: {e}")),
+                    _ => self.report(
+                        ServeError::new("fill", Some(addr..addr + len), e).at_source(src_off),
+                    ),
                 }
                 (Fill::Failed, 0)
             }
@@ -1135,7 +1245,7 @@ impl Shared {
                 errno: Errno(libc::ENOENT),
                 ..
             }) => {}
-            Err(e) => self.error(format!("UFFDIO_WAKE {a:#x}..{b:#x}: {e}")),
+            Err(e) => self.error("wake", Some(a..b), e),
         }
         Some((Fill::Failed, 0))
     }
@@ -1148,7 +1258,7 @@ impl Shared {
         count: u64,
         zero: bool,
         buf: &mut Vec<u8>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), ServeError> {
         let page = self.page;
         let len = (count * page) as usize;
         let src_off = r.source_offset + first * page;
@@ -1161,9 +1271,18 @@ impl Shared {
                 Some(p) => p,
                 None => {
                     buf.resize(len, 0);
-                    self.source
-                        .read_at(src_off, &mut buf[..len])
-                        .map_err(|e| format!("page source read at {src_off:#x}+{len:#x}: {e}"))?;
+                    self.source.read_at(src_off, &mut buf[..len]).map_err(|e| {
+                        let host = r.host + first * page;
+                        ServeError::new(
+                            "page source read",
+                            Some(host..host + len as u64),
+                            Error::Io {
+                                op: "PageSource::read_at",
+                                source: e,
+                            },
+                        )
+                        .at_source(src_off)
+                    })?;
                     buf.as_ptr()
                 }
             }
@@ -1180,16 +1299,26 @@ impl Shared {
                 Ok(())
             }
             Backing::Pwrite { fd, offset } => {
+                let host = r.host + first * page;
+                let cache_err = |e| {
+                    ServeError::new("page cache fill", Some(host..host + len as u64), e)
+                        .at_source(src_off)
+                };
                 let mut written = 0usize;
                 while written < len {
                     let at = offset + first * page + written as u64;
                     // SAFETY: `src + written` is valid for `len - written` bytes.
                     let n = unsafe { sys::pwrite(fd.as_fd(), src.add(written), len - written, at) };
                     match n {
-                        Ok(0) => return Err("pwrite to the backing file wrote nothing".into()),
+                        Ok(0) => {
+                            return Err(cache_err(Error::Io {
+                                op: "pwrite",
+                                source: std::io::ErrorKind::WriteZero.into(),
+                            }));
+                        }
                         Ok(n) => written += n,
                         Err(Errno(libc::EINTR)) => continue,
-                        Err(e) => return Err(format!("pwrite to the backing file: {e}")),
+                        Err(e) => return Err(cache_err(Error::kernel("pwrite", e))),
                     }
                 }
                 Ok(())
@@ -1306,7 +1435,7 @@ impl Shared {
                 // faulters so that they fault again.
                 let (a, b) = (r.host + (first + n) * self.page, r.host + i * self.page);
                 if let Err(e) = self.uffd.wake(a..b) {
-                    self.error(format!("UFFDIO_WAKE {a:#x}..{b:#x}: {e}"));
+                    self.error("wake", Some(a..b), e);
                 }
             }
             match (outcome, n) {
@@ -1370,7 +1499,7 @@ impl Shared {
     /// that did not come from the kernel can break them (a peer's forged
     /// "userfaultfd", see `Uffd::from_initialized`), and it is reported and
     /// ignored rather than trusted.
-    fn plausible(&self, what: &str, start: u64, len: Option<u64>, to: Option<u64>) -> bool {
+    fn plausible(&self, what: &'static str, start: u64, len: Option<u64>, to: Option<u64>) -> bool {
         let page = self.page;
         let end = len.and_then(|l| start.checked_add(l));
         let to_fits = match (to, len) {
@@ -1393,10 +1522,18 @@ impl Shared {
             _ => false,
         };
         if !ok {
-            self.error(format!(
-                "{what} event {start:#x} (length {len:?}, to {to:?}) is not a range the kernel \
-                 reports (it overflows or is not aligned to the page size {page:#x}): ignored"
-            ));
+            self.error(
+                "event",
+                None,
+                Error::Protocol {
+                    op: what,
+                    what: format!(
+                        "event {start:#x} (length {len:?}, to {to:?}) is not a range the kernel \
+                         reports (it overflows or is not aligned to the page size {page:#x}): \
+                         ignored"
+                    ),
+                },
+            );
         }
         ok
     }
@@ -1431,7 +1568,7 @@ impl Shared {
                                 "the VMM's address space is gone (ENOMEM on UFFDIO_UNREGISTER)",
                             );
                         }
-                        Err(err) => self.error(format!("REMOVE {s:#x}..{e:#x}: unregister: {err}")),
+                        Err(err) => self.error("REMOVE", Some(s..e), err),
                     }
                     // Mark the pages filled so the server never touches them again.
                     for i in (s - r.host) / page..(e - r.host) / page {
@@ -1454,7 +1591,7 @@ impl Shared {
                     // so that such a fault is raised again.
                     let (a, b) = (r.host + lo * page, r.host + hi * page);
                     if let Err(err) = self.uffd.wake(a..b) {
-                        self.error(format!("REMOVE {a:#x}..{b:#x}: UFFDIO_WAKE: {err}"));
+                        self.error("REMOVE", Some(a..b), err);
                     }
                 }
             }
@@ -1509,11 +1646,20 @@ impl Shared {
         let now = Instant::now();
         for d in due {
             if now > d.deadline {
-                self.error(format!(
-                    "fault at {:#x} still got EAGAIN (or lay outside every region) after {:?}; \
-                     given up",
-                    d.addr, self.eagain_timeout
-                ));
+                self.error(
+                    "deferred fault",
+                    // A forged fault record may name the top of the
+                    // address space: no overflow.
+                    Some(d.addr..d.addr.saturating_add(self.page)),
+                    Error::Protocol {
+                        op: "serve",
+                        what: format!(
+                            "the fault still got EAGAIN (or lay outside every region) after \
+                             {:?}; given up",
+                            self.eagain_timeout
+                        ),
+                    },
+                );
                 continue;
             }
             if let Fill::Again = self.serve_fault(d.addr, d.kind, d.started, buf) {
@@ -1617,7 +1763,7 @@ fn worker(s: &Shared) {
                 }
             }
             Err(e) => {
-                s.error(format!("reading events: {e}"));
+                s.error("read events", None, e);
                 std::thread::sleep(Duration::from_millis(1));
             }
         }

@@ -163,7 +163,54 @@ pub(crate) fn mmap_read_only(fd: BorrowedFd<'_>, len: usize) -> Result<*const u8
     Ok(p.cast())
 }
 
-/// Unmaps a mapping made by [`mmap_read_only`].
+/// `mmap(NULL, len, PROT_READ | PROT_WRITE, flags, fd, offset)`: a fresh
+/// read-write mapping at an address the kernel picks (`fd` `None`: anonymous,
+/// `MAP_ANONYMOUS` is added). Returns its address.
+pub(crate) fn mmap_read_write(
+    len: usize,
+    shared: bool,
+    fd: Option<BorrowedFd<'_>>,
+    offset: libc::off_t,
+) -> Result<*mut u8, Errno> {
+    let mut flags = if shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
+    if fd.is_none() {
+        flags |= libc::MAP_ANONYMOUS;
+    }
+    // SAFETY: a fresh mapping at an address the kernel picks (NULL, no
+    // MAP_FIXED), so it replaces nothing; `fd` is open for the borrow.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd.map_or(-1, |fd| fd.as_raw_fd()),
+            offset,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    Ok(p.cast())
+}
+
+/// `memfd_create(name, MFD_CLOEXEC)`, then `ftruncate(len)`: a new memory
+/// file of `len` bytes (a hole: nothing allocated yet).
+pub(crate) fn memfd(name: &std::ffi::CStr, len: libc::off_t) -> Result<OwnedFd, Errno> {
+    // SAFETY: `name` is NUL-terminated; memfd_create returns a new descriptor.
+    let fd = unsafe { own(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC).into())? };
+    // SAFETY: ftruncate on a descriptor we own; integer arguments only.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(fd)
+}
+
+/// Unmaps a mapping made by [`mmap_read_only`] or [`mmap_read_write`].
 ///
 /// # Safety
 ///
@@ -173,6 +220,7 @@ pub(crate) unsafe fn munmap(ptr: *const u8, len: usize) {
     unsafe { libc::munmap(ptr as *mut libc::c_void, len) };
 }
 
+#[cfg(feature = "firecracker")] // the handshake
 /// `fstatfs(fd)`: the filesystem type (`f_type`).
 pub(crate) fn fstatfs_type(fd: BorrowedFd<'_>) -> Result<i64, Errno> {
     // SAFETY: an all-zero `statfs` is a valid output buffer.
@@ -185,6 +233,7 @@ pub(crate) fn fstatfs_type(fd: BorrowedFd<'_>) -> Result<i64, Errno> {
     Ok(sfs.f_type as i64)
 }
 
+#[cfg(feature = "firecracker")] // the handshake
 /// `getsockopt(SO_PEERCRED)` on a connected Unix socket.
 pub(crate) fn peer_cred(fd: BorrowedFd<'_>) -> Result<libc::ucred, Errno> {
     let mut cred = libc::ucred {
@@ -207,6 +256,7 @@ pub(crate) fn peer_cred(fd: BorrowedFd<'_>) -> Result<libc::ucred, Errno> {
     if r < 0 { Err(Errno::last()) } else { Ok(cred) }
 }
 
+#[cfg(feature = "firecracker")] // the handshake
 /// One `recvmsg(fd, MSG_CMSG_CLOEXEC | MSG_DONTWAIT)` into `buf` with room
 /// for `max_fds` descriptors (the kernel closes any beyond and sets
 /// `MSG_CTRUNC`): the bytes read and the message flags. Every descriptor
@@ -272,6 +322,7 @@ pub(crate) fn recvmsg_fds(
     Ok((n, msg.msg_flags))
 }
 
+#[cfg(feature = "firecracker")] // the handshake
 /// One `sendmsg(fd, MSG_NOSIGNAL)` of `bytes`, with `fds` as `SCM_RIGHTS`
 /// when there are any: the bytes sent.
 pub(crate) fn sendmsg_fds(

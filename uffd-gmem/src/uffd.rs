@@ -6,6 +6,7 @@
 use crate::error::{Errno, Error, Result};
 use crate::event::{Event, MSG_SIZE};
 use crate::flags::{Features, Ioctls, Mode, RegisterMode};
+use crate::mapping::HostMapping;
 use crate::sys::ioctl;
 use kvm_gmem_sys as sys;
 use std::ops::Range;
@@ -116,6 +117,31 @@ impl UffdBuilder {
     /// [`Error::MissingFeatures`] naming what the kernel lacks;
     /// [`Error::Unsupported`] when neither the device nor the system call
     /// can create one; [`Error::Kernel`] otherwise.
+    ///
+    /// # Examples
+    ///
+    /// Asking for features and telling "this kernel lacks them" from "no
+    /// userfaultfd at all":
+    ///
+    /// ```
+    /// use uffd_gmem::{Error, Features, Uffd};
+    ///
+    /// match Uffd::builder()
+    ///     .require_features(Features::MINOR_SHMEM | Features::EVENT_REMOVE)
+    ///     .create()
+    /// {
+    ///     Ok(uffd) => println!("enabled: {:?}", uffd.features()),
+    ///     Err(Error::MissingFeatures { missing, .. }) => println!("this kernel lacks {missing:?}"),
+    ///     Err(e) => println!("no userfaultfd: {e}"),
+    /// }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_API` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [API](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#api) in the kernel's userfaultfd guide
+    /// - [userfaultfd(2)](https://man7.org/linux/man-pages/man2/userfaultfd.2.html)
+    ///   (the system call, and `/dev/userfaultfd`'s `USERFAULTFD_IOC_NEW`)
     #[doc(alias = "UFFDIO_API")]
     #[doc(alias = "USERFAULTFD_IOC_NEW")]
     pub fn create(self) -> Result<Uffd> {
@@ -177,6 +203,28 @@ pub(crate) fn proc_fd_link(fd: BorrowedFd<'_>) -> Option<std::path::PathBuf> {
 pub(crate) const USERFAULTFD_LINK: &str = "anon_inode:[userfaultfd]";
 
 /// An owned userfaultfd.
+///
+/// # Examples
+///
+/// Resolving ahead of any fault: a registered page zero-filled before it is
+/// touched, so the touch does not fault.
+///
+/// ```
+/// use uffd_gmem::{HostMapping, Mode, RegisterMode, Uffd};
+///
+/// # fn main() -> uffd_gmem::Result<()> {
+/// let Ok(uffd) = Uffd::builder().create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let mem = HostMapping::anonymous(uffd_gmem::page_size() as usize)?;
+/// uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+/// assert_eq!(uffd.zeropage(mem.range(), Mode::empty())?, mem.len() as u64);
+/// let mut b = [1u8];
+/// mem.read_at(0, &mut b)?; // present: no fault
+/// assert_eq!(b, [0]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
@@ -227,6 +275,28 @@ fn outcome(op: &'static str, r: Result<i32, Errno>, field: i64, start: u64) -> R
 
 impl Uffd {
     /// A builder; see [`UffdBuilder`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::{Features, Uffd};
+    ///
+    /// # fn main() -> uffd_gmem::Result<()> {
+    /// let uffd = match Uffd::builder()
+    ///     .non_blocking(true) // for poll, and for serve::Server
+    ///     .require_features(Features::EVENT_REMOVE)
+    ///     .create()
+    /// {
+    ///     Ok(uffd) => uffd,
+    ///     // No userfaultfd here, or a kernel without the feature.
+    ///     Err(e) if e.is_unsupported() => return Ok(()),
+    ///     Err(e) => return Err(e),
+    /// };
+    /// assert!(uffd.features().unwrap().contains(Features::EVENT_REMOVE));
+    /// println!("{:?}; offered: {:?}", uffd.origin(), uffd.supported_features());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn builder() -> UffdBuilder {
         UffdBuilder {
             user_mode_only: false,
@@ -327,6 +397,33 @@ impl Uffd {
     /// [`Error::Invalid`] for an empty or unaligned range; [`Error::Kernel`]
     /// (`EINVAL` for a mode the memory does not support, e.g. MINOR on
     /// anonymous memory).
+    ///
+    /// # Examples
+    ///
+    /// Registering memory this program mapped itself; for a [`HostMapping`],
+    /// [`Uffd::register_mapping`] says the same without `unsafe`.
+    ///
+    /// ```
+    /// use uffd_gmem::{HostMapping, Ioctls, RegisterMode, Uffd};
+    ///
+    /// # fn main() -> uffd_gmem::Result<()> {
+    /// let Ok(uffd) = Uffd::builder().create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let mem = HostMapping::anonymous(4 * uffd_gmem::page_size() as usize)?;
+    /// // SAFETY: no Rust reference points into `mem`, which stays mapped
+    /// // until after the range is unregistered.
+    /// let ioctls = unsafe { uffd.register(mem.range(), RegisterMode::MISSING) }?;
+    /// assert!(ioctls.contains(Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::WAKE));
+    /// uffd.unregister(mem.range())?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_REGISTER` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [API](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#api) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_REGISTER")]
     pub unsafe fn register(&self, range: Range<u64>, mode: RegisterMode) -> Result<Ioctls> {
         let op = "UFFDIO_REGISTER";
@@ -355,6 +452,57 @@ impl Uffd {
         Ok(Ioctls::from_bits_retain(arg.ioctls))
     }
 
+    /// Registers a [`HostMapping`] (`MISSING`, `WP`, `MINOR` and/or `RWP`
+    /// as the memory allows): [`Uffd::register`] without `unsafe`.
+    ///
+    /// Safe for the reason `Uffd::register_guest_memfd` is: the crate
+    /// never hands out a Rust reference into a `HostMapping` (its contents
+    /// are reached only through the volatile copies
+    /// [`HostMapping::read_at`] / [`HostMapping::write_at`] and raw
+    /// addresses), so the kernel filling or unmapping its pages behind the
+    /// program's back breaks no reference; and it stays mapped while `map`
+    /// lives. The rule that remains the caller's: keep `map` alive while the
+    /// range is registered and served, and do not hand its address to code
+    /// that forms references into it. Dropping `map` unmaps the range, which
+    /// also unregisters it (the kernel drops a range's registration with its
+    /// mapping; with [`Features::EVENT_UNMAP`] the fd is told).
+    ///
+    /// # Errors
+    ///
+    /// As [`Uffd::register`]: [`Error::Invalid`] for an empty mode;
+    /// [`Error::Kernel`] (`EINVAL` for a mode the memory does not support,
+    /// e.g. MINOR on a [`HostMapping::anonymous`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::{HostMapping, Ioctls, RegisterMode, Uffd};
+    ///
+    /// # fn main() -> uffd_gmem::Result<()> {
+    /// let Ok(uffd) = Uffd::builder().non_blocking(true).create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let mem = HostMapping::anonymous(4 * uffd_gmem::page_size() as usize)?;
+    /// let ioctls = uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+    /// assert!(ioctls.contains(Ioctls::COPY));
+    /// uffd.unregister(mem.range())?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_REGISTER` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [API](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#api) in the kernel's userfaultfd guide
+    #[doc(alias = "UFFDIO_REGISTER")]
+    pub fn register_mapping(&self, map: &HostMapping, mode: RegisterMode) -> Result<Ioctls> {
+        // SAFETY: a `HostMapping` is memory no Rust reference points into
+        // (the type forms none and hands none out), mapped while `map`
+        // lives; the caller keeps it alive while registered (see above:
+        // unmapping it also drops the registration).
+        unsafe { self.register(map.range(), mode) }
+    }
+
     /// Registers a guest_memfd mapping (`MINOR` and/or `MISSING`).
     ///
     /// # Errors
@@ -362,6 +510,14 @@ impl Uffd {
     /// [`Error::Unsupported`] when the kernel refuses userfaultfd on
     /// guest_memfd (`EINVAL`: every release up to Linux 7.3; the guest_memfd
     /// userfaultfd series adds it); otherwise as [`Uffd::register`].
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_REGISTER` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [API](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#api) in the kernel's userfaultfd guide
+    #[cfg(feature = "guest-memfd")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "guest-memfd")))]
+    #[doc(alias = "UFFDIO_REGISTER")]
     pub fn register_guest_memfd(
         &self,
         map: &kvm_gmem::Mapping,
@@ -393,6 +549,11 @@ impl Uffd {
     /// # Errors
     ///
     /// [`Error::Invalid`] for an empty or unaligned range; [`Error::Kernel`].
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_UNREGISTER` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [API](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#api) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_UNREGISTER")]
     pub fn unregister(&self, range: Range<u64>) -> Result<()> {
         let op = "UFFDIO_UNREGISTER";
@@ -413,6 +574,11 @@ impl Uffd {
     /// # Errors
     ///
     /// [`Error::Invalid`] for an empty or unaligned range; [`Error::Kernel`].
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_WAKE` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [Resolving userfaults](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#resolving-userfaults) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_WAKE")]
     #[inline]
     pub fn wake(&self, range: Range<u64>) -> Result<()> {
@@ -443,6 +609,53 @@ impl Uffd {
     /// (typed `EAGAIN` with the bytes done, never the kernel's negative
     /// result as a count), [`Error::Partial`], [`Error::Invalid`] for
     /// unaligned arguments or modes other than `DONTWAKE` and `WP`.
+    ///
+    /// # Examples
+    ///
+    /// Serving a fault by hand (what [`serve::Server`](crate::serve::Server)
+    /// does with worker threads): a thread touches a registered page and
+    /// waits; the fault is read and the page copied in, which wakes it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use uffd_gmem::{Event, EventBuffer, HostMapping, Mode, RegisterMode, Uffd};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let Ok(uffd) = Uffd::builder().non_blocking(true).create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let page = uffd_gmem::page_size();
+    /// let mem = HostMapping::anonymous(page as usize)?;
+    /// uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+    /// let contents = vec![0x42u8; page as usize];
+    /// std::thread::scope(|s| -> Result<(), Box<dyn std::error::Error>> {
+    ///     let toucher = s.spawn(|| {
+    ///         let mut b = [0u8; 1];
+    ///         mem.read_at(7, &mut b).map(|()| b[0]) // blocks until filled
+    ///     });
+    ///     let mut events = EventBuffer::with_capacity(16);
+    ///     while !toucher.is_finished() {
+    ///         if !uffd.poll_readable(Duration::from_millis(100))? {
+    ///             continue;
+    ///         }
+    ///         for event in uffd.read_events(&mut events)? {
+    ///             if let Event::Pagefault { address, .. } = event {
+    ///                 let start = address & !(page - 1);
+    ///                 // SAFETY: `contents` is readable for one page.
+    ///                 unsafe { uffd.copy(start, contents.as_ptr(), page, Mode::empty()) }?;
+    ///             }
+    ///         }
+    ///     }
+    ///     assert_eq!(toucher.join().unwrap()?, 0x42);
+    ///     Ok(())
+    /// })
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_COPY` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [Resolving userfaults](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#resolving-userfaults) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_COPY")]
     #[inline]
     pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64, mode: Mode) -> Result<u64> {
@@ -480,6 +693,11 @@ impl Uffd {
     /// # Errors
     ///
     /// As [`Uffd::copy`]; only `DONTWAKE` applies.
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_ZEROPAGE` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [Resolving userfaults](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#resolving-userfaults) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_ZEROPAGE")]
     #[inline]
     pub fn zeropage(&self, range: Range<u64>, mode: Mode) -> Result<u64> {
@@ -516,6 +734,57 @@ impl Uffd {
     /// # Errors
     ///
     /// As [`Uffd::copy`]; `DONTWAKE` and `WP` apply.
+    ///
+    /// # Examples
+    ///
+    /// A MINOR fault on shared memory: the page is already in the memfd's
+    /// page cache (written through a second mapping), only the registered
+    /// mapping lacks it; `UFFDIO_CONTINUE` maps it there.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use uffd_gmem::{Event, FaultKind, Features, HostMapping, Mode, RegisterMode, Uffd};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let Ok(uffd) = Uffd::builder()
+    ///     .non_blocking(true)
+    ///     .require_features(Features::MINOR_SHMEM)
+    ///     .create()
+    /// else {
+    ///     return Ok(()); // no userfaultfd, or no MINOR faults on shmem here
+    /// };
+    /// let page = uffd_gmem::page_size();
+    /// let guest = HostMapping::memfd("guest", page as usize)?;
+    /// // A second view of the same page cache, not registered.
+    /// let view = HostMapping::file(guest.memfd_fd().unwrap(), 0, page as usize, true)?;
+    /// view.write_at(0, b"from the page cache")?;
+    /// uffd.register_mapping(&guest, RegisterMode::MINOR)?;
+    /// std::thread::scope(|s| -> Result<(), Box<dyn std::error::Error>> {
+    ///     let toucher = s.spawn(|| {
+    ///         let mut b = [0u8; 19];
+    ///         guest.read_at(0, &mut b).map(|()| b) // a MINOR fault
+    ///     });
+    ///     while !toucher.is_finished() {
+    ///         if !uffd.poll_readable(Duration::from_millis(100))? {
+    ///             continue;
+    ///         }
+    ///         while let Some(event) = uffd.read_event()? {
+    ///             if let Event::Pagefault { kind: FaultKind::Minor, address, .. } = event {
+    ///                 let start = address & !(page - 1);
+    ///                 uffd.r#continue(start..start + page, Mode::empty())?;
+    ///             }
+    ///         }
+    ///     }
+    ///     assert_eq!(&toucher.join().unwrap()?, b"from the page cache");
+    ///     Ok(())
+    /// })
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_CONTINUE` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [Resolving userfaults](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#resolving-userfaults) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_CONTINUE")]
     #[inline]
     pub fn r#continue(&self, range: Range<u64>, mode: Mode) -> Result<u64> {
@@ -556,6 +825,11 @@ impl Uffd {
     /// # Errors
     ///
     /// [`Error::Invalid`]; [`Error::Kernel`]; only `DONTWAKE` applies.
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_WRITEPROTECT` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [Write protect notifications](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#write-protect-notifications) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_WRITEPROTECT")]
     pub fn writeprotect(&self, range: Range<u64>, protect: bool, mode: Mode) -> Result<()> {
         let op = "UFFDIO_WRITEPROTECT";
@@ -599,6 +873,11 @@ impl Uffd {
     ///
     /// As [`Uffd::copy`]; [`Error::Unsupported`] / [`Error::Invalid`] when
     /// the feature is absent or was not enabled.
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_POISON` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [Resolving userfaults](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#resolving-userfaults) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_POISON")]
     pub fn poison(&self, range: Range<u64>, mode: Mode) -> Result<u64> {
         let op = "UFFDIO_POISON";
@@ -645,6 +924,11 @@ impl Uffd {
     /// # Errors
     ///
     /// As [`Uffd::copy`]; `DONTWAKE` and `ALLOW_SRC_HOLES` apply.
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_MOVE` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [Resolving userfaults](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#resolving-userfaults) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_MOVE")]
     pub unsafe fn r#move(&self, dst: u64, src: u64, len: u64, mode: Mode) -> Result<u64> {
         let op = "UFFDIO_MOVE";
@@ -685,6 +969,11 @@ impl Uffd {
     ///
     /// [`Error::Unsupported`] naming `UFFD_FEATURE_RWP` on older kernels;
     /// [`Error::Invalid`]; [`Error::Kernel`].
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_RWPROTECT` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [Write protect notifications](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#write-protect-notifications) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_RWPROTECT")]
     pub fn rwprotect(&self, range: Range<u64>, protect: bool, mode: Mode) -> Result<()> {
         let op = "UFFDIO_RWPROTECT";
@@ -727,6 +1016,11 @@ impl Uffd {
     /// [`Error::Unsupported`] naming `UFFD_FEATURE_RWP_ASYNC` on older
     /// kernels; [`Error::Invalid`] for a feature in both sets or any other
     /// feature; [`Error::Kernel`].
+    ///
+    /// # References
+    ///
+    /// - [`UFFDIO_SET_MODE` in ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html#DESCRIPTION)
+    /// - [API](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#api) in the kernel's userfaultfd guide
     #[doc(alias = "UFFDIO_SET_MODE")]
     pub fn set_mode(&self, enable: Features, disable: Features) -> Result<()> {
         let op = "UFFDIO_SET_MODE";
@@ -770,6 +1064,47 @@ impl Uffd {
     ///
     /// [`Error::Kernel`] for read errors; [`Error::Protocol`] when the read
     /// returns a partial record.
+    ///
+    /// # Examples
+    ///
+    /// A handler's event loop (see [`Uffd::copy`] for resolving a fault):
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use uffd_gmem::{Event, EventBuffer, Features, Uffd};
+    ///
+    /// # fn main() -> uffd_gmem::Result<()> {
+    /// let Ok(uffd) = Uffd::builder()
+    ///     .non_blocking(true)
+    ///     .require_features(Features::EVENT_REMOVE)
+    ///     .create()
+    /// else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let mut events = EventBuffer::with_capacity(64); // reused by every read
+    /// for _ in 0..3 {
+    ///     if !uffd.poll_readable(Duration::from_millis(10))? {
+    ///         continue; // nothing registered here, so nothing arrives
+    ///     }
+    ///     for event in uffd.read_events(&mut events)? {
+    ///         match event {
+    ///             Event::Pagefault { address, .. } => println!("fault at {address:#x}"),
+    ///             Event::Remove { start, end } => println!("dropped {start:#x}..{end:#x}"),
+    ///             other => println!("{other:?}"),
+    ///         }
+    ///     }
+    /// }
+    /// // Non-blocking with nothing pending: no events, no error.
+    /// assert_eq!(uffd.read_events(&mut events)?.count(), 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # References
+    ///
+    /// - [Reading events in userfaultfd(2)](https://man7.org/linux/man-pages/man2/userfaultfd.2.html#DESCRIPTION)
+    /// - [Non-cooperative userfaultfd](https://docs.kernel.org/admin-guide/mm/userfaultfd.html#non-cooperative-userfaultfd)
+    ///   (the events besides faults) in the kernel's userfaultfd guide
     pub fn read_events<'b>(
         &self,
         buf: &'b mut EventBuffer,
@@ -850,18 +1185,25 @@ impl Uffd {
     /// # Errors
     ///
     /// [`Error::Kernel`] if `poll` fails (other than `EINTR`, which reports
-    /// "not readable"), or reports an error on the fd (`EBADFD`: a blocking
-    /// userfaultfd).
+    /// "not readable"); [`Error::Poll`] naming `POLLERR` (the userfaultfd
+    /// is blocking: create it with
+    /// [`UffdBuilder::non_blocking`]), `POLLHUP` or `POLLNVAL` when `poll`
+    /// reports one of them instead of readiness.
     pub fn poll_readable(&self, timeout: std::time::Duration) -> Result<bool> {
+        let op = "poll(userfaultfd)";
         let mut p = [crate::sys::pollfd(self.fd.as_fd(), libc::POLLIN)];
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         match crate::sys::poll(&mut p, ms) {
             Ok(0) | Err(Errno(libc::EINTR)) => Ok(false),
-            Ok(_) if p[0].revents & libc::POLLERR != 0 => Err(Errno(libc::EBADFD)),
+            Ok(_) if p[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 => {
+                Err(Error::Poll {
+                    op,
+                    revents: p[0].revents,
+                })
+            }
             Ok(_) => Ok(p[0].revents & libc::POLLIN != 0),
-            Err(e) => Err(e),
+            Err(e) => Err(Error::kernel(op, e)),
         }
-        .map_err(|e| Error::kernel("poll(userfaultfd)", e))
     }
 }
 

@@ -1,8 +1,9 @@
 //! `uffd_gmem::seccomp`: the table is consistent with `kvm-gmem-sys`, and
 //! each feature runs to completion in a child process whose seccomp filter
 //! allows only that feature's rule plus the runtime baseline documented in
-//! `kvm-gmem/tests/common/seccomp_filter.rs` (shared with kvm-gmem's test;
-//! anything else traps and names the call).
+//! `tests/common/seccomp_filter.rs` (a byte-identical copy of kvm-gmem's
+//! `tests/common/seccomp_filter.rs`; anything else traps and names the
+//! call).
 //!
 //! Setup that is not the feature under test (the userfaultfd, the memory,
 //! registration when the feature is not registration, a socket pair) happens
@@ -15,19 +16,24 @@
 #![allow(unsafe_code)]
 
 mod common;
-#[path = "../../kvm-gmem/tests/common/seccomp_filter.rs"]
+// A byte-identical copy of kvm-gmem's tests/common/seccomp_filter.rs.
+#[path = "common/seccomp_filter.rs"]
 mod filter;
 
 use common::{page, uffd_or_skip};
 use filter::{Filter, fail, ok, run_child};
 use kvm_gmem_sys as sys;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+#[cfg(feature = "firecracker")]
+use std::os::fd::AsFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+#[cfg(feature = "firecracker")]
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
+#[cfg(feature = "firecracker")]
 use uffd_gmem::firecracker::{self, GuestRegionUffdMapping, Handshake};
 use uffd_gmem::seccomp::{Feature, rule, rules, thread_start};
 use uffd_gmem::serve::{MappedFile, PageSource, Region, Server};
-use uffd_gmem::{Features, Mode, Origin, RegisterMode, Uffd};
+use uffd_gmem::{Features, HostMapping, Mode, Origin, RegisterMode, Uffd};
 
 const CHILD: &str = "seccomp_child";
 const ENV: &str = "UFFD_GMEM_SECCOMP_SCENARIO";
@@ -84,14 +90,18 @@ fn every_feature_has_a_rule() {
         Feature::Events,
         Feature::Serve,
         Feature::MappedFile,
+        Feature::HostMapping,
+        #[cfg(feature = "firecracker")]
         Feature::FirecrackerHandshake,
+        #[cfg(feature = "firecracker")]
         Feature::FirecrackerSend,
     ] {
         let r = rule(f);
         assert_eq!(r.feature, f);
         assert!(!r.syscalls.is_empty() || !r.ioctls.is_empty(), "{f:?}");
     }
-    assert_eq!(rules().len(), 18);
+    let firecracker = if cfg!(feature = "firecracker") { 2 } else { 0 };
+    assert_eq!(rules().len(), 17 + firecracker);
 }
 
 // ---- the filter runs ------------------------------------------------------
@@ -131,6 +141,8 @@ fn seccomp_child() {
         "events" => events(name),
         "serve" => serve(name),
         "mapped_file" => mapped_file(name),
+        "host_mapping" => host_mapping(name),
+        #[cfg(feature = "firecracker")]
         "firecracker" => firecracker_handshake(name),
         other => fail(other, "unknown scenario"),
     }
@@ -372,6 +384,34 @@ fn mapped_file(name: &str) {
     ok(name)
 }
 
+fn host_mapping(name: &str) {
+    let u = Uffd::builder()
+        .non_blocking(true)
+        .create()
+        .unwrap_or_else(|e| fail(name, e));
+    let p = page() as usize;
+    filter_for(&[Feature::HostMapping, Feature::Register]).install();
+    let anon = HostMapping::anonymous(4 * p).unwrap_or_else(|e| fail(name, e));
+    let shm = HostMapping::memfd("uffd-gmem-seccomp", 4 * p).unwrap_or_else(|e| fail(name, e));
+    let memfd = shm.memfd_fd().unwrap_or_else(|| fail(name, "no memfd"));
+    let alias = HostMapping::file(memfd, 0, 4 * p, true).unwrap_or_else(|e| fail(name, e));
+    shm.write_at(p as u64 + 3, b"seccomp")
+        .unwrap_or_else(|e| fail(name, e));
+    let mut b = [0u8; 7];
+    alias
+        .read_at(p as u64 + 3, &mut b)
+        .unwrap_or_else(|e| fail(name, e));
+    if &b != b"seccomp" {
+        fail(name, "read back through the alias");
+    }
+    u.register_mapping(&anon, RegisterMode::MISSING)
+        .unwrap_or_else(|e| fail(name, e));
+    u.unregister(anon.range()).unwrap_or_else(|e| fail(name, e));
+    drop((anon, alias, shm));
+    ok(name)
+}
+
+#[cfg(feature = "firecracker")]
 fn firecracker_handshake(name: &str) {
     let u = Uffd::builder().create().unwrap_or_else(|e| fail(name, e));
     let (vmm, handler) = UnixStream::pair().unwrap_or_else(|e| fail(name, e));
@@ -430,6 +470,12 @@ fn filter_mapped_file() {
     scenario("mapped_file");
 }
 
+#[test]
+fn filter_host_mapping() {
+    scenario("host_mapping");
+}
+
+#[cfg(feature = "firecracker")]
 #[test]
 fn filter_firecracker_handshake() {
     scenario("firecracker");

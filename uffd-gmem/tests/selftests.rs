@@ -19,7 +19,10 @@
 
 mod common;
 
-use common::{ci, serial, skip_capability, skip_missing_features};
+#[cfg(feature = "guest-memfd")]
+use common::skip_capability;
+use common::{ci, serial, skip_missing_features};
+#[cfg(feature = "guest-memfd")]
 use kvm_gmem::VmOps;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -39,7 +42,7 @@ const DEADLINE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 
 fn ps() -> u64 {
-    kvm_gmem::page_size()
+    uffd_gmem::page_size()
 }
 
 // ---------------------------------------------------------------------------
@@ -428,6 +431,7 @@ fn raw_api(fd: BorrowedFd<'_>, api: u64, features: u64) -> Result<sys::uffdio_ap
 /// # Safety
 ///
 /// As [`Uffd::register`].
+#[cfg(feature = "guest-memfd")]
 unsafe fn raw_register(fd: BorrowedFd<'_>, range: Range<u64>, mode: u64) -> Result<u64, Errno> {
     let mut arg = sys::uffdio_register {
         range: sys::uffdio_range {
@@ -847,8 +851,9 @@ fn minor() {
 }
 
 // ---------------------------------------------------------------------------
-// §6.3 userfaultfd on guest_memfd
+// §6.3 userfaultfd on guest_memfd (feature `guest-memfd`)
 
+#[cfg(feature = "guest-memfd")]
 fn guest_memfd_pair(
     pages: u64,
 ) -> Result<
@@ -896,6 +901,7 @@ fn guest_memfd_pair(
     Ok((vm, gmem, a, b))
 }
 
+#[cfg(feature = "guest-memfd")]
 #[test]
 fn guest_memfd() {
     let Some(_g) = group("guest_memfd") else {

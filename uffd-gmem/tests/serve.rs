@@ -1306,8 +1306,9 @@ fn source_error(test: &str, fault_around: u64) {
     vmm.expect("ok", &server);
     let reported = wait_until(Duration::from_secs(5), || {
         server.stats().errors.iter().any(|e| {
-            e.contains("injected I/O error")
-                && e.contains(&format!("page source read at {bad_off:#x}"))
+            e.to_string().contains("injected I/O error")
+                && e.op == "page source read"
+                && e.source_offset == Some(bad_off)
         })
     });
     let s = server.stats();
@@ -1323,7 +1324,9 @@ fn source_error(test: &str, fault_around: u64) {
     eprintln!("[serve] {test}: {}", summary(&s));
     assert_eq!(s.pages_copied, pages - 1, "{}", summary(&s));
     assert!(
-        s.errors.iter().all(|e| e.contains("injected I/O error")),
+        s.errors
+            .iter()
+            .all(|e| e.to_string().contains("injected I/O error")),
         "only the injected error is reported: {:?}",
         s.errors
     );
@@ -1483,7 +1486,10 @@ fn remap_while_fault_around_is_in_flight() {
     // Fills that raced a move may fail (the old address is gone); nothing
     // else may.
     for e in &s.errors {
-        assert!(e.contains("UFFDIO_COPY"), "unexpected error: {e}");
+        assert!(
+            e.to_string().contains("UFFDIO_COPY"),
+            "unexpected error: {e}"
+        );
     }
 }
 
@@ -1512,7 +1518,10 @@ fn unmap_while_fault_around_is_in_flight() {
     // Fills that raced an unmap may fail (the range is gone); nothing else
     // may.
     for e in &s.errors {
-        assert!(e.contains("UFFDIO_COPY"), "unexpected error: {e}");
+        assert!(
+            e.to_string().contains("UFFDIO_COPY"),
+            "unexpected error: {e}"
+        );
     }
 }
 
