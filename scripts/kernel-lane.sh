@@ -81,7 +81,11 @@
 # regex: run only the test executables and commands whose "<package>::<target>"
 # label matches; the commands are gmem-command::probe and gmem-command::demo),
 # GMEM_LANE_BUILD_ARGS (what `cargo test` builds, default --workspace; e.g.
-# "-p gmem --test kernel_matrix" to iterate on one test).
+# "-p gmem --test kernel_matrix" to iterate on one test),
+# GMEM_LANE_EXTRA_COMMANDS (more commands for the guest, one "<label>
+# <executable> [arguments]" a line, each run like `gmem demo`: a non-zero exit
+# fails the lane; CI gives the x86_64 lane scripts/package-check.sh's fresh
+# user, "packaging::fresh-user <target>/package-check/bin/fresh-user").
 #
 # To bump the kernel: set KERNEL_BASE and KERNEL_VERSION below to the new
 # trixie-backports upload (`apt-cache policy linux-binary-<abi>` through the
@@ -350,6 +354,20 @@ if [[ -n "$gmem_bin" ]]; then
     add_run gmem-command::probe command "$gmem_bin" probe
     add_run gmem-command::demo command "$gmem_bin" demo
 fi
+# GMEM_LANE_EXTRA_COMMANDS: more commands, one "<label> <executable> [arguments]"
+# a line, run like the gmem command (a non-zero exit fails the lane). CI
+# passes the fresh user of scripts/package-check.sh
+# (<target>/package-check/bin/fresh-user, built for this host) to the x86_64
+# lane only: the aarch64 lane would need it cross-compiled and static.
+while read -r label exe args; do
+    [[ -n "$label" ]] || continue
+    if [[ ! -x "$exe" ]]; then
+        echo "error: GMEM_LANE_EXTRA_COMMANDS: $label: no executable $exe" >&2
+        exit 1
+    fi
+    # shellcheck disable=SC2086 # the arguments are split on purpose
+    add_run "$label" command "$(realpath "$exe")" $args
+done <<<"${GMEM_LANE_EXTRA_COMMANDS:-}"
 matrix_exe="$(exe_named "$MATRIX_TEST" "$lane/executables.all")"
 if [[ -n "$rust_target" ]]; then
     # The host column needs the test built for this machine too.
