@@ -1,14 +1,13 @@
-//! Lazy restore of a 1 GiB snapshot (`GMEM_BENCH_QUICK`: 64 MiB) into
-//! Firecracker-style guest memory (anonymous `MAP_PRIVATE | MAP_NORESERVE`,
-//! registered MISSING with a fresh userfaultfd per run), served from the
-//! snapshot file mapped read-only.
+//! Lazy restore of a 1 GiB snapshot (`GMEM_BENCH_QUICK`: 64 MiB) into guest
+//! memory, every candidate with its threads pinned, in two placements.
 //!
 //! The snapshot file is written once per bench run in `/var/tmp` (a disk
 //! filesystem, not tmpfs), `fsync`ed, opened and unlinked at once (so it
-//! is removed even if the bench fails); its page cache stays warm, and both
-//! handlers' source mappings are populated (`MAP_POPULATE` /
+//! is removed even if the bench fails); its page cache stays warm, and the
+//! copying candidates' source mappings are populated (`MAP_POPULATE` /
 //! `MADV_POPULATE_READ`) before any run, so disk reads and faults on the
-//! source are excluded.
+//! source are excluded. The same bytes are also written into a shmem memfd
+//! (the zero-copy candidates' snapshot, its page cache full).
 //!
 //! A faulting thread (the "vCPU", this process's main thread) reads the
 //! first 8 bytes of each page in an access pattern, taking a timestamp after
@@ -16,15 +15,42 @@
 //! `Server::spawn`) to the completion of the last touch; afterwards the
 //! handler is stopped, its userfaultfd closed, and every touched page is
 //! compared whole with the snapshot (a page left missing would read as
-//! zeroes): any difference panics.
+//! zeroes): any difference panics. For the zero-copy candidates (whose
+//! pages would read correctly from the page cache even unresolved) every
+//! touched page must also be mapped (`/proc/self/pagemap`) before the
+//! userfaultfd is closed, i.e. resolved by the handler.
 //!
+//! Placement (`sched_setaffinity`, for every candidate): the vCPU runs on
+//! the first CPU this process may use, the handler threads either on the
+//! same CPU ("same CPU") or on the second one ("other CPU"; reported as
+//! skipped with fewer than 2 usable CPUs). Handler threads are created
+//! while the creating thread is pinned to the handler CPU (they inherit
+//! it), and serve's threads are pinned again by name after `spawn`.
+//!
+//! Candidates, interleaved per pattern and placement:
 //! - Baseline: Firecracker's example on-demand handler algorithm, on libc:
 //!   one thread, `poll` + `read` of one fault, one 4 KiB `UFFDIO_COPY` from
-//!   the mapped file per fault, nothing else.
-//! - Ours: `uffd_gmem::serve::Server` over a `MappedFile` of the snapshot:
-//!   fault-around 512 KiB (aligned for random faults, growing to 4 MiB along
-//!   sequential streaks), two workers, and for the working-set pattern
-//!   `prefetch` of the recorded working set (see `OursConfig`).
+//!   the mapped file per fault, nothing else; guest memory anonymous
+//!   `MAP_PRIVATE | MAP_NORESERVE`, registered MISSING.
+//! - Ours, COPY mode: `uffd_gmem::serve::Server` over a `MappedFile` of the
+//!   snapshot, same guest memory: fault-around 512 KiB (aligned for random
+//!   faults, growing along sequential streaks), two workers, and for the
+//!   working-set pattern `prefetch` of the recorded working set.
+//! - The bulk bound: one thread (on the vCPU's CPU) resolves the same bytes
+//!   with `UFFDIO_COPY` in 2 MiB chunks (`DONTWAKE`) into a fresh anonymous
+//!   mapping registered MISSING, while nothing faults: the cost of the copy
+//!   itself. Rows give ours against it as a speed-up, bound / ours (above 1
+//!   would be faster than the bound).
+//! - Zero-copy: guest memory is a fresh `MAP_SHARED` mapping
+//!   (`HostMapping::file`) of the snapshot memfd, registered MINOR, served
+//!   by `serve::Server` with `Region::continue_prefilled` and no page
+//!   source: each fault is answered with `UFFDIO_CONTINUE` alone (no copy:
+//!   the page cache already holds the data), with COPY mode's
+//!   configuration (fault-around, workers, and for the working-set pattern
+//!   `prefetch` of the recorded working set).
+//! - Zero-copy, private: the same over a `MAP_PRIVATE` mapping of the memfd
+//!   (clones of one snapshot); skipped with the errno where the kernel
+//!   refuses MINOR registration or `UFFDIO_CONTINUE` on it.
 //!
 //! Stalls: the time of each touch (most take well under a microsecond). The
 //! quantiles are taken over the touches that stalled (over 2 µs: they waited
@@ -32,14 +58,13 @@
 //! the vCPU's and the handler threads' schedstat `run_delay` (time runnable
 //! but waiting for a CPU) over its interval is read, outside the timed
 //! touches, so a note can say how much of the worst stalls is CPU
-//! contention (the machine has 2 CPUs, shared with other jobs).
+//! contention. The goal is a longest stall of at most 1 ms.
 //!
 //! Knobs for investigation (not used by a plain run):
-//! `GMEM_BENCH_RESTORE_OURS=window=262144,workers=1,all=1,busy=0,pin=1`
-//! changes ours' configuration (`pin` puts the vCPU on CPU 1 and serve's
-//! threads on CPU 0); `GMEM_BENCH_RESTORE_EXPLORE="cfg;cfg;..."` runs only
+//! `GMEM_BENCH_RESTORE_OURS=window=262144,workers=1,all=1,busy=0` changes
+//! ours' configuration; `GMEM_BENCH_RESTORE_EXPLORE="cfg;cfg;..."` runs only
 //! those configurations of ours against each other, interleaved, and prints
-//! one line per pattern and configuration.
+//! one line per pattern, placement and configuration.
 //!
 //! Patterns (pages of 4 KiB, `N` in all):
 //! - sequential: 0, 1, ..., N-1;
@@ -56,15 +81,16 @@
 #[path = "harness/mod.rs"]
 mod harness;
 
-use harness::{Bench, Row, Series, Target, Unit, interleaved, median, quantile};
+use harness::{Bench, Row, Series, Target, Unit, interleaved, median, quantile, raw};
 use kvm_gmem_sys as sys;
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uffd_gmem::serve::{MappedFile, PageSource, Region, Server, Stats};
-use uffd_gmem::{RegisterMode, Uffd};
+use uffd_gmem::{Event, Features, HostMapping, Mode, RegisterMode, Uffd};
 
 const PAGE: usize = 4096;
 /// A touch that took longer than this waited on a fault (a touch of a
@@ -75,6 +101,21 @@ const STALL_NS: u32 = 2_000;
 const PROGRESS_EVERY: usize = 1024;
 /// Pages per working-set cluster (64 KiB).
 const CLUSTER: usize = 16;
+/// The bulk bound's `UFFDIO_COPY` size.
+const CHUNK: usize = 2 << 20;
+/// The goal for the longest stall of the vCPU, µs.
+const STALL_GOAL_US: f64 = 1000.0;
+
+/// The baseline of the time rows, and of the stall rows.
+const BASELINE_TIME: &str = "Firecracker example handler (libc, 1 thread, 4 KiB COPY per fault)";
+const BASELINE_STALL: &str = "Firecracker example handler";
+const BULK: &str = "bulk bound: 1 thread, UFFDIO_COPY 2 MiB chunks, no faults";
+const ZC_SHARED: &str = "zero-copy: serve, MAP_SHARED memfd registered MINOR, \
+                         Region::continue_prefilled (UFFDIO_CONTINUE only, no source), COPY \
+                         mode's fault_around, workers and prefetch";
+const ZC_PRIVATE: &str = "zero-copy: serve, MAP_PRIVATE memfd registered MINOR, \
+                          Region::continue_prefilled (UFFDIO_CONTINUE only, no source), COPY \
+                          mode's fault_around, workers and prefetch";
 
 fn main() {
     let size = harness::size(1 << 30, 64 << 20);
@@ -82,12 +123,13 @@ fn main() {
     let mut bench = Bench::new("restore");
     let cfg = OursConfig::from_env();
     let mib = size >> 20;
+    let allowed = harness::allowed_cpus();
     if let Err(why) = harness::userfaultfd() {
         for pattern in Pattern::ALL {
-            let ours = cfg.label(pattern == Pattern::WorkingSet);
-            let [time, stall] = pattern.cases(mib);
-            bench.skip(time, BASELINE_TIME, &ours, &why);
-            bench.skip(stall, BASELINE_STALL, &ours, &why);
+            for placement in Placement::ALL {
+                let c = Cases::new(mib, pattern, placement);
+                c.skip_all(&mut bench, &cfg.label(pattern == Pattern::WorkingSet), &why);
+            }
         }
         bench.finish();
         return;
@@ -96,20 +138,46 @@ fn main() {
     let t = Instant::now();
     let snap = Snapshot::create(size);
     let source: Arc<dyn PageSource> = snap.page_source();
+    let zc = ZeroCopySnap::create(&snap);
+    let zc_shared = zc.probe(true);
+    let zc_private = zc.probe(false);
     bench.note(format!(
         "restore: snapshot of {} MiB written to /var/tmp, fsynced, unlinked once open, page \
-         cache warm, source mappings populated before the runs (disk reads excluded), set up in \
-         {:.1} s; guest memory is a fresh anonymous MAP_PRIVATE|MAP_NORESERVE mapping registered \
-         MISSING per run; every touched page is compared whole with the snapshot after each run; \
-         {samples} measured runs per implementation and pattern, interleaved after a warm-up; \
-         medians; the machine's 2 CPUs are shared with other developers' jobs, so figures are \
-         noisy",
+         cache warm, source mappings populated before the runs (disk reads excluded), and \
+         written into a shmem memfd for the zero-copy candidates; set up in {:.1} s; COPY-mode \
+         guest memory is a fresh anonymous MAP_PRIVATE|MAP_NORESERVE mapping registered MISSING \
+         per run, zero-copy guest memory a fresh mapping of the memfd registered MINOR per run; \
+         every touched page is compared whole with the snapshot after each run (zero-copy: and \
+         must be mapped before the userfaultfd is closed); {samples} measured runs per candidate, \
+         pattern and placement, interleaved after a warm-up; medians. Placement: the vCPU is \
+         pinned to CPU {}, the handler threads to the same CPU or to CPU {} (sched_setaffinity); \
+         the machine's CPUs are shared with other jobs, so figures are noisy",
         size >> 20,
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        allowed[0],
+        allowed
+            .get(1)
+            .map_or("(none: other-CPU rows skipped)".into(), |c| c.to_string()),
     ));
+    bench.note(
+        "ratios: speed-up = baseline / ours for times (above 1: ours faster). Against the bulk \
+         bound the row's baseline is the bound, so speed-up = bound ms / ours ms and the goal \
+         ours <= 1.0x the bound is a speed-up >= 1.0; zero-copy rows have serve's COPY mode as \
+         their baseline (goal >= 2x faster); the stall rows' goal is absolute (ours <= 1000 µs), \
+         their baseline the Firecracker handler's longest stall for reference",
+    );
+    for (what, r) in [("MAP_SHARED", &zc_shared), ("MAP_PRIVATE", &zc_private)] {
+        match r {
+            Ok(()) => bench.note(format!(
+                "zero-copy {what}: MINOR registration and UFFDIO_CONTINUE on a {what} mapping of \
+                 the shmem memfd work on this kernel (probed on one page)"
+            )),
+            Err(e) => bench.note(format!("zero-copy {what}: not available: {e}")),
+        }
+    }
     let pages = size / PAGE;
     if let Ok(list) = std::env::var("GMEM_BENCH_RESTORE_EXPLORE") {
-        explore(&snap, &source, pages, samples, &list);
+        explore(&snap, &source, pages, samples, &list, &allowed);
         return;
     }
 
@@ -124,7 +192,16 @@ fn main() {
                 workers: 1,
                 ..cfg.clone()
             };
-            let rec = run_ours(&snap, &source, &order[..hot], &rec_cfg, Vec::new(), true);
+            let place = Placement::SameCpu.place(&allowed).expect("one CPU");
+            let rec = run_ours(
+                &snap,
+                &source,
+                &order[..hot],
+                &rec_cfg,
+                Vec::new(),
+                true,
+                place,
+            );
             let stats = rec.stats.as_ref().expect("stats");
             prefetch = stats.working_set();
             let want: Vec<u64> = order[..hot]
@@ -137,131 +214,355 @@ fn main() {
             );
             pattern_note = format!(
                 "; working set recorded in a first run (record(true), fault-around off, 1 worker, \
-                 hot set only: {} pages, {} faults, {:.0} ms)",
+                 same CPU, hot set only: {} pages, {} faults, {:.0} ms)",
                 prefetch.len(),
                 stats.faults,
                 rec.total.as_secs_f64() * 1e3
             );
         }
-
-        let mut base_runs: Vec<RunResult> = Vec::new();
-        let mut ours_runs: Vec<RunResult> = Vec::new();
-        let mut baseline = || {
-            let r = run_baseline(&snap, &order);
-            let ms = r.total.as_secs_f64() * 1e3;
-            base_runs.push(r);
-            ms
-        };
-        let mut ours = || {
-            let r = run_ours(&snap, &source, &order, &cfg, prefetch.clone(), false);
-            let ms = r.total.as_secs_f64() * 1e3;
-            ours_runs.push(r);
-            ms
-        };
-        let v = interleaved(samples, &mut [&mut baseline, &mut ours]);
-        // Drop the warm-up runs.
-        base_runs.remove(0);
-        ours_runs.remove(0);
-
-        let name = pattern.name();
-        let [time_case, stall_case] = pattern.cases(mib);
-        let (b_ms, o_ms) = (median(&v[0]), median(&v[1]));
-        let b_st = StallSummary::of(&base_runs);
-        let o_st = StallSummary::of(&ours_runs);
-        let stats = ours_runs
-            .iter()
-            .filter_map(|r| r.stats.as_ref())
-            .collect::<Vec<_>>();
-        let serve_note = serve_summary(&stats);
-        let ours_label = cfg.label(pattern == Pattern::WorkingSet);
-        let target = match pattern {
-            Pattern::Sequential => Target::min(10.0, "ours >= 10x faster than the baseline"),
-            _ => Target::min(6.0, "ours >= 6x faster than the baseline"),
-        };
-        bench.row(Row {
-            case: time_case,
-            baseline: BASELINE_TIME.into(),
-            baseline_value: b_ms,
-            ours: ours_label.clone(),
-            ours_value: o_ms,
-            unit: Unit::Ms,
-            target: Some(target),
-            note: format!(
-                "{} touches ({}); ms from handler start to the last touch's completion, median \
-                 of {} (ours {}, baseline {}); ours: {}{}",
+        for placement in Placement::ALL {
+            let cases = Cases::new(mib, pattern, placement);
+            let ours_label = cfg.label(pattern == Pattern::WorkingSet);
+            let place = match placement.place(&allowed) {
+                Ok(p) => p,
+                Err(why) => {
+                    cases.skip_all(&mut bench, &ours_label, &why);
+                    continue;
+                }
+            };
+            let m = measure(
+                &snap,
+                &source,
+                &zc,
+                &order,
+                &cfg,
+                &prefetch,
+                place,
+                samples,
+                zc_shared.is_ok(),
+                zc_private.is_ok(),
+            );
+            report(
+                &mut bench,
+                &cases,
+                pattern,
+                placement,
+                place,
+                &ours_label,
+                &m,
+                &pattern_note,
                 order.len(),
-                pattern.describe(),
-                v[1].len(),
-                fmt_list(&v[1]),
-                fmt_list(&v[0]),
-                serve_note,
-                pattern_note
-            ),
-        });
-        let ok = o_st.max_us <= 1000.0;
-        bench.row(Row {
-            case: stall_case,
-            baseline: BASELINE_STALL.into(),
-            baseline_value: b_st.max_us,
-            ours: ours_label.clone(),
-            ours_value: o_st.max_us,
-            unit: Unit::UsPerOp,
-            target: None,
-            note: format!(
-                "the longest single touch over all {} measured runs; ours {:.0} µs {} the \
-                 <= 1000 µs goal; less the CPU waits over its interval (schedstat run_delay of \
-                 the vCPU and the handler threads), ours' longest is {:.0} µs, the baseline's \
-                 {:.0} µs. Per-touch times over the touches that stalled (> {} µs, i.e. waited on a \
-                 fault), pooled over the runs: ours {}; baseline {}. Over all touches: ours p50 \
-                 {:.2} µs, p99 {:.1} µs; baseline p50 {:.2} µs, p99 {:.1} µs. CPU waits: ours \
-                 {}; baseline {}",
-                ours_runs.len(),
-                o_st.max_us,
-                if ok { "meets" } else { "MISSES" },
-                o_st.max_unexplained_us,
-                b_st.max_unexplained_us,
-                STALL_NS / 1000,
-                o_st.describe(),
-                b_st.describe(),
-                o_st.all_p50_us,
-                o_st.all_p99_us,
-                b_st.all_p50_us,
-                b_st.all_p99_us,
-                o_st.cpu_wait(),
-                b_st.cpu_wait(),
-            ),
-        });
-        let plot = format!("restore-{}", name.replace(' ', "-"));
-        for (label, runs) in [
-            (
-                "baseline: Firecracker example handler".to_string(),
-                &base_runs,
-            ),
-            (format!("ours: {ours_label}"), &ours_runs),
-        ] {
-            bench.series(Series {
-                plot: plot.clone(),
-                label,
-                x_label: "seconds since start".into(),
-                y_label: "pages restored (touched pages done)".into(),
-                points: median_run(runs).progress.clone(),
-            });
+                (&zc_shared, &zc_private),
+            );
         }
     }
+    harness::pin_tid_to_set(0, &allowed);
     drop(source);
+    drop(zc);
     drop(snap);
     bench.finish();
 }
 
+// ---------------------------------------------------------------------------
+// One pattern and placement
+// ---------------------------------------------------------------------------
+
+/// The rows' cases of one pattern and placement.
+struct Cases {
+    time: String,
+    bulk: String,
+    zc_shared: String,
+    zc_private: String,
+    stall: String,
+    stall_zc: String,
+}
+
+impl Cases {
+    fn new(mib: usize, pattern: Pattern, placement: Placement) -> Cases {
+        let p = format!(
+            "restore {mib} MiB, {}, {}",
+            pattern.name(),
+            placement.name()
+        );
+        Cases {
+            time: format!("{p}: until all touched pages correct"),
+            bulk: format!("{p}: against the bulk bound"),
+            zc_shared: format!("{p}: zero-copy (MAP_SHARED) vs COPY"),
+            zc_private: format!("{p}: zero-copy (MAP_PRIVATE) vs COPY"),
+            stall: format!("{p}: max stall of the vCPU"),
+            stall_zc: format!("{p}: max stall of the vCPU, zero-copy"),
+        }
+    }
+
+    /// Skips every row, for `why`.
+    fn skip_all(&self, bench: &mut Bench, ours: &str, why: &str) {
+        bench.skip(&self.time, BASELINE_TIME, ours, why);
+        bench.skip(&self.bulk, BULK, ours, why);
+        bench.skip(&self.zc_shared, ours, ZC_SHARED, why);
+        bench.skip(&self.zc_private, ours, ZC_PRIVATE, why);
+        bench.skip(&self.stall, BASELINE_STALL, ours, why);
+        bench.skip(&self.stall_zc, BASELINE_STALL, ZC_SHARED, why);
+    }
+}
+
+/// The runs of one pattern and placement: per candidate its times (ms, in
+/// run order, warm-up dropped) and its runs.
+struct Measured {
+    base_ms: Vec<f64>,
+    ours_ms: Vec<f64>,
+    bulk_ms: Vec<f64>,
+    zc_ms: Vec<f64>,
+    zcp_ms: Vec<f64>,
+    base: Vec<RunResult>,
+    ours: Vec<RunResult>,
+    zc: Vec<RunResult>,
+    zcp: Vec<RunResult>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    snap: &Snapshot,
+    source: &Arc<dyn PageSource>,
+    zc: &ZeroCopySnap,
+    order: &[u32],
+    cfg: &OursConfig,
+    prefetch: &[u64],
+    place: Place,
+    samples: usize,
+    shared_ok: bool,
+    private_ok: bool,
+) -> Measured {
+    let runs: [RefCell<Vec<RunResult>>; 4] = Default::default();
+    let [base_runs, ours_runs, zc_runs, zcp_runs] = &runs;
+    let ms = |r: RunResult, out: &RefCell<Vec<RunResult>>| {
+        let v = r.total.as_secs_f64() * 1e3;
+        out.borrow_mut().push(r);
+        v
+    };
+    let mut baseline = || ms(run_baseline(snap, order, place), base_runs);
+    let mut ours = || {
+        ms(
+            run_ours(snap, source, order, cfg, prefetch.to_vec(), false, place),
+            ours_runs,
+        )
+    };
+    let mut bulk = || run_bulk(snap, place).as_secs_f64() * 1e3;
+    let zero_copy = |shared| run_zero_copy(snap, zc, order, cfg, prefetch.to_vec(), shared, place);
+    let mut zero = || ms(zero_copy(true), zc_runs);
+    let mut zero_p = || ms(zero_copy(false), zcp_runs);
+    let mut cands: Vec<&mut dyn FnMut() -> f64> = vec![&mut baseline, &mut ours, &mut bulk];
+    if shared_ok {
+        cands.push(&mut zero);
+    }
+    if private_ok {
+        cands.push(&mut zero_p);
+    }
+    let mut v = interleaved(samples, &mut cands).into_iter();
+    let mut next = || v.next().unwrap_or_default();
+    let (base_ms, ours_ms, bulk_ms) = (next(), next(), next());
+    let zc_ms = if shared_ok { next() } else { Vec::new() };
+    let zcp_ms = if private_ok { next() } else { Vec::new() };
+    drop(cands);
+    // Drop the warm-up runs.
+    let [base, ours, zc, zcp] = runs.map(|r| {
+        let mut r = r.into_inner();
+        if !r.is_empty() {
+            r.remove(0);
+        }
+        r
+    });
+    Measured {
+        base_ms,
+        ours_ms,
+        bulk_ms,
+        zc_ms,
+        zcp_ms,
+        base,
+        ours,
+        zc,
+        zcp,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    bench: &mut Bench,
+    cases: &Cases,
+    pattern: Pattern,
+    placement: Placement,
+    place: Place,
+    ours_label: &str,
+    m: &Measured,
+    pattern_note: &str,
+    touches: usize,
+    (zc_shared, zc_private): (&Result<(), String>, &Result<(), String>),
+) {
+    let where_ = format!(
+        "vCPU on CPU {}, handler threads on CPU {}",
+        place.vcpu, place.handler
+    );
+    let (b_ms, o_ms, bulk_ms) = (median(&m.base_ms), median(&m.ours_ms), median(&m.bulk_ms));
+    let b_st = StallSummary::of(&m.base);
+    let o_st = StallSummary::of(&m.ours);
+    let stats = m
+        .ours
+        .iter()
+        .filter_map(|r| r.stats.as_ref())
+        .collect::<Vec<_>>();
+    let serve_note = serve_summary(&stats);
+    let target = match pattern {
+        Pattern::Sequential => Target::min(10.0, "ours >= 10x faster than the baseline"),
+        _ => Target::min(6.0, "ours >= 6x faster than the baseline"),
+    };
+    bench.row(Row {
+        case: cases.time.clone(),
+        baseline: BASELINE_TIME.into(),
+        baseline_value: b_ms,
+        ours: ours_label.into(),
+        ours_value: o_ms,
+        unit: Unit::Ms,
+        target: Some(target),
+        note: format!(
+            "{where_}; {touches} touches ({}); ms from handler start to the last touch's \
+             completion, median of {} (ours {}, baseline {}); ours: {serve_note}{pattern_note}",
+            pattern.describe(),
+            m.ours_ms.len(),
+            fmt_list(&m.ours_ms),
+            fmt_list(&m.base_ms),
+        ),
+    });
+    bench.row(Row {
+        case: cases.bulk.clone(),
+        baseline: BULK.into(),
+        baseline_value: bulk_ms,
+        ours: ours_label.into(),
+        ours_value: o_ms,
+        unit: Unit::Ms,
+        target: Some(Target::min(1.0, "ours <= 1.0x the bulk bound")),
+        note: format!(
+            "{where_}; speed-up = bound / ours = {:.3} (ours takes {:.2}x the bound); the bound: \
+             every page of the snapshot copied by one thread (pinned to the vCPU's CPU) with \
+             UFFDIO_COPY in 2 MiB chunks into a fresh anonymous mapping registered MISSING, \
+             nothing faulting, ms of the copy loop, median of {} ({}) interleaved with the \
+             other candidates; zero-copy (MAP_SHARED) against the same bound: {}",
+            bulk_ms / o_ms,
+            o_ms / bulk_ms,
+            m.bulk_ms.len(),
+            fmt_list(&m.bulk_ms),
+            if m.zc_ms.is_empty() {
+                "not run".to_string()
+            } else {
+                let z = median(&m.zc_ms);
+                format!("{z:.0} ms, {:.2}x the bound", z / bulk_ms)
+            },
+        ),
+    });
+    for (case, label, ms, runs, probe) in [
+        (&cases.zc_shared, ZC_SHARED, &m.zc_ms, &m.zc, zc_shared),
+        (&cases.zc_private, ZC_PRIVATE, &m.zcp_ms, &m.zcp, zc_private),
+    ] {
+        if let Err(why) = probe {
+            bench.skip(case, ours_label, label, why);
+            continue;
+        }
+        let st = StallSummary::of(runs);
+        bench.row(Row {
+            case: case.clone(),
+            baseline: ours_label.into(),
+            baseline_value: o_ms,
+            ours: label.into(),
+            ours_value: median(ms),
+            unit: Unit::Ms,
+            target: Some(Target::min(2.0, "zero-copy >= 2x faster than COPY mode")),
+            note: format!(
+                "{where_}; the snapshot's bytes sit in the memfd's page cache (written once, \
+                 before the runs); per run a fresh mapping of it, registered MINOR, and a \
+                 serve::Server without a page source, its region continue_prefilled: each fault \
+                 UFFDIO_CONTINUE of the faulting page, then of the rest of its fault-around \
+                 window, configured as COPY mode ({ours_label}); median of {} ({}), COPY mode's \
+                 {}; serve: {}; max stall {:.0} µs, {}",
+                ms.len(),
+                fmt_list(ms),
+                fmt_list(&m.ours_ms),
+                zc_summary(runs),
+                st.max_us,
+                st.describe(),
+            ),
+        });
+    }
+    let mut stall_row = |case: &String, ours: &str, st: &StallSummary, runs: usize| {
+        bench.row(Row {
+            case: case.clone(),
+            baseline: BASELINE_STALL.into(),
+            baseline_value: b_st.max_us,
+            ours: ours.into(),
+            ours_value: st.max_us,
+            unit: Unit::UsPerOp,
+            target: Some(Target::at_most(STALL_GOAL_US, "ours <= 1000 µs (absolute)")),
+            note: format!(
+                "{where_}; the longest single touch over all {runs} measured runs; less the CPU \
+                 waits over its interval (schedstat run_delay of the vCPU and the handler \
+                 threads), ours' longest is {:.0} µs, the baseline's {:.0} µs. Per-touch times \
+                 over the touches that stalled (> {} µs, i.e. waited on a fault), pooled over the \
+                 runs: ours {}; baseline {}. Over all touches: ours p50 {:.2} µs, p99 {:.1} µs; \
+                 baseline p50 {:.2} µs, p99 {:.1} µs. CPU waits: ours {}; baseline {}",
+                st.max_unexplained_us,
+                b_st.max_unexplained_us,
+                STALL_NS / 1000,
+                st.describe(),
+                b_st.describe(),
+                st.all_p50_us,
+                st.all_p99_us,
+                b_st.all_p50_us,
+                b_st.all_p99_us,
+                st.cpu_wait(),
+                b_st.cpu_wait(),
+            ),
+        });
+    };
+    stall_row(&cases.stall, ours_label, &o_st, m.ours.len());
+    match zc_shared {
+        Ok(()) => stall_row(
+            &cases.stall_zc,
+            ZC_SHARED,
+            &StallSummary::of(&m.zc),
+            m.zc.len(),
+        ),
+        Err(why) => bench.skip(&cases.stall_zc, BASELINE_STALL, ZC_SHARED, why),
+    }
+    let plot = format!(
+        "restore-{}-{}",
+        pattern.name().replace(' ', "-"),
+        placement.name().replace(' ', "-")
+    );
+    for (label, runs) in [
+        ("baseline: Firecracker example handler".to_string(), &m.base),
+        (format!("ours: {ours_label}"), &m.ours),
+        ("zero-copy (MAP_SHARED)".to_string(), &m.zc),
+    ] {
+        if runs.is_empty() {
+            continue;
+        }
+        bench.series(Series {
+            plot: plot.clone(),
+            label,
+            x_label: "seconds since start".into(),
+            y_label: "pages restored (touched pages done)".into(),
+            points: median_run(runs).progress.clone(),
+        });
+    }
+}
+
 /// Compares configurations of ours (`;`-separated, as for
 /// `GMEM_BENCH_RESTORE_OURS`) with each other, interleaved, without the
-/// baseline, and prints one line per pattern and configuration.
+/// baseline, and prints one line per pattern, placement and configuration.
 fn explore(
     snap: &Snapshot,
     source: &Arc<dyn PageSource>,
     pages: usize,
     samples: usize,
     list: &str,
+    allowed: &[usize],
 ) {
     let cfgs: Vec<OursConfig> = list.split(';').map(OursConfig::parse).collect();
     for pattern in Pattern::ALL {
@@ -274,48 +575,129 @@ fn explore(
         } else {
             Vec::new()
         };
-        let runs: Vec<std::cell::RefCell<Vec<RunResult>>> =
-            cfgs.iter().map(|_| Default::default()).collect();
-        let mut fns: Vec<Box<dyn FnMut() -> f64 + '_>> = cfgs
-            .iter()
-            .zip(&runs)
-            .map(|(cfg, out)| {
-                let (order, prefetch) = (&order, &prefetch);
-                Box::new(move || {
-                    let r = run_ours(snap, source, order, cfg, prefetch.clone(), false);
-                    let ms = r.total.as_secs_f64() * 1e3;
-                    out.borrow_mut().push(r);
-                    ms
-                }) as Box<dyn FnMut() -> f64>
-            })
-            .collect();
-        let mut refs: Vec<&mut dyn FnMut() -> f64> = fns
-            .iter_mut()
-            .map(|f| &mut **f as &mut dyn FnMut() -> f64)
-            .collect();
-        let v = interleaved(samples, &mut refs);
-        for ((cfg, out), ms) in cfgs.iter().zip(&runs).zip(&v) {
-            let mut out = out.borrow_mut();
-            out.remove(0);
-            let st = StallSummary::of(&out);
-            let stats = out
+        for placement in Placement::ALL {
+            let Ok(place) = placement.place(allowed) else {
+                continue;
+            };
+            let runs: Vec<RefCell<Vec<RunResult>>> =
+                cfgs.iter().map(|_| Default::default()).collect();
+            let mut fns: Vec<Box<dyn FnMut() -> f64 + '_>> = cfgs
                 .iter()
-                .filter_map(|r| r.stats.as_ref())
-                .collect::<Vec<_>>();
-            println!(
-                "EXPLORE {:<11} {:<48} ms {} (median {:.0}); max stall {:.0} µs (less CPU \
-                 waits {:.0}); {}; {}; {}",
-                pattern.name(),
-                cfg.label(pattern == Pattern::WorkingSet),
-                fmt_list(ms),
-                median(ms),
-                st.max_us,
-                st.max_unexplained_us,
-                st.describe(),
-                st.cpu_wait(),
-                serve_summary(&stats)
-            );
+                .zip(&runs)
+                .map(|(cfg, out)| {
+                    let (order, prefetch) = (&order, &prefetch);
+                    Box::new(move || {
+                        let r = run_ours(snap, source, order, cfg, prefetch.clone(), false, place);
+                        let ms = r.total.as_secs_f64() * 1e3;
+                        out.borrow_mut().push(r);
+                        ms
+                    }) as Box<dyn FnMut() -> f64>
+                })
+                .collect();
+            let mut refs: Vec<&mut dyn FnMut() -> f64> = fns
+                .iter_mut()
+                .map(|f| &mut **f as &mut dyn FnMut() -> f64)
+                .collect();
+            let v = interleaved(samples, &mut refs);
+            for ((cfg, out), ms) in cfgs.iter().zip(&runs).zip(&v) {
+                let mut out = out.borrow_mut();
+                out.remove(0);
+                let st = StallSummary::of(&out);
+                let stats = out
+                    .iter()
+                    .filter_map(|r| r.stats.as_ref())
+                    .collect::<Vec<_>>();
+                println!(
+                    "EXPLORE {:<11} {:<9} {:<48} ms {} (median {:.0}); max stall {:.0} µs (less \
+                     CPU waits {:.0}); {}; {}; {}",
+                    pattern.name(),
+                    placement.name(),
+                    cfg.label(pattern == Pattern::WorkingSet),
+                    fmt_list(ms),
+                    median(ms),
+                    st.max_us,
+                    st.max_unexplained_us,
+                    st.describe(),
+                    st.cpu_wait(),
+                    serve_summary(&stats)
+                );
+            }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Placement
+// ---------------------------------------------------------------------------
+
+/// Where the handler threads run relative to the vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// On the vCPU's CPU.
+    SameCpu,
+    /// On another CPU.
+    OtherCpu,
+}
+
+/// The CPUs of one run.
+#[derive(Clone, Copy, Debug)]
+struct Place {
+    vcpu: usize,
+    handler: usize,
+}
+
+impl Placement {
+    const ALL: [Placement; 2] = [Placement::SameCpu, Placement::OtherCpu];
+
+    fn name(self) -> &'static str {
+        match self {
+            Placement::SameCpu => "same CPU",
+            Placement::OtherCpu => "other CPU",
+        }
+    }
+
+    /// The CPUs, from those this process may run on (ascending); `Err` says
+    /// why the placement cannot be had.
+    fn place(self, allowed: &[usize]) -> Result<Place, String> {
+        let first = *allowed.first().ok_or("no CPU in the affinity mask")?;
+        match self {
+            Placement::SameCpu => Ok(Place {
+                vcpu: first,
+                handler: first,
+            }),
+            Placement::OtherCpu => match allowed.get(1) {
+                Some(&second) => Ok(Place {
+                    vcpu: first,
+                    handler: second,
+                }),
+                None => Err(format!(
+                    "needs 2 CPUs (handlers on another CPU than the vCPU); this process may run \
+                     on {} CPU(s) ({allowed:?})",
+                    allowed.len()
+                )),
+            },
+        }
+    }
+}
+
+impl Place {
+    /// Pins the calling thread to the handler CPU (threads it creates now
+    /// inherit it).
+    fn enter_handler(&self) {
+        assert!(
+            harness::pin_to(self.handler),
+            "sched_setaffinity(CPU {})",
+            self.handler
+        );
+    }
+
+    /// Pins the calling thread (the vCPU) to the vCPU's CPU.
+    fn enter_vcpu(&self) {
+        assert!(
+            harness::pin_to(self.vcpu),
+            "sched_setaffinity(CPU {})",
+            self.vcpu
+        );
     }
 }
 
@@ -327,9 +709,8 @@ fn explore(
 /// machine: fault-around 512 KiB, two workers sleeping in `poll` (busy
 /// polling would take both CPUs from the vCPU), no background fill of
 /// everything (`prefetch_all` competes with the faults for the 2 CPUs and
-/// made every pattern slower), threads left where the scheduler puts them.
-/// `GMEM_BENCH_RESTORE_OURS` (e.g. `window=262144,workers=1,all=1,busy=0,
-/// pin=1`) overrides it for investigation.
+/// made every pattern slower). `GMEM_BENCH_RESTORE_OURS` (e.g.
+/// `window=262144,workers=1,all=1,busy=0`) overrides it for investigation.
 #[derive(Clone, Debug)]
 struct OursConfig {
     /// `fault_around` in bytes.
@@ -338,8 +719,6 @@ struct OursConfig {
     /// `prefetch_all`: fill every remaining page in the background.
     prefetch_all: bool,
     busy_poll: bool,
-    /// Pin the vCPU to CPU 1 and the server's threads to CPU 0.
-    pin: bool,
 }
 
 impl OursConfig {
@@ -354,7 +733,6 @@ impl OursConfig {
             workers: 2,
             prefetch_all: false,
             busy_poll: false,
-            pin: false,
         };
         for kv in s.split(',').filter(|kv| !kv.is_empty()) {
             let (k, v) = kv.split_once('=').expect("key=value");
@@ -364,7 +742,6 @@ impl OursConfig {
                 "workers" => c.workers = n as usize,
                 "all" => c.prefetch_all = n != 0,
                 "busy" => c.busy_poll = n != 0,
-                "pin" => c.pin = n != 0,
                 _ => panic!("unknown configuration key {k}"),
             }
         }
@@ -373,7 +750,7 @@ impl OursConfig {
 
     fn label(&self, working_set: bool) -> String {
         format!(
-            "serve: fault_around {} KiB (adaptive), {} worker(s){}{}{}{}",
+            "serve COPY: fault_around {} KiB (adaptive), {} worker(s){}{}{}",
             self.window >> 10,
             self.workers,
             if working_set {
@@ -387,7 +764,6 @@ impl OursConfig {
                 ""
             },
             if self.busy_poll { ", busy_poll" } else { "" },
-            if self.pin { ", pinned" } else { "" },
         )
     }
 }
@@ -403,21 +779,8 @@ enum Pattern {
     WorkingSet,
 }
 
-/// The baseline of the time rows, and of the stall rows.
-const BASELINE_TIME: &str = "Firecracker example handler (libc, 1 thread, 4 KiB COPY per fault)";
-const BASELINE_STALL: &str = "Firecracker example handler";
-
 impl Pattern {
     const ALL: [Pattern; 3] = [Pattern::Sequential, Pattern::Random, Pattern::WorkingSet];
-
-    /// The cases of its two rows: the time to restore, the worst stall.
-    fn cases(self, mib: usize) -> [String; 2] {
-        let name = self.name();
-        [
-            format!("restore {mib} MiB, {name}: until all touched pages correct"),
-            format!("restore {mib} MiB, {name}: max stall of the vCPU"),
-        ]
-    }
 
     fn name(self) -> &'static str {
         match self {
@@ -600,20 +963,28 @@ impl Guest {
     /// handler is gone and its userfaultfd closed (a missing page then reads
     /// as zeroes instead of blocking).
     fn verify(&self, snap: &Snapshot, pages: &[u32], who: &str) {
-        // SAFETY: our own mapping of `len` bytes; no other thread accesses
-        // it any more (the vCPU is this thread, the handler has stopped).
-        let g = unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) };
-        let s = snap.bytes();
-        for &p in pages {
-            let o = p as usize * PAGE;
-            if g[o..o + PAGE] != s[o..o + PAGE] {
-                let got = u64::from_le_bytes(g[o..o + 8].try_into().unwrap());
-                let want = u64::from_le_bytes(s[o..o + 8].try_into().unwrap());
-                panic!(
-                    "{who}: guest page {p} differs from the snapshot (first word {got:#x}, \
-                     expected {want:#x})"
-                );
-            }
+        verify_pages(self.addr, self.len, snap, pages, who);
+    }
+}
+
+/// Compares every page in `pages` of the `len` bytes at `addr` (guest
+/// memory no other thread accesses any more, no userfaultfd registered)
+/// with the snapshot.
+fn verify_pages(addr: u64, len: usize, snap: &Snapshot, pages: &[u32], who: &str) {
+    // SAFETY: a mapping of `len` bytes owned by the caller; no other thread
+    // accesses it any more (the vCPU is this thread, the handler has
+    // stopped) and nothing changes it while the slice lives.
+    let g = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+    let s = snap.bytes();
+    for &p in pages {
+        let o = p as usize * PAGE;
+        if g[o..o + PAGE] != s[o..o + PAGE] {
+            let got = u64::from_le_bytes(g[o..o + 8].try_into().unwrap());
+            let want = u64::from_le_bytes(s[o..o + 8].try_into().unwrap());
+            panic!(
+                "{who}: guest page {p} differs from the snapshot (first word {got:#x}, \
+                 expected {want:#x})"
+            );
         }
     }
 }
@@ -645,39 +1016,6 @@ struct RunResult {
 }
 
 /// Pins this process's threads whose name starts with `prefix` to `cpu`.
-fn pin_threads(prefix: &str, cpu: usize) {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return;
-    };
-    for e in dir.filter_map(|e| e.ok()) {
-        if !std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)) {
-            continue;
-        }
-        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else {
-            continue;
-        };
-        // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes
-        // in bounds (cpu < CPU_SETSIZE); sched_setaffinity reads the set.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        }
-    }
-}
-
-/// Lets the calling thread run on every CPU again.
-fn unpin() {
-    // SAFETY: as in `pin_threads`, for the calling thread (tid 0).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 /// Touches slower than this are attributed: how much of them the vCPU
 /// spent waiting for a CPU.
 const SLOW_NS: u32 = 200_000;
@@ -742,6 +1080,21 @@ struct Touches {
     slow: Vec<Slow>,
     run_delay: u64,
     handler_delay: u64,
+}
+
+impl Touches {
+    /// The run's result, timed from `t0`.
+    fn result(self, t0: Instant, stats: Option<Stats>) -> RunResult {
+        RunResult {
+            total: self.end - t0,
+            per_touch: self.per_touch,
+            progress: self.progress,
+            slow: self.slow,
+            run_delay: self.run_delay,
+            handler_delay: self.handler_delay,
+            stats,
+        }
+    }
 }
 
 /// A touch over [`SLOW_NS`] and the CPU waits since the previous one.
@@ -826,6 +1179,7 @@ fn run_ours(
     cfg: &OursConfig,
     prefetch: Vec<u64>,
     record: bool,
+    place: Place,
 ) -> RunResult {
     let guest = Guest::new(snap.len);
     let uffd = Uffd::builder()
@@ -841,6 +1195,7 @@ fn run_ours(
         )
     }
     .expect("UFFDIO_REGISTER MISSING");
+    place.enter_handler();
     let t0 = Instant::now();
     let mut b = Server::builder(uffd)
         .region(Region::new(guest.addr, guest.len as u64))
@@ -856,62 +1211,315 @@ fn run_ours(
         b = b.prefetch_all(true);
     }
     let server = b.spawn().expect("Server::spawn");
-    if cfg.pin {
-        pin_threads("uffd-", 0);
-        harness::pin_to(1);
-    }
+    // serve's threads inherited the handler CPU; pin them by name as well,
+    // in case a thread was started by another one.
+    harness::pin_threads("uffd-", place.handler);
+    place.enter_vcpu();
     let t = touch(guest.addr, order, t0, "uffd-");
     let stats = server.shutdown().expect("Server::shutdown");
-    if cfg.pin {
-        unpin();
-    }
     assert!(
         stats.errors.is_empty(),
         "serve reported errors: {:?}",
         stats.errors
     );
     guest.verify(snap, order, "ours");
-    RunResult {
-        total: t.end - t0,
-        per_touch: t.per_touch,
-        progress: t.progress,
-        slow: t.slow,
-        run_delay: t.run_delay,
-        handler_delay: t.handler_delay,
-        stats: Some(stats),
-    }
+    t.result(t0, Some(stats))
 }
 
 fn serve_summary(stats: &[&Stats]) -> String {
     let n = stats.len().max(1) as f64;
     let avg = |f: &dyn Fn(&Stats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>() as f64 / n;
-    let worst = stats
-        .iter()
-        .map(|s| s.max_latency)
-        .max()
-        .unwrap_or_default();
-    let p99 = stats
-        .iter()
-        .filter_map(|s| s.latency_quantile(0.99))
-        .max()
-        .unwrap_or_default();
+    // Timed runs leave serve's latency clock off (`record(false)`, the
+    // fast path); the vCPU's stalls above are the latency that counts.
+    let latency = match stats.iter().filter_map(|s| s.latency_quantile(0.99)).max() {
+        Some(p99) => {
+            let worst = stats
+                .iter()
+                .map(|s| s.max_latency)
+                .max()
+                .unwrap_or_default();
+            format!("serve's own fault-to-resolution latency p99 <= {p99:?}, max {worst:?}")
+        }
+        None => "serve's own latency not recorded (record(false))".to_string(),
+    };
     format!(
         "per run on average {:.0} faults read, {:.0} pages copied ({:.0} prefetched), {:.0} \
-         EEXIST; serve's own fault-to-resolution latency p99 <= {:?}, max {:?}",
+         EEXIST; {latency}",
         avg(&|s| s.faults),
         avg(&|s| s.pages_copied),
         avg(&|s| s.pages_prefetched),
         avg(&|s| s.eexist),
-        p99,
-        worst
     )
+}
+
+// ---------------------------------------------------------------------------
+// Zero-copy: MINOR + UFFDIO_CONTINUE on a memfd whose page cache is full
+// ---------------------------------------------------------------------------
+
+/// The snapshot's bytes in a shmem memfd (its page cache full), owned by a
+/// shared mapping of it that nothing registers.
+struct ZeroCopySnap {
+    mem: HostMapping,
+}
+
+impl ZeroCopySnap {
+    fn create(snap: &Snapshot) -> ZeroCopySnap {
+        let mem = HostMapping::memfd("gmem-bench-restore-snapshot", snap.len)
+            .expect("HostMapping::memfd");
+        let fd = mem.memfd_fd().expect("a memfd mapping").as_raw_fd();
+        let src = snap.bytes();
+        let mut done = 0;
+        while done < src.len() {
+            let n = (1 << 20).min(src.len() - done);
+            // SAFETY: `src[done..done + n]` is readable; pwrite only reads it.
+            let w =
+                unsafe { libc::pwrite(fd, src[done..].as_ptr().cast(), n, done as libc::off_t) };
+            assert!(
+                w > 0,
+                "pwrite(snapshot memfd): {}",
+                std::io::Error::last_os_error()
+            );
+            done += w as usize;
+        }
+        ZeroCopySnap { mem }
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.mem.memfd_fd().expect("a memfd mapping")
+    }
+
+    /// A fresh mapping of the whole memfd (no page mapped yet) and a
+    /// userfaultfd with it registered MINOR.
+    fn guest(&self, len: usize, shared: bool) -> Result<(HostMapping, Uffd), String> {
+        let what = if shared { "MAP_SHARED" } else { "MAP_PRIVATE" };
+        let map = HostMapping::file(self.fd(), 0, len, shared)
+            .map_err(|e| format!("mmap of the memfd, {what}: {e}"))?;
+        let uffd = Uffd::builder()
+            .non_blocking(true)
+            .require_features(Features::MINOR_SHMEM)
+            .create()
+            .map_err(|e| format!("userfaultfd with MINOR_SHMEM: {e}"))?;
+        uffd.register_mapping(&map, RegisterMode::MINOR)
+            .map_err(|e| {
+                format!(
+                    "UFFDIO_REGISTER MINOR on a {what} shmem mapping refused on Linux {}: {e}",
+                    harness::kernel_release()
+                )
+            })?;
+        Ok((map, uffd))
+    }
+
+    /// Whether MINOR registration and `UFFDIO_CONTINUE` work on a `shared`
+    /// or private mapping of the memfd: one page, touched by a thread,
+    /// continued here.
+    fn probe(&self, shared: bool) -> Result<(), String> {
+        harness::userfaultfd()?;
+        let (map, uffd) = self.guest(PAGE, shared)?;
+        let want = {
+            let mut w = [0u8; 8];
+            // SAFETY: the memfd's own unregistered mapping, at least a page.
+            unsafe { std::ptr::copy_nonoverlapping(self.mem.as_ptr(), w.as_mut_ptr(), 8) };
+            u64::from_ne_bytes(w)
+        };
+        let base = map.addr();
+        std::thread::scope(|s| {
+            let toucher = s.spawn(|| {
+                let mut b = [0u8; 8];
+                map.read_at(0, &mut b).map(|()| u64::from_ne_bytes(b))
+            });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut result = Err("no MINOR fault arrived within 10 s".to_string());
+            'wait: while Instant::now() < deadline {
+                if !uffd
+                    .poll_readable(Duration::from_millis(100))
+                    .map_err(|e| e.to_string())?
+                {
+                    continue;
+                }
+                while let Some(ev) = uffd.read_event().map_err(|e| e.to_string())? {
+                    if let Event::Pagefault { .. } = ev {
+                        result = uffd
+                            .r#continue(base..base + PAGE as u64, Mode::empty())
+                            .map(drop)
+                            .map_err(|e| {
+                                format!(
+                                    "UFFDIO_CONTINUE on a {} shmem mapping refused on Linux {}: \
+                                     {e}",
+                                    if shared { "MAP_SHARED" } else { "MAP_PRIVATE" },
+                                    harness::kernel_release()
+                                )
+                            });
+                        break 'wait;
+                    }
+                }
+            }
+            if result.is_err() {
+                // Let the toucher go: unregistered, the page maps from the
+                // page cache.
+                let _ = uffd.unregister(map.range());
+            }
+            let got = toucher.join().expect("the probe's toucher panicked");
+            result?;
+            match got {
+                Ok(v) if v == want => Ok(()),
+                Ok(v) => Err(format!(
+                    "read {v:#x} through the mapping, expected {want:#x}"
+                )),
+                Err(e) => Err(format!("read through the mapping: {e}")),
+            }
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_zero_copy(
+    snap: &Snapshot,
+    zc: &ZeroCopySnap,
+    order: &[u32],
+    cfg: &OursConfig,
+    prefetch: Vec<u64>,
+    shared: bool,
+    place: Place,
+) -> RunResult {
+    let (map, uffd) = zc.guest(snap.len, shared).expect("zero-copy guest memory");
+    let (base, len) = (map.addr(), map.len());
+    place.enter_handler();
+    let t0 = Instant::now();
+    let mut b = Server::builder(uffd)
+        .region(Region::new(base, len as u64).continue_prefilled())
+        .fault_around(cfg.window)
+        .workers(cfg.workers)
+        .busy_poll(cfg.busy_poll);
+    if !prefetch.is_empty() {
+        b = b.prefetch(prefetch);
+    }
+    if cfg.prefetch_all {
+        b = b.prefetch_all(true);
+    }
+    let server = b.spawn().expect("Server::spawn (zero-copy)");
+    harness::pin_threads("uffd-", place.handler);
+    place.enter_vcpu();
+    let t = touch(base, order, t0, "uffd-");
+    let what = if shared { "MAP_SHARED" } else { "MAP_PRIVATE" };
+    // Every touched page was resolved by the server: it is mapped (pagemap
+    // bit 63) while the userfaultfd is still open (the server holds it).
+    let missing = unmapped_pages(base, len, order);
+    assert_eq!(
+        missing, 0,
+        "zero-copy ({what}): {missing} touched pages are not mapped"
+    );
+    let stats = server.shutdown().expect("Server::shutdown");
+    assert!(
+        stats.errors.is_empty(),
+        "serve (zero-copy, {what}) reported errors: {:?}",
+        stats.errors
+    );
+    assert!(stats.faults > 0, "zero-copy ({what}): serve saw no fault");
+    assert_eq!(
+        (stats.pages_copied, stats.pages_zeroed),
+        (0, 0),
+        "zero-copy ({what}): serve copied"
+    );
+    verify_pages(base, len, snap, order, "zero-copy");
+    let r = t.result(t0, Some(stats));
+    drop(map);
+    r
+}
+
+/// How many of the pages of `order` are not mapped in the mapping at `base`
+/// (`/proc/self/pagemap`, bit 63: present).
+fn unmapped_pages(base: u64, len: usize, order: &[u32]) -> usize {
+    use std::os::unix::fs::FileExt;
+    let f = File::open("/proc/self/pagemap").expect("open /proc/self/pagemap");
+    let pages = len / PAGE;
+    let mut raw = vec![0u8; pages * 8];
+    let mut got = 0;
+    while got < raw.len() {
+        let n = f
+            .read_at(&mut raw[got..], (base / PAGE as u64) * 8 + got as u64)
+            .expect("read /proc/self/pagemap");
+        assert!(n > 0, "short read of /proc/self/pagemap");
+        got += n;
+    }
+    order
+        .iter()
+        .filter(|&&p| {
+            let e = u64::from_ne_bytes(raw[p as usize * 8..p as usize * 8 + 8].try_into().unwrap());
+            e >> 63 == 0
+        })
+        .count()
+}
+
+fn zc_summary(runs: &[RunResult]) -> String {
+    let z: Vec<&Stats> = runs.iter().filter_map(|r| r.stats.as_ref()).collect();
+    let n = z.len().max(1) as f64;
+    let avg = |f: &dyn Fn(&Stats) -> u64| z.iter().map(|s| f(s)).sum::<u64>() as f64 / n;
+    format!(
+        "per run on average {:.0} faults read, {:.0} pages continued ({:.0} prefetched), {:.0} \
+         copied, {:.0} EEXIST",
+        avg(&|s| s.faults),
+        avg(&|s| s.pages_continued),
+        avg(&|s| s.pages_prefetched),
+        avg(&|s| s.pages_copied),
+        avg(&|s| s.eexist)
+    )
+}
+
+// ---------------------------------------------------------------------------
+// The bulk bound
+// ---------------------------------------------------------------------------
+
+/// Copies the whole snapshot into a fresh anonymous mapping registered
+/// MISSING with `UFFDIO_COPY` in [`CHUNK`]s, one thread on the vCPU's CPU,
+/// nothing faulting; returns the copy loop's time, after checking every
+/// page.
+fn run_bulk(snap: &Snapshot, place: Place) -> Duration {
+    place.enter_vcpu();
+    let guest = Guest::new(snap.len);
+    let uffd = raw::uffd(0);
+    raw::register(
+        &uffd,
+        guest.addr as usize,
+        guest.len,
+        sys::UFFDIO_REGISTER_MODE_MISSING,
+    );
+    let t0 = Instant::now();
+    let mut off = 0usize;
+    while off < snap.len {
+        let n = CHUNK.min(snap.len - off);
+        let mut c = sys::uffdio_copy {
+            dst: guest.addr + off as u64,
+            src: snap.ptr as u64 + off as u64,
+            len: n as u64,
+            mode: sys::UFFDIO_COPY_MODE_DONTWAKE,
+            copy: 0,
+        };
+        // SAFETY: the request encodes `uffdio_copy`; `src` points at `n`
+        // readable bytes of the snapshot mapping, `dst` at registered guest
+        // memory nothing references.
+        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), sys::UFFDIO_COPY as _, &mut c) };
+        if r == 0 {
+            off += n;
+            continue;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN | libc::EINTR) if c.copy > 0 => off += c.copy as usize,
+            Some(libc::EAGAIN | libc::EINTR) => {}
+            e => panic!("bulk UFFDIO_COPY at offset {off:#x}: errno {e:?}"),
+        }
+    }
+    let d = t0.elapsed();
+    drop(uffd);
+    let all: Vec<u32> = (0..(snap.len / PAGE) as u32).collect();
+    guest.verify(snap, &all, "bulk bound");
+    d
 }
 
 // ---------------------------------------------------------------------------
 // The baseline: Firecracker's example handler, on libc
 // ---------------------------------------------------------------------------
 
-fn run_baseline(snap: &Snapshot, order: &[u32]) -> RunResult {
+fn run_baseline(snap: &Snapshot, order: &[u32], place: Place) -> RunResult {
     let guest = Guest::new(snap.len);
     let uffd = harness::raw::uffd(0);
     let mut reg = sys::uffdio_register {
@@ -934,29 +1542,23 @@ fn run_baseline(snap: &Snapshot, order: &[u32]) -> RunResult {
     let stop = unsafe { OwnedFd::from_raw_fd(stop) };
     let (ufd, sfd) = (uffd.as_raw_fd(), stop.as_raw_fd());
     let (src, host, len) = (snap.ptr as u64, guest.addr, guest.len as u64);
+    place.enter_handler();
     let t0 = Instant::now();
     let handler = std::thread::Builder::new()
         .name("fc-example-handler".into())
         .spawn(move || baseline_handler(ufd, sfd, src, host, len))
         .expect("spawn the handler");
+    place.enter_vcpu();
     let t = touch(guest.addr, order, t0, "fc-example");
     let one: u64 = 1;
     // SAFETY: writes the 8 bytes of `one` to the eventfd.
-    unsafe { libc::write(stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    unsafe { libc::write(stop.as_fd().as_raw_fd(), (&one as *const u64).cast(), 8) };
     let faults = handler.join().expect("the handler panicked");
     assert!(faults > 0);
     drop(uffd);
     drop(stop);
     guest.verify(snap, order, "baseline");
-    RunResult {
-        total: t.end - t0,
-        per_touch: t.per_touch,
-        progress: t.progress,
-        slow: t.slow,
-        run_delay: t.run_delay,
-        handler_delay: t.handler_delay,
-        stats: None,
-    }
+    t.result(t0, None)
 }
 
 /// The handler's loop: `poll`, `read` one event, `UFFDIO_COPY` one page.

@@ -578,6 +578,8 @@ fn lazy_restore(snapshot: &[u8]) -> Res<LazyRegion> {
         .source(snapshot.to_vec())
         .fault_around(16 << 10)
         .workers(1)
+        // The summary reports time per fault.
+        .record(true)
         .spawn()
         .map_err(e("serve"))?;
     Ok(LazyRegion {

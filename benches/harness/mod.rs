@@ -70,11 +70,16 @@ impl Unit {
     }
 }
 
-/// A minimum speed-up with the wording of the goal it encodes.
+/// A minimum speed-up with the wording of the goal it encodes, or (for an
+/// absolute goal such as "a stall of at most 1 ms") a largest acceptable
+/// value of ours.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// The least acceptable speed-up.
+    /// The least acceptable speed-up (NaN for an absolute goal).
     pub min_speedup: f64,
+    /// An absolute goal: the largest acceptable value of ours, in the row's
+    /// unit; when set, it alone decides whether the target is met.
+    pub max_ours: Option<f64>,
     /// The goal in words, e.g. "ours <= 1.03x raw".
     pub text: String,
 }
@@ -84,6 +89,17 @@ impl Target {
     pub fn min(min_speedup: f64, text: impl Into<String>) -> Self {
         Self {
             min_speedup,
+            max_ours: None,
+            text: text.into(),
+        }
+    }
+
+    /// An absolute goal: ours' value (in the row's unit, lower is better)
+    /// at most `limit`, whatever the baseline's.
+    pub fn at_most(limit: f64, text: impl Into<String>) -> Self {
+        Self {
+            min_speedup: f64::NAN,
+            max_ours: Some(limit),
             text: text.into(),
         }
     }
@@ -121,9 +137,10 @@ impl Row {
     }
     /// Whether the target (if any) is met.
     pub fn met(&self) -> Option<bool> {
-        self.target
-            .as_ref()
-            .map(|t| self.speedup() >= t.min_speedup)
+        self.target.as_ref().map(|t| match t.max_ours {
+            Some(limit) => self.ours_value <= limit,
+            None => self.speedup() >= t.min_speedup,
+        })
     }
 }
 
@@ -323,7 +340,7 @@ impl Bench {
             }
             let _ = write!(
                 s,
-                "{{\"case\":{},\"baseline\":{},\"baseline_value\":{},\"ours\":{},\"ours_value\":{},\"unit\":{},\"higher_is_better\":{},\"speedup\":{},\"target\":{},\"target_min_speedup\":{},\"met\":{},\"note\":{}}}",
+                "{{\"case\":{},\"baseline\":{},\"baseline_value\":{},\"ours\":{},\"ours_value\":{},\"unit\":{},\"higher_is_better\":{},\"speedup\":{},\"target\":{},\"target_min_speedup\":{},\"target_max_ours\":{},\"met\":{},\"note\":{}}}",
                 json_str(&r.case),
                 json_str(&r.baseline),
                 json_num(r.baseline_value),
@@ -338,6 +355,10 @@ impl Bench {
                 r.target
                     .as_ref()
                     .map_or("null".into(), |t| json_num(t.min_speedup)),
+                r.target
+                    .as_ref()
+                    .and_then(|t| t.max_ours)
+                    .map_or("null".into(), json_num),
                 r.met().map_or("null".into(), |m| m.to_string()),
                 json_str(&r.note)
             );
@@ -563,6 +584,55 @@ pub fn ns_per_op(batch: usize, mut f: impl FnMut()) -> f64 {
 /// GB/s (10^9 bytes per second) of `bytes` moved in `d`.
 pub fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+/// The CPUs the calling thread may run on (its affinity mask), ascending;
+/// every online CPU when the mask cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid (empty) set, which
+    // sched_getaffinity fills; CPU_ISSET reads in bounds (i < CPU_SETSIZE).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..online_cpus()).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&i| libc::CPU_ISSET(i, &set))
+            .collect()
+    }
+}
+
+/// Lets thread `tid` (0: the calling thread) run on `cpus` only (best
+/// effort; false when refused).
+pub fn pin_tid_to_set(tid: libc::pid_t, cpus: &[usize]) -> bool {
+    // SAFETY: an all-zero cpu_set_t is a valid (empty) set; CPU_SET writes in
+    // bounds for cpu < CPU_SETSIZE, which is checked; sched_setaffinity only
+    // reads the set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus {
+            if cpu >= libc::CPU_SETSIZE as usize {
+                return false;
+            }
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Pins every thread of this process whose name starts with `prefix` to
+/// `cpu`; returns how many were pinned.
+pub fn pin_threads(prefix: &str, cpu: usize) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|&tid| pin_tid_to_set(tid, &[cpu]))
+        .count()
 }
 
 /// Pins the calling thread to `cpu` (best effort; false when refused).

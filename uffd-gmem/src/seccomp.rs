@@ -92,7 +92,7 @@ pub enum Feature {
     /// prefetch threads, the wake-up eventfd, events, every resolving ioctl
     /// it issues, `pwrite` for
     /// [`Region::continue_via_pwrite`](crate::serve::Region::continue_via_pwrite),
-    /// the peer watch of
+    /// each worker's epoll (or `poll`), which also watches the fd of
     /// [`ServerBuilder::stop_when_closed`](crate::serve::ServerBuilder::stop_when_closed).
     Serve,
     /// [`MappedFile::open`](crate::serve::MappedFile::open) and
@@ -210,10 +210,14 @@ static RULES: &[Rule] = &[
             SYS_poll,
             SYS_ppoll,
             SYS_close,
+            // one epoll per worker (the userfaultfd added EPOLLEXCLUSIVE)
+            SYS_epoll_create1,
+            SYS_epoll_ctl,
+            #[cfg(target_arch = "x86_64")]
+            SYS_epoll_wait,
+            SYS_epoll_pwait,
             // Continue through pwrite
             SYS_pwrite64,
-            // the peer watch (MSG_PEEK)
-            SYS_recvfrom,
             // waits and latency
             SYS_clock_nanosleep,
             #[cfg(target_arch = "x86_64")]

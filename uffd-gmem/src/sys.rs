@@ -88,12 +88,6 @@ pub(crate) unsafe fn pwrite(
     count(unsafe { libc::pwrite(fd.as_raw_fd(), src.cast(), len, offset as libc::off_t) })
 }
 
-/// `recv(fd, buf, flags)`: the bytes received.
-pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result<usize, Errno> {
-    // SAFETY: `buf` is writable for its length.
-    count(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) })
-}
-
 /// A `pollfd` asking for `events` on `fd`.
 pub(crate) fn pollfd(fd: BorrowedFd<'_>, events: i16) -> libc::pollfd {
     libc::pollfd {
@@ -109,6 +103,44 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize, E
     // `fds.len()` pollfds; the kernel writes only their `revents`. Any fd
     // number is harmless here (a closed one reports POLLNVAL).
     let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    count(r as isize)
+}
+
+/// `EPOLLIN | EPOLLEXCLUSIVE`: of the epolls waiting on one file, one is
+/// woken per event (Linux 4.5).
+pub(crate) const EPOLL_IN_EXCLUSIVE: u32 = (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32;
+
+/// A new close-on-exec epoll instance.
+pub(crate) fn epoll_create() -> Result<OwnedFd, Errno> {
+    // SAFETY: epoll_create1 takes only flags and returns a new descriptor.
+    unsafe { own(libc::epoll_create1(libc::EPOLL_CLOEXEC).into()) }
+}
+
+/// `epoll_ctl(ep, EPOLL_CTL_ADD, fd, {events, token})`.
+pub(crate) fn epoll_add(
+    ep: BorrowedFd<'_>,
+    fd: BorrowedFd<'_>,
+    events: u32,
+    token: u64,
+) -> Result<(), Errno> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: `ev` is a live, initialised epoll_event the kernel only reads;
+    // both descriptors are open for their borrows.
+    let r =
+        unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) };
+    count(r as isize).map(drop)
+}
+
+/// `epoll_wait(ep, out, timeout_ms)`: how many of `out` were filled.
+pub(crate) fn epoll_wait(
+    ep: BorrowedFd<'_>,
+    out: &mut [libc::epoll_event],
+    timeout_ms: i32,
+) -> Result<usize, Errno> {
+    let max = out.len().min(i32::MAX as usize) as i32;
+    // SAFETY: `out` is writable for `max` events; the kernel writes at most
+    // that many.
+    let r = unsafe { libc::epoll_wait(ep.as_raw_fd(), out.as_mut_ptr(), max, timeout_ms) };
     count(r as isize)
 }
 

@@ -36,11 +36,13 @@ use std::time::{Duration, Instant};
 use common::{
     ChildVmm, DEADLINE, KIB, MIB, Mem, PATTERN_LEN, TempDir, assert_no_server_threads, fallocate,
     fill_pattern, memfd, open_fds, page, pattern, read_page, register, serial, server_threads,
-    shuffle, summary, uffd_or_skip, wait_until,
+    shuffle, skip_capability, summary, uffd_or_skip, wait_until,
 };
 use uffd_gmem::firecracker::{self, GuestRegionUffdMapping, Handshake};
-use uffd_gmem::serve::{MappedFile, PageSource, Region, RemovePolicy, Server, Stats};
-use uffd_gmem::{Error, Features, RegisterMode, Uffd};
+use uffd_gmem::serve::{
+    Backing, MappedFile, PageSource, Region, RemovePolicy, Resolve, Server, Stats,
+};
+use uffd_gmem::{Error, Features, HostMapping, RegisterMode, Uffd};
 
 /// Where region contents start in the page source (regions never start at
 /// source offset 0, so offsets are exercised).
@@ -214,8 +216,9 @@ fn quiesce(server: &Server) {
 
 fn assert_clean(label: &str, s: &Stats) {
     assert!(s.errors.is_empty(), "{label}: errors: {}", summary(s));
+    // Latencies are timed with `record(true)`, which also fills the log.
     assert!(
-        s.latency.count() > 0 || s.faults == 0,
+        s.latency.count() > 0 || s.faults == 0 || s.fault_log.is_empty(),
         "{label}: no latency samples: {}",
         summary(s)
     );
@@ -628,6 +631,331 @@ fn continue_via_pwrite_on_shmem() {
     assert_clean(test, &s);
     assert_eq!(s.pages_continued, pages, "{}", summary(&s));
     assert_eq!(s.pages_copied, 0, "{}", summary(&s));
+}
+
+// ---------------------------------------------------------------------------
+// In-process: zero-copy, MINOR + UFFDIO_CONTINUE alone (Backing::Prefilled)
+// ---------------------------------------------------------------------------
+
+/// A memfd snapshot of `len` bytes, its page cache filled with the pattern
+/// from source offset 0 (through its own mapping, never registered).
+fn memfd_snapshot(len: u64) -> HostMapping {
+    let snap = HostMapping::memfd("uffd-serve-snapshot", len as usize).expect("memfd");
+    snap.write_at(0, &pattern()[..len as usize])
+        .expect("write the snapshot");
+    snap
+}
+
+/// A fresh mapping of `snap`'s memfd registered MINOR (or `mode`) with
+/// `uffd`; `None` after a capability skip when the kernel refuses the
+/// registration (MINOR on a `MAP_PRIVATE` shmem mapping).
+fn prefilled_guest(
+    snap: &HostMapping,
+    uffd: &Uffd,
+    shared: bool,
+    mode: RegisterMode,
+) -> Option<HostMapping> {
+    let fd = snap.memfd_fd().expect("a memfd");
+    let guest = HostMapping::file(fd, 0, snap.len(), shared).expect("mmap the snapshot");
+    match uffd.register_mapping(&guest, mode) {
+        Ok(_) => Some(guest),
+        Err(e) if !shared => {
+            skip_capability(
+                "UFFDIO_REGISTER MINOR on a MAP_PRIVATE shmem mapping",
+                format_args!("refused ({e}; errno {:?})", e.errno()),
+            );
+            None
+        }
+        Err(e) => panic!("UFFDIO_REGISTER {mode:?} on a MAP_SHARED shmem mapping: {e}"),
+    }
+}
+
+/// No source, every region prefilled: every page is mapped from the
+/// snapshot's page cache with `UFFDIO_CONTINUE` alone.
+fn continue_prefilled(test: &str, shared: bool) -> Option<(HostMapping, HostMapping)> {
+    let page = page();
+    let len = 16 * MIB;
+    let pages = len / page;
+    let uffd = uffd_or_skip(test, Features::MINOR_SHMEM)?;
+    let snap = memfd_snapshot(len);
+    let guest = prefilled_guest(&snap, &uffd, shared, RegisterMode::MINOR)?;
+    let server = Server::builder(uffd)
+        .region(Region::new(guest.addr(), len).continue_prefilled())
+        .fault_around(64 * KIB)
+        .workers(2)
+        .spawn()
+        .expect("spawn without a source");
+    let s = serve_and_touch(
+        test,
+        server,
+        Vec::new(),
+        guest.addr(),
+        pattern(),
+        0,
+        vec![
+            order(0..pages, Order::Random(11)),
+            order(0..pages, Order::Sequential),
+        ],
+    );
+    eprintln!("[serve] {test}: {}", summary(&s));
+    assert_clean(test, &s);
+    assert_eq!(s.pages_continued, pages, "{}", summary(&s));
+    assert_eq!(s.pages_copied, 0, "{}", summary(&s));
+    assert_eq!(s.pages_zeroed, 0, "{}", summary(&s));
+    assert!(s.faults > 0, "{}", summary(&s));
+    Some((snap, guest))
+}
+
+#[test]
+fn continue_prefilled_map_shared() {
+    let test = "continue_prefilled_map_shared";
+    let _g = serial();
+    let Some((snap, guest)) = continue_prefilled(test, true) else {
+        return;
+    };
+    // Shared: a write through the guest mapping reaches the file.
+    guest.write_at(5 * page(), &[0xa5; 8]).unwrap();
+    let mut b = [0u8; 8];
+    snap.read_at(5 * page(), &mut b).unwrap();
+    assert_eq!(b, [0xa5; 8]);
+}
+
+/// `MAP_PRIVATE` (a clone of the snapshot): `UFFDIO_CONTINUE` maps the page
+/// cache page, and a write after it copies the page: the memfd keeps the
+/// snapshot's bytes, the guest sees its write, a second clone the snapshot.
+#[test]
+fn continue_prefilled_map_private() {
+    let test = "continue_prefilled_map_private";
+    let _g = serial();
+    let page = page();
+    let Some((snap, guest)) = continue_prefilled(test, false) else {
+        return;
+    };
+    let src = pattern();
+    let at = 7 * page + 64;
+    guest.write_at(at, &[0x5a; 16]).unwrap();
+    let mut got = [0u8; 16];
+    guest.read_at(at, &mut got).unwrap();
+    assert_eq!(got, [0x5a; 16], "the clone sees its own write");
+    snap.read_at(at, &mut got).unwrap();
+    assert_eq!(
+        got[..],
+        src[at as usize..at as usize + 16],
+        "the write was copied on write: the memfd keeps the snapshot"
+    );
+    // SAFETY: pread into our buffer from the memfd.
+    let n = unsafe {
+        libc::pread(
+            snap.memfd_fd().unwrap().as_raw_fd(),
+            got.as_mut_ptr().cast(),
+            got.len(),
+            at as libc::off_t,
+        )
+    };
+    assert_eq!(n, 16);
+    assert_eq!(
+        got[..],
+        src[at as usize..at as usize + 16],
+        "the page cache"
+    );
+    // Another clone of the same snapshot (unregistered) reads the snapshot.
+    let other = HostMapping::file(snap.memfd_fd().unwrap(), 0, snap.len(), false).unwrap();
+    other.read_at(at, &mut got).unwrap();
+    assert_eq!(got[..], src[at as usize..at as usize + 16], "another clone");
+    // A first touch that is a write, served: the MINOR fault is continued
+    // (mapped read-only, private) and the write then copies the page.
+    let uffd = uffd_or_skip(test, Features::MINOR_SHMEM).unwrap();
+    let clone = prefilled_guest(&snap, &uffd, false, RegisterMode::MINOR).unwrap();
+    let server = Server::builder(uffd)
+        .region(Region::new(clone.addr(), snap.len() as u64).continue_prefilled())
+        .spawn()
+        .unwrap();
+    let at = 9 * page + 8;
+    std::thread::scope(|sc| {
+        let (tx, rx) = mpsc::channel();
+        let clone = &clone;
+        sc.spawn(move || {
+            clone.write_at(at, &[0x77; 8]).unwrap();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(DEADLINE)
+            .expect("the write fault is still blocked");
+    });
+    let s = server.shutdown().unwrap();
+    eprintln!("[serve] {test} (write fault): {}", summary(&s));
+    assert!(s.errors.is_empty(), "{}", summary(&s));
+    assert_eq!(
+        (s.faults, s.pages_continued, s.pages_copied),
+        (1, 1, 0),
+        "{}",
+        summary(&s)
+    );
+    let mut w = [0u8; 8];
+    clone.read_at(at, &mut w).unwrap();
+    assert_eq!(w, [0x77; 8]);
+    snap.read_at(at, &mut w).unwrap();
+    assert_eq!(
+        w[..],
+        src[at as usize..at as usize + 8],
+        "the memfd is unchanged"
+    );
+}
+
+/// Reads `len` bytes at `at` of `map` in a thread, within [`DEADLINE`].
+fn read_within_deadline(map: &HostMapping, at: u64, len: usize) -> Vec<u8> {
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel();
+        s.spawn(move || {
+            let mut b = vec![0u8; len];
+            map.read_at(at, &mut b).unwrap();
+            let _ = tx.send(b);
+        });
+        rx.recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("the read at {at:#x} is still blocked after {DEADLINE:?}"))
+    })
+}
+
+/// Registered MISSING | MINOR: a MISSING fault on a prefilled region (a
+/// hole in the snapshot) is reported in `Stats::errors` and answered with
+/// zeroes; the rest is continued.
+#[test]
+fn continue_prefilled_missing_fault_is_reported() {
+    let test = "continue_prefilled_missing_fault_is_reported";
+    let _g = serial();
+    let page = page();
+    let len = 64 * page;
+    let Some(uffd) = uffd_or_skip(test, Features::MINOR_SHMEM) else {
+        return;
+    };
+    let snap = HostMapping::memfd("uffd-serve-holes", len as usize).unwrap();
+    // Pages 0..32 written; 32..64 a hole.
+    snap.write_at(0, &pattern()[..32 * page as usize]).unwrap();
+    let guest = prefilled_guest(
+        &snap,
+        &uffd,
+        true,
+        RegisterMode::MISSING | RegisterMode::MINOR,
+    )
+    .expect("MAP_SHARED");
+    let server = Server::builder(uffd)
+        .region(Region::new(guest.addr(), len).continue_prefilled())
+        .fault_around(16 * page)
+        .spawn()
+        .expect("spawn");
+    let hole = read_within_deadline(&guest, 40 * page, page as usize);
+    assert!(hole.iter().all(|&b| b == 0), "a hole reads as zeroes");
+    let data = read_within_deadline(&guest, 3 * page, page as usize);
+    assert_eq!(data[..], pattern()[3 * page as usize..4 * page as usize]);
+    let s = server.shutdown().unwrap();
+    eprintln!("[serve] {test}: {}", summary(&s));
+    assert_eq!(s.pages_zeroed, 1, "{}", summary(&s));
+    assert_eq!(s.pages_continued, 16, "one window: {}", summary(&s));
+    assert_eq!(s.errors.len(), 1, "{}", summary(&s));
+    let e = &s.errors[0];
+    assert_eq!(e.op, "fill");
+    assert_eq!(
+        e.range,
+        Some(guest.addr() + 40 * page..guest.addr() + 41 * page)
+    );
+    assert!(matches!(*e.error, Error::Protocol { .. }), "{e}");
+    assert!(e.to_string().contains("prefilled"), "{e}");
+}
+
+/// `REMOVE` under `ZeroOnNextFault` on a prefilled `MAP_SHARED` region:
+/// pages `MADV_DONTNEED` only unmapped are continued again with what the
+/// page cache holds (the guest's last writes); pages `MADV_REMOVE` punched
+/// fault MISSING and are zeroed, with no error.
+#[test]
+fn continue_prefilled_remove_zero_on_next_fault() {
+    let test = "continue_prefilled_remove_zero_on_next_fault";
+    let _g = serial();
+    let page = page();
+    let len = 64 * page;
+    let Some(uffd) = uffd_or_skip(test, Features::MINOR_SHMEM | Features::EVENT_REMOVE) else {
+        return;
+    };
+    let snap = memfd_snapshot(len);
+    let guest = prefilled_guest(
+        &snap,
+        &uffd,
+        true,
+        RegisterMode::MISSING | RegisterMode::MINOR,
+    )
+    .expect("MAP_SHARED");
+    let server = Server::builder(uffd)
+        .region(Region::new(guest.addr(), len).continue_prefilled())
+        .fault_around(16 * page)
+        .on_remove(RemovePolicy::ZeroOnNextFault)
+        .spawn()
+        .expect("spawn");
+    let all = read_within_deadline(&guest, 0, len as usize);
+    assert!(all[..] == pattern()[..len as usize]);
+    guest.write_at(2 * page, &[0x11; 8]).unwrap();
+    let advise = |first: u64, n: u64, advice: i32| {
+        // SAFETY: pages of our own guest mapping, no reference into them.
+        let r = unsafe {
+            libc::madvise(
+                (guest.addr() + first * page) as *mut libc::c_void,
+                (n * page) as usize,
+                advice,
+            )
+        };
+        assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+    };
+    advise(0, 4, libc::MADV_DONTNEED);
+    advise(32, 4, libc::MADV_REMOVE);
+    let kept = read_within_deadline(&guest, 0, 4 * page as usize);
+    assert_eq!(kept[2 * page as usize..2 * page as usize + 8], [0x11; 8]);
+    assert!(kept[3 * page as usize..] == pattern()[3 * page as usize..4 * page as usize]);
+    let punched = read_within_deadline(&guest, 32 * page, 4 * page as usize);
+    assert!(
+        punched.iter().all(|&b| b == 0),
+        "punched pages read as zeroes"
+    );
+    let s = server.shutdown().unwrap();
+    eprintln!("[serve] {test}: {}", summary(&s));
+    assert!(s.errors.is_empty(), "{}", summary(&s));
+    assert!(s.other_events >= 2, "two REMOVE events: {}", summary(&s));
+    assert_eq!(s.pages_zeroed, 4, "{}", summary(&s));
+    assert_eq!(s.pages_continued, 64 + 4, "{}", summary(&s));
+    assert_eq!(s.pages_copied, 0, "{}", summary(&s));
+}
+
+/// A server whose regions are all prefilled spawns without a source; one
+/// region that reads a source makes the source required again.
+#[test]
+fn prefilled_regions_need_no_source() {
+    let test = "prefilled_regions_need_no_source";
+    let _g = serial();
+    let page = page();
+    let Some(probe) = uffd_or_skip(test, Features::empty()) else {
+        return;
+    };
+    drop(probe);
+    let base = 0x7000_0000_0000u64;
+    let server = Server::builder(Uffd::builder().create().unwrap())
+        .region(Region::new(base, 4 * page).continue_prefilled())
+        .region(Region::new(base + 4 * page, 4 * page).continue_prefilled())
+        .spawn()
+        .expect("spawn without a source");
+    server.shutdown().unwrap();
+    let server = Server::builder(Uffd::builder().create().unwrap())
+        .region(Region::new(base, 4 * page))
+        .resolve(Resolve::Continue(Backing::Prefilled))
+        .spawn()
+        .expect("spawn without a source, prefilled by default");
+    server.shutdown().unwrap();
+    match Server::builder(Uffd::builder().create().unwrap())
+        .region(Region::new(base, 4 * page).continue_prefilled())
+        .region(Region::new(base + 4 * page, 4 * page))
+        .spawn()
+    {
+        Err(e @ Error::Invalid { .. }) => {
+            assert!(e.to_string().contains("no page source"), "{e}")
+        }
+        other => panic!("expected Error::Invalid, got {other:?}"),
+    }
+    assert!(server_threads().is_empty(), "{:?}", server_threads());
 }
 
 // ---------------------------------------------------------------------------
@@ -1562,5 +1890,88 @@ fn remap_a_region() {
         pages,
         "each page filled once, before or after the move: {}",
         summary(&s)
+    );
+}
+
+/// Voluntary context switches of the server's worker threads: how often
+/// they went to sleep (and so were woken).
+fn worker_sleeps() -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("uffd-serve-"))
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// `WakePolicy::Exclusive` (the default) wakes one of four sleeping
+/// workers per fault; `WakePolicy::All` wakes all four. Both serve every
+/// page.
+#[test]
+fn wake_policy_exclusive_wakes_one_worker_per_fault() {
+    use uffd_gmem::serve::WakePolicy;
+    let test = "wake_policy_exclusive_wakes_one_worker_per_fault";
+    let _g = serial();
+    let page = page();
+    let pages = 100u64;
+    let len = pages * page;
+    let src = pattern();
+    let mut sleeps = Vec::new();
+    for policy in [WakePolicy::Exclusive, WakePolicy::All] {
+        let Some(uffd) = uffd_or_skip(test, Features::empty()) else {
+            return;
+        };
+        let mem = Mem::anon(len);
+        register(&uffd, &mem, RegisterMode::MISSING);
+        let server = Server::builder(uffd)
+            .region(Region::new(mem.addr, len).source_offset(SRC_OFF))
+            .source_arc(src.clone())
+            .workers(4)
+            .wake_policy(policy)
+            .spawn()
+            .expect("spawn");
+        let named = wait_until(Duration::from_secs(2), || {
+            server_threads()
+                .iter()
+                .filter(|n| n.starts_with("uffd-serve-"))
+                .count()
+                == 4
+        });
+        assert!(named, "{policy:?}: {:?}", server_threads());
+        // Let the workers reach their first sleep.
+        std::thread::sleep(Duration::from_millis(50));
+        let before = worker_sleeps();
+        let (addr, src2) = (mem.addr, src.clone());
+        // One faulter, one fault at a time and 1 ms apart: every fault
+        // finds all four workers asleep.
+        let touched = std::thread::spawn(move || {
+            (0..pages).try_for_each(|i| {
+                std::thread::sleep(Duration::from_millis(1));
+                touch_and_verify(addr, &[i], &src2, SRC_OFF).map(drop)
+            })
+        })
+        .join()
+        .unwrap();
+        touched.unwrap_or_else(|e| panic!("{policy:?}: {e}"));
+        let woken = worker_sleeps() - before;
+        let s = server.shutdown().expect("shutdown");
+        assert!(s.errors.is_empty(), "{policy:?}: {}", summary(&s));
+        assert_eq!(s.pages_copied, pages, "{policy:?}: {}", summary(&s));
+        eprintln!("[serve] {test}: {policy:?}: {woken} worker wake-ups for {pages} faults");
+        sleeps.push(woken);
+        drop(mem);
+    }
+    let (exclusive, all) = (sleeps[0], sleeps[1]);
+    assert!(
+        exclusive * 2 <= all,
+        "Exclusive woke workers {exclusive} times, All {all} times, for {pages} faults each"
     );
 }

@@ -291,6 +291,7 @@ fn e2e(test: &str, order: &str, variant: &str) {
         .source(MappedFile::open(&snapshot).expect("MappedFile::open"))
         .fault_around(512 * KIB)
         .workers(2)
+        .record(true)
         .stop_when_closed(watch);
     for r in &hs.regions {
         builder =

@@ -1,0 +1,457 @@
+//! Fault serving: the building block of a snapshot-restore or post-copy
+//! handler.
+//!
+//! A [`Server`] owns a userfaultfd whose ranges a VMM registered, a table of
+//! [`Region`]s (where each range lives in the VMM, and where its contents
+//! live in a [`PageSource`]), and `N` worker threads that resolve faults:
+//!
+//! - **MISSING → `UFFDIO_COPY`** from the source ([`Resolve::Copy`]), or
+//!   **fill the page cache, then `UFFDIO_CONTINUE`** ([`Resolve::Continue`],
+//!   for shmem or guest_memfd registered MINOR: the page cache is filled
+//!   through a second mapping or with `pwrite`), or **zero-copy**:
+//!   `UFFDIO_CONTINUE` alone where the page cache already holds the
+//!   snapshot ([`Backing::Prefilled`], [`Region::continue_prefilled`]:
+//!   `MAP_SHARED`, or `MAP_PRIVATE` clones of one snapshot; no page source
+//!   needed). A populated-page bitmap decides: a page already filled is
+//!   only continued or woken.
+//! - **Fault-around**: after the faulting page (served first, so the
+//!   faulting thread resumes at once) the rest of a window is filled. The
+//!   window is aligned for random access and grows forward along
+//!   sequential streaks, up to 8× the configured size, clipped to the region.
+//! - **Prefetch** of a recorded working set (source offsets, e.g. from
+//!   [`Stats::working_set`] of an earlier run), or of everything, in a
+//!   background thread that yields to live faults.
+//! - The pitfalls handled once: `EAGAIN` while the address space changes
+//!   (deferred, retried after reading events, dropped with an error after a
+//!   timeout); `EEXIST` (the faulter is woken with `UFFDIO_WAKE`); duplicate
+//!   and late faults on filled pages (woken, not refilled); `REMOVE`
+//!   (unregister, or zero on the next fault); `UNMAP` and `REMAP` followed.
+//! - **One worker woken per fault**: each sleeping worker waits in its own
+//!   epoll, where the userfaultfd is added `EPOLLEXCLUSIVE`
+//!   ([`WakePolicy`]); or, with [`ServerBuilder::busy_poll`], spins.
+//! - [`Stats`]: faults, pages, per-thread counters; with
+//!   [`ServerBuilder::record`] a latency histogram and the fault log; errors
+//!   are collected, never panicked on; [`Server::shutdown`] stops and joins
+//!   every thread.
+//!
+//! The module's parts, each readable whole: `source` (page sources),
+//! `config` (regions and policies), `stats` (what a server reports),
+//! `state` (per-region bookkeeping, no system calls), `fill` (resolving one
+//! fault) and `worker` (the threads and their event loop).
+
+mod config;
+mod fill;
+mod source;
+mod state;
+mod stats;
+mod sync;
+mod worker;
+
+pub use config::{Backing, Region, RemovePolicy, Resolve};
+pub use source::{MappedFile, PageSource};
+pub use stats::{Histogram, ServeError, Stats};
+
+use crate::error::{Error, Result};
+use crate::sys;
+use crate::uffd::Uffd;
+use source::io_err;
+use state::RegionState;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use worker::{Setup, Shared};
+
+/// How sleeping workers are woken for the shared userfaultfd's events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WakePolicy {
+    /// One worker per event: each worker sleeps in its own epoll, where the
+    /// userfaultfd is added with `EPOLLEXCLUSIVE`, so the kernel wakes one
+    /// sleeping worker per fault instead of all of them (Linux 4.5). The
+    /// default.
+    #[default]
+    Exclusive,
+    /// Every sleeping worker wakes on every event (`poll`), and all but one
+    /// find nothing to read: the behaviour before
+    /// [`WakePolicy::Exclusive`], kept for comparison.
+    All,
+}
+
+/// Builds a [`Server`]; see [`Server::builder`].
+#[must_use = "a builder does nothing until spawn() is called"]
+pub struct ServerBuilder {
+    uffd: Uffd,
+    regions: Vec<Region>,
+    source: Option<Arc<dyn PageSource>>,
+    resolve: Resolve,
+    fault_around: u64,
+    workers: usize,
+    prefetch: Vec<u64>,
+    prefetch_all: bool,
+    eagain_timeout: Duration,
+    remove: RemovePolicy,
+    record: bool,
+    busy_poll: bool,
+    wake_policy: WakePolicy,
+    watch: Option<OwnedFd>,
+    page_size: Option<u64>,
+}
+
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("regions", &self.regions)
+            .field("fault_around", &self.fault_around)
+            .field("workers", &self.workers)
+            .field("busy_poll", &self.busy_poll)
+            .field("wake_policy", &self.wake_policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerBuilder {
+    /// Adds a region.
+    pub fn region(mut self, region: Region) -> Self {
+        self.regions.push(region);
+        self
+    }
+
+    /// The page source (required unless every region is
+    /// [`Backing::Prefilled`]).
+    pub fn source(mut self, source: impl PageSource + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// A shared page source.
+    pub fn source_arc(mut self, source: Arc<dyn PageSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// The default resolution for regions that do not set one
+    /// ([`Resolve::Copy`] unless changed).
+    pub fn resolve(mut self, resolve: Resolve) -> Self {
+        self.resolve = resolve;
+        self
+    }
+
+    /// The fault-around window in bytes (0 or one page: the faulting page
+    /// only). Rounded down to a power-of-two number of pages.
+    pub fn fault_around(mut self, bytes: u64) -> Self {
+        self.fault_around = bytes;
+        self
+    }
+
+    /// Worker threads (default 1).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Source offsets to fill in the background, in order.
+    pub fn prefetch(mut self, working_set: Vec<u64>) -> Self {
+        self.prefetch = working_set;
+        self
+    }
+
+    /// After the working set, fill every remaining page in the background.
+    pub fn prefetch_all(mut self, on: bool) -> Self {
+        self.prefetch_all = on;
+        self
+    }
+
+    /// How long a fault deferred on `EAGAIN` is retried (default 5 s).
+    pub fn eagain_timeout(mut self, t: Duration) -> Self {
+        self.eagain_timeout = t;
+        self
+    }
+
+    /// What `REMOVE` does (default [`RemovePolicy::Unregister`]).
+    pub fn on_remove(mut self, policy: RemovePolicy) -> Self {
+        self.remove = policy;
+        self
+    }
+
+    /// Record the fault log ([`Stats::fault_log`]) and the latency of each
+    /// fault ([`Stats::latency`], [`Stats::max_latency`]). Off by default:
+    /// the fault path then reads no clock.
+    pub fn record(mut self, on: bool) -> Self {
+        self.record = on;
+        self
+    }
+
+    /// Workers spin on the userfaultfd instead of sleeping in `poll` (lowest
+    /// latency, one busy core per worker).
+    pub fn busy_poll(mut self, on: bool) -> Self {
+        self.busy_poll = on;
+        self
+    }
+
+    /// How sleeping workers are woken ([`WakePolicy::Exclusive`] unless
+    /// changed; without effect with [`busy_poll`](Self::busy_poll)).
+    pub fn wake_policy(mut self, policy: WakePolicy) -> Self {
+        self.wake_policy = policy;
+        self
+    }
+
+    /// Stop serving when `fd` (e.g. the socket to the VMM) hangs up
+    /// (`POLLHUP`, or `POLLRDHUP`: the peer shut its end): the VMM is gone.
+    /// The fd sleeps in the workers' `poll` set with the userfaultfd: no
+    /// extra system call per event.
+    pub fn stop_when_closed(mut self, fd: OwnedFd) -> Self {
+        self.watch = Some(fd);
+        self
+    }
+
+    /// The unit in which faults are resolved: the base page size by default;
+    /// the huge page size for hugetlbfs regions (e.g. 2 MiB), where
+    /// `UFFDIO_COPY` must cover whole huge pages.
+    pub fn page_size(mut self, bytes: u64) -> Self {
+        self.page_size = Some(bytes);
+        self
+    }
+
+    /// Validates the configuration and starts the workers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] naming the rule: a source is set unless every
+    /// region is [`Backing::Prefilled`]; regions are non-empty, page
+    /// aligned, do not overlap and (those that read it) lie inside the
+    /// source; workers >= 1. [`Error::Kernel`] if the fd cannot be made
+    /// non-blocking; [`Error::Io`] if a thread cannot be started.
+    pub fn spawn(self) -> Result<Server> {
+        let op = "serve::spawn";
+        let base = kvm_gmem_sys::support::page_size();
+        let page = self.page_size.unwrap_or(base);
+        if !page.is_power_of_two() || !page.is_multiple_of(base) {
+            return Err(Error::invalid(
+                op,
+                format!("page size {page:#x} must be a power of two and a multiple of {base:#x}"),
+            ));
+        }
+        if self.workers == 0 {
+            return Err(Error::invalid(op, "workers must be at least 1"));
+        }
+        if self.regions.is_empty() {
+            return Err(Error::invalid(op, "no region was added"));
+        }
+        let source_len = self.source.as_ref().map(|s| s.len());
+        config::validate(&self.regions, &self.resolve, page, source_len)?;
+        // Only prefilled regions may lack a source (validated): they never
+        // read it.
+        let source = self
+            .source
+            .unwrap_or_else(|| Arc::new(Vec::<u8>::new()) as Arc<dyn PageSource>);
+        sys::set_nonblocking(self.uffd.as_fd())
+            .map_err(|e| Error::kernel("fcntl(O_NONBLOCK)", e))?;
+        let wake = sys::eventfd().map_err(|e| Error::kernel("eventfd", e))?;
+        let window_pages = (self.fault_around / page).max(1);
+        let window_pages = 1u64 << (63 - window_pages.leading_zeros());
+        let regions = self
+            .regions
+            .into_iter()
+            .map(|r| {
+                let resolve = r.resolve.unwrap_or_else(|| self.resolve.clone());
+                RegionState::new(r.host, r.len, r.source_offset, resolve, page, window_pages)
+            })
+            .collect();
+        let prefetching = !self.prefetch.is_empty() || self.prefetch_all;
+        let shared = Arc::new(Shared::new(Setup {
+            uffd: self.uffd,
+            regions,
+            source,
+            page,
+            window_pages,
+            eagain_timeout: self.eagain_timeout,
+            remove: self.remove,
+            record: self.record,
+            busy_poll: self.busy_poll,
+            wake_policy: self.wake_policy,
+            prefetching,
+            wake,
+            watch: self.watch,
+            workers: self.workers,
+        }));
+        let mut threads = Vec::new();
+        for i in 0..self.workers {
+            let s = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("uffd-serve-{i}"))
+                .spawn(move || worker::worker(&s, i))
+                .map_err(|e| io_err("spawn worker", e));
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop_threads(&shared, threads);
+                    return Err(e);
+                }
+            }
+        }
+        if prefetching {
+            let s = shared.clone();
+            let list = self.prefetch;
+            let all = self.prefetch_all;
+            match std::thread::Builder::new()
+                .name("uffd-prefetch".into())
+                .spawn(move || worker::prefetcher(&s, &list, all))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop_threads(&shared, threads);
+                    return Err(io_err("spawn prefetcher", e));
+                }
+            }
+        }
+        Ok(Server { shared, threads })
+    }
+}
+
+/// A running fault server. Dropping it stops and joins its threads, like
+/// [`Server::shutdown`].
+pub struct Server {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A builder serving faults of `uffd` (made non-blocking on spawn).
+    ///
+    /// # Examples
+    ///
+    /// Two regions of one snapshot, fault-around and a background fill of
+    /// the rest (the crate's front page has the whole program):
+    ///
+    /// ```
+    /// use uffd_gmem::serve::{Region, Server};
+    /// use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let Ok(uffd) = Uffd::builder().non_blocking(true).create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let page = uffd_gmem::page_size();
+    /// let (low, high) = (HostMapping::anonymous(8 * page as usize)?, HostMapping::anonymous(8 * page as usize)?);
+    /// uffd.register_mapping(&low, RegisterMode::MISSING)?;
+    /// uffd.register_mapping(&high, RegisterMode::MISSING)?;
+    /// let snapshot = vec![7u8; 16 * page as usize];
+    /// let server = Server::builder(uffd)
+    ///     .region(Region::new(low.addr(), 8 * page))
+    ///     .region(Region::new(high.addr(), 8 * page).source_offset(8 * page))
+    ///     .source(snapshot)
+    ///     .fault_around(4 * page)
+    ///     .prefetch_all(true)
+    ///     .workers(2)
+    ///     .spawn()?;
+    /// let mut b = [0u8; 1];
+    /// high.read_at(5 * page, &mut b)?;
+    /// assert_eq!(b[0], 7);
+    /// let stats = server.shutdown()?;
+    /// assert!(stats.errors.is_empty(), "{:?}", stats.errors);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder(uffd: Uffd) -> ServerBuilder {
+        ServerBuilder {
+            uffd,
+            regions: Vec::new(),
+            source: None,
+            resolve: Resolve::Copy,
+            fault_around: 0,
+            workers: 1,
+            prefetch: Vec::new(),
+            prefetch_all: false,
+            eagain_timeout: Duration::from_secs(5),
+            remove: RemovePolicy::Unregister,
+            record: false,
+            busy_poll: false,
+            wake_policy: WakePolicy::Exclusive,
+            watch: None,
+            page_size: None,
+        }
+    }
+
+    /// A snapshot of the statistics so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// Whether the server stopped by itself (the watched fd closed).
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopping()
+    }
+
+    /// Waits until the server stops by itself (see
+    /// [`ServerBuilder::stop_when_closed`]) or `timeout` passes; returns
+    /// whether it stopped.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.is_stopped() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.is_stopped()
+    }
+
+    /// Stops every thread, joins them, and returns the statistics.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Protocol`] if a worker panicked (its message is included).
+    pub fn shutdown(mut self) -> Result<Stats> {
+        let threads = std::mem::take(&mut self.threads);
+        let panicked = stop_threads(&self.shared, threads);
+        let stats = self.shared.stats();
+        match panicked {
+            Some(msg) => Err(Error::Protocol {
+                op: "serve::shutdown",
+                what: format!("a worker panicked: {msg}"),
+            }),
+            None => Ok(stats),
+        }
+    }
+
+    /// The userfaultfd being served.
+    pub fn uffd(&self) -> &Uffd {
+        &self.shared.uffd
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let threads = std::mem::take(&mut self.threads);
+        stop_threads(&self.shared, threads);
+    }
+}
+
+fn stop_threads(shared: &Shared, threads: Vec<JoinHandle<()>>) -> Option<String> {
+    shared.stop();
+    let mut panicked = None;
+    for t in threads {
+        if let Err(p) = t.join() {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            panicked = Some(msg);
+        }
+    }
+    panicked
+}
+
+// Keep the builder usable from other threads.
+static_assertions::assert_impl_all!(Server: Send, Sync);
+static_assertions::assert_impl_all!(ServerBuilder: Send);
