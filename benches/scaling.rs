@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use uffd_gmem::serve::{PageSource, Region, Server};
+use uffd_gmem::serve::{PageSource, Region, Server, WakePolicy};
 use uffd_gmem::{RegisterMode, Uffd};
 
 const PAGE: usize = 4096;
@@ -54,8 +54,10 @@ enum Setup {
     Shared,
     /// (b) one userfaultfd and one raw handler per faulting thread.
     PerThread,
-    /// (c) serve's worker pool on one userfaultfd.
+    /// (c) serve's worker pool on one userfaultfd (default wake policy).
     Serve,
+    /// (d) the same with `WakePolicy::Exclusive`: one worker woken per event.
+    ServeExclusive,
 }
 
 impl Setup {
@@ -64,6 +66,7 @@ impl Setup {
             Setup::Shared => "(a) shared uffd, 1 raw handler",
             Setup::PerThread => "(b) uffd per thread, raw handler each",
             Setup::Serve => "(c) serve::Server worker pool, 1 uffd",
+            Setup::ServeExclusive => "(d) serve::Server worker pool, 1 uffd, WakePolicy::Exclusive",
         }
     }
 }
@@ -251,7 +254,7 @@ impl Running {
                     })
                     .collect(),
             ),
-            Setup::Serve => {
+            Setup::Serve | Setup::ServeExclusive => {
                 let len = mem.pages() * PAGE;
                 let uffd = Uffd::builder()
                     .non_blocking(true)
@@ -268,6 +271,11 @@ impl Running {
                     .source_arc(source)
                     .fault_around(0)
                     .workers(workers)
+                    .wake_policy(if setup == Setup::ServeExclusive {
+                        WakePolicy::Exclusive
+                    } else {
+                        WakePolicy::All
+                    })
                     .spawn()
                     .expect("serve: spawn");
                 Running::Serve(server)
@@ -375,8 +383,13 @@ fn main() {
     let cpus = allowed.len();
     let uffd = harness::userfaultfd();
     let case = |n: usize| format!("fault throughput, {n} faulting thread(s), MISSING+COPY anon");
-    let setups = [Setup::Shared, Setup::PerThread, Setup::Serve];
-    let mut points: [Vec<(f64, f64)>; 3] = Default::default();
+    let setups = [
+        Setup::Shared,
+        Setup::PerThread,
+        Setup::Serve,
+        Setup::ServeExclusive,
+    ];
+    let mut points: [Vec<(f64, f64)>; 4] = Default::default();
     for n in THREADS {
         let skip = match &uffd {
             Err(why) => Some(why.clone()),
@@ -390,12 +403,9 @@ fn main() {
             for ours in &setups[1..] {
                 bench.skip(case(n), Setup::Shared.label(), ours.label(), &why);
             }
-            bench.skip(
-                case(n),
-                Setup::PerThread.label(),
-                Setup::Serve.label(),
-                &why,
-            );
+            for ours in [Setup::Serve, Setup::ServeExclusive] {
+                bench.skip(case(n), Setup::PerThread.label(), ours.label(), &why);
+            }
             continue;
         }
         let mem = Mem::new(n, per_thread);
@@ -403,11 +413,12 @@ fn main() {
         let mut a = || pass(Setup::Shared, &mem, &allowed, workers);
         let mut b = || pass(Setup::PerThread, &mem, &allowed, workers);
         let mut c = || pass(Setup::Serve, &mem, &allowed, workers);
-        let r = harness::interleaved(SAMPLES, &mut [&mut a, &mut b, &mut c]);
+        let mut d = || pass(Setup::ServeExclusive, &mem, &allowed, workers);
+        let r = harness::interleaved(SAMPLES, &mut [&mut a, &mut b, &mut c, &mut d]);
         if std::env::var_os("GMEM_BENCH_VERBOSE").is_some() {
             eprintln!(
-                "{n} thread(s): passes (faults/s) a {:.0?} b {:.0?} c {:.0?}",
-                r[0], r[1], r[2]
+                "{n} thread(s): passes (faults/s) a {:.0?} b {:.0?} c {:.0?} d {:.0?}",
+                r[0], r[1], r[2], r[3]
             );
         }
         let med: Vec<f64> = r.iter().map(|v| harness::median(v)).collect();
@@ -419,9 +430,10 @@ fn main() {
              thread(s) x {per_thread} pages each (disjoint chunks, one 4 KiB UFFDIO_COPY per \
              fault, fault-around off); faults/s = all faults / wall time from the first thread's \
              start to the last one's end; faulting thread i pinned to CPU {allowed:?}[i % \
-             {cpus}], handlers unpinned; handler threads: (a) 1, (b) {n}, (c) {workers} serve worker(s); medians \
-             faults/s: (a) {:.0}, (b) {:.0}, (c) {:.0}",
-            med[0], med[1], med[2]
+             {cpus}], handlers unpinned; handler threads: (a) 1, (b) {n}, (c) and (d) {workers} serve \
+             worker(s), (c) WakePolicy::All (the default), (d) WakePolicy::Exclusive; medians \
+             faults/s: (a) {:.0}, (b) {:.0}, (c) {:.0}, (d) {:.0}",
+            med[0], med[1], med[2], med[3]
         );
         for (i, setup) in [(1, Setup::PerThread), (2, Setup::Serve)] {
             bench.row(Row {
@@ -449,6 +461,19 @@ fn main() {
             note: format!(
                 "{note}; serve's {workers} worker(s) on one userfaultfd against {n} userfaultfd(s) \
                  with a raw handler each, speed-up = (c) / (b)"
+            ),
+        });
+        bench.row(Row {
+            case: case(n),
+            baseline: Setup::PerThread.label().into(),
+            baseline_value: med[1],
+            ours: Setup::ServeExclusive.label().into(),
+            ours_value: med[3],
+            unit: Unit::OpsPerSec,
+            target: None,
+            note: format!(
+                "{note}; the wake policies compared: one worker woken per event (EPOLLEXCLUSIVE) \
+                 against every worker (the default), speed-up = (d) / (b)"
             ),
         });
     }

@@ -63,19 +63,27 @@ use std::time::{Duration, Instant};
 use worker::{Setup, Shared};
 
 /// How sleeping workers are woken for the shared userfaultfd's events.
+///
+/// Measured on a 2-CPU host whose cross-CPU wake costs about 56 µs (a
+/// same-CPU fault round trip, 4 µs): with two faulting threads, waking every
+/// worker served about twice the faults per second of waking one
+/// (`benches/scaling.rs`, rows (c) and (d)), because the worker on the
+/// faulting thread's CPU then takes the fault; the restore benchmark's
+/// stalls did not differ beyond noise. [`WakePolicy::All`] is therefore the
+/// default; [`WakePolicy::Exclusive`] is for many workers on hosts where
+/// cross-CPU wakes are cheap and every idle worker waking on every event
+/// costs more than locality saves: measure with both.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WakePolicy {
+    /// Every sleeping worker wakes on every event (`poll` on the
+    /// userfaultfd); all but one find nothing to read. The default.
+    #[default]
+    All,
     /// One worker per event: each worker sleeps in its own epoll, where the
     /// userfaultfd is added with `EPOLLEXCLUSIVE`, so the kernel wakes one
-    /// sleeping worker per fault instead of all of them (Linux 4.5). The
-    /// default.
-    #[default]
+    /// sleeping worker per fault instead of all of them (Linux 4.5).
     Exclusive,
-    /// Every sleeping worker wakes on every event (`poll`), and all but one
-    /// find nothing to read: the behaviour before
-    /// [`WakePolicy::Exclusive`], kept for comparison.
-    All,
 }
 
 /// Builds a [`Server`]; see [`Server::builder`].
@@ -189,8 +197,8 @@ impl ServerBuilder {
         self
     }
 
-    /// How sleeping workers are woken ([`WakePolicy::Exclusive`] unless
-    /// changed; without effect with [`busy_poll`](Self::busy_poll)).
+    /// How sleeping workers are woken ([`WakePolicy::All`] unless changed;
+    /// without effect with [`busy_poll`](Self::busy_poll)).
     pub fn wake_policy(mut self, policy: WakePolicy) -> Self {
         self.wake_policy = policy;
         self
@@ -375,7 +383,7 @@ impl Server {
             remove: RemovePolicy::Unregister,
             record: false,
             busy_poll: false,
-            wake_policy: WakePolicy::Exclusive,
+            wake_policy: WakePolicy::All,
             watch: None,
             page_size: None,
         }
