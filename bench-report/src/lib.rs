@@ -368,6 +368,16 @@ fn host_section(md: &mut String, h: &Host, records: &[Record], runs: &str, svg: 
             );
         }
         md.push('\n');
+        if let Some(text) = &h.analysis {
+            let _ = writeln!(
+                md,
+                "Why (the measured cause of each miss; `{runs}/{}/{}`):\n",
+                h.slug,
+                runs::ANALYSIS
+            );
+            md.push_str(text.trim_end());
+            md.push_str("\n\n");
+        }
     }
     let mut reasons: Vec<(&str, usize)> = Vec::new();
     for k in records.iter().flat_map(|r| &r.skipped) {
@@ -658,7 +668,33 @@ mod tests {
             date: date.into(),
             slug: runs::slug(machine),
             run: Run::Records(records),
+            analysis: None,
         }
+    }
+
+    #[test]
+    fn a_hosts_analysis_follows_its_misses() {
+        let mut h = host(
+            "AMD EPYC, 2 CPUs, Linux 6.18.44",
+            "",
+            vec![parse(FIXTURE).unwrap()],
+        );
+        h.analysis = Some("- random: the copy itself bounds it.\n".into());
+        let Run::Records(records) = &h.run else {
+            unreachable!()
+        };
+        let mut md = String::new();
+        host_section(&mut md, &h, records, "bench-report/runs", None);
+        let missed = md.find("Missed:").expect("a miss is listed");
+        let why = md
+            .find("Why (the measured cause")
+            .expect("the analysis is shown");
+        assert!(missed < why, "{md}");
+        assert!(md.contains("- random: the copy itself bounds it."), "{md}");
+        assert!(
+            md.contains("`bench-report/runs/amd-epyc-2-cpus-linux-6.18.44/analysis.md`"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 /// The file of an archived run in a host's directory.
 pub const ARCHIVE: &str = "archive.md";
 
+/// Hand-written, in a host's directory: the measured cause of each missed
+/// target of its last run, shown under the run's list of misses. A new full
+/// run keeps it (`store` replaces only records): review it with the run.
+pub const ANALYSIS: &str = "analysis.md";
+
 /// One host's last run.
 #[derive(Clone, Debug)]
 pub struct Host {
@@ -22,6 +27,8 @@ pub struct Host {
     pub slug: String,
     /// The run.
     pub run: Run,
+    /// The host's [`ANALYSIS`] file, if it has one.
+    pub analysis: Option<String>,
 }
 
 /// What a host's directory holds.
@@ -183,6 +190,7 @@ pub fn load(runs: &Path) -> Result<Vec<Host>, String> {
                 slug: String::new(),
                 machine,
                 run: Run::Records(records),
+                analysis: None,
             }
         };
         if slug(&host.machine) != name {
@@ -193,8 +201,14 @@ pub fn load(runs: &Path) -> Result<Vec<Host>, String> {
                 slug(&host.machine)
             ));
         }
+        let analysis = match std::fs::read_to_string(dir.join(ANALYSIS)) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("reading {}: {e}", dir.join(ANALYSIS).display())),
+        };
         hosts.push(Host {
             slug: name.to_string(),
+            analysis,
             ..host
         });
     }
@@ -240,6 +254,7 @@ pub fn parse_archive(text: &str) -> Result<Host, String> {
             source: field("source")?,
             markdown: body.trim().to_string(),
         },
+        analysis: None,
     })
 }
 
