@@ -7,7 +7,7 @@
 # stay as they are. Run it on a quiet machine: the rows are ratios measured
 # in the same process run, but noise still moves them.
 #
-#   scripts/bench.sh            full run (about 4 minutes on 2 cores), then the report
+#   scripts/bench.sh            full run (about 9 minutes on 2 cores), then the report
 #   scripts/bench.sh --quick    GMEM_BENCH_QUICK=1: shrunken sizes, nothing stored, report not written
 #   scripts/bench.sh --report   only rewrite the report from the stored runs
 #   --no-userfaultfd-rs         (with either run) build without the userfaultfd-rs baseline
