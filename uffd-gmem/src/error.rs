@@ -299,4 +299,20 @@ impl From<Error> for kvm_gmem::Error {
 }
 
 /// The crate's result type.
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::{Features, Uffd};
+///
+/// fn negotiated() -> uffd_gmem::Result<Features> {
+///     let uffd = Uffd::builder().require_features(Features::EVENT_UNMAP).create()?;
+///     Ok(uffd.features().unwrap_or_default())
+/// }
+///
+/// match negotiated() {
+///     Ok(features) => assert!(features.contains(Features::EVENT_UNMAP)),
+///     Err(e) => println!("no userfaultfd here: {}", e.errno().map_or(0, |e| e.0)),
+/// }
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -6,9 +6,48 @@ use crate::error::{Error, Result};
 use kvm_gmem_sys as sys;
 
 /// The size of one record.
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::{Event, MSG_SIZE};
+///
+/// // `struct uffd_msg` is 32 bytes; a read returns whole records.
+/// assert_eq!(MSG_SIZE, 32);
+/// let bytes = [0u8; 2 * MSG_SIZE];
+/// let events: Vec<Event> = bytes
+///     .chunks_exact(MSG_SIZE)
+///     .map(|rec| Event::decode(rec, false))
+///     .collect::<Result<_, _>>()?;
+/// assert!(matches!(events[1], Event::Unknown { event: 0, .. }));
+/// # Ok::<(), uffd_gmem::Error>(())
+/// ```
 pub const MSG_SIZE: usize = size_of::<sys::uffd_msg>();
 
 /// What kind of fault a page-fault event reports.
+///
+/// # Examples
+///
+/// Each kind has its resolving ioctl:
+///
+/// ```
+/// use uffd_gmem::sys_bindings as sys;
+/// use uffd_gmem::{Event, FaultKind, MSG_SIZE};
+///
+/// let mut rec = [0u8; MSG_SIZE];
+/// rec[0] = sys::UFFD_EVENT_PAGEFAULT;
+/// rec[8..16].copy_from_slice(&sys::UFFD_PAGEFAULT_FLAG_MINOR.to_ne_bytes());
+/// let Event::Pagefault { kind, .. } = Event::decode(&rec, false)? else {
+///     unreachable!()
+/// };
+/// let ioctl = match kind {
+///     FaultKind::Missing => "UFFDIO_COPY",
+///     FaultKind::Minor => "UFFDIO_CONTINUE",
+///     _ => "UFFDIO_WRITEPROTECT / UFFDIO_RWPROTECT",
+/// };
+/// assert_eq!((kind, ioctl), (FaultKind::Minor, "UFFDIO_CONTINUE"));
+/// # Ok::<(), uffd_gmem::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FaultKind {
@@ -24,6 +63,23 @@ pub enum FaultKind {
 
 /// Whether the faulting access was a read or a write (the kernel may learn
 /// to tell more, e.g. instruction fetches).
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::sys_bindings as sys;
+/// use uffd_gmem::{Access, Event, MSG_SIZE};
+///
+/// let mut rec = [0u8; MSG_SIZE];
+/// rec[0] = sys::UFFD_EVENT_PAGEFAULT;
+/// rec[24..28].copy_from_slice(&42u32.to_ne_bytes()); // the thread id
+/// let read = Event::decode(&rec, true)?;
+/// assert!(matches!(read, Event::Pagefault { access: Access::Read, thread_id: Some(42), .. }));
+/// rec[8..16].copy_from_slice(&sys::UFFD_PAGEFAULT_FLAG_WRITE.to_ne_bytes());
+/// let write = Event::decode(&rec, false)?;
+/// assert!(matches!(write, Event::Pagefault { access: Access::Write, thread_id: None, .. }));
+/// # Ok::<(), uffd_gmem::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Access {
@@ -45,6 +101,33 @@ pub enum Access {
 ///   owned. The reader adopts it only from a userfaultfd it created or
 ///   confirmed (see [`Uffd::from_initialized`]); any other fork record
 ///   becomes [`Event::Unknown`].
+///
+/// # Examples
+///
+/// Decoding a hand-built record (a handler reads them with
+/// [`Uffd::read_events`]):
+///
+/// ```
+/// use uffd_gmem::sys_bindings as sys;
+/// use uffd_gmem::{Access, Event, FaultKind, MSG_SIZE};
+///
+/// // `struct uffd_msg`: the event code at 0, its arguments from 8.
+/// let mut rec = [0u8; MSG_SIZE];
+/// rec[0] = sys::UFFD_EVENT_PAGEFAULT;
+/// rec[8..16].copy_from_slice(&sys::UFFD_PAGEFAULT_FLAG_WRITE.to_ne_bytes());
+/// rec[16..24].copy_from_slice(&0x7000u64.to_ne_bytes());
+/// let event = Event::decode(&rec, false)?;
+/// let fault = Event::Pagefault {
+///     kind: FaultKind::Missing,
+///     access: Access::Write,
+///     address: 0x7000,
+///     thread_id: None,
+/// };
+/// assert_eq!(event, fault);
+/// // Anything but one whole record is an error, never a panic.
+/// assert!(Event::decode(&rec[..MSG_SIZE - 1], false).is_err());
+/// # Ok::<(), uffd_gmem::Error>(())
+/// ```
 ///
 /// [`Uffd::read_events`]: crate::Uffd::read_events
 /// [`Uffd::from_initialized`]: crate::Uffd::from_initialized

@@ -77,6 +77,22 @@ pub const MIN_PAGE_SIZE: u64 = 4096;
 /// Firecracker adds fields (the secret-hiding branch added two), so the
 /// struct is `#[non_exhaustive]`: start from [`GuestRegionUffdMapping::new`]
 /// and set the public fields.
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::firecracker::GuestRegionUffdMapping;
+///
+/// // 128 KiB at 0x7f00_0000_0000, its contents at 64 KiB into the file.
+/// let r = GuestRegionUffdMapping::new(0x7f00_0000_0000, 0x20000, 0x10000, 4096);
+/// assert_eq!(r.snapshot_offset(0x7f00_0000_1008), Some(0x11008));
+/// // On the wire, byte for byte what Firecracker sends.
+/// let json = serde_json::to_string(&r).unwrap();
+/// assert_eq!(
+///     json,
+///     r#"{"base_host_virt_addr":139637976727552,"size":131072,"offset":65536,"page_size":4096,"page_size_kib":4096}"#
+/// );
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(from = "RegionWire")]
 #[non_exhaustive]
@@ -136,6 +152,15 @@ impl From<RegionWire> for GuestRegionUffdMapping {
 impl GuestRegionUffdMapping {
     /// A main-branch region (`page_size_kib` = `page_size`, no secret-hiding
     /// fields).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::firecracker::GuestRegionUffdMapping;
+    ///
+    /// let r = GuestRegionUffdMapping::new(0x10_0000, 0x4000, 0, 4096);
+    /// assert_eq!((r.page_size_kib, r.gpa_start, r.is_guest_memfd), (4096, None, None));
+    /// ```
     pub fn new(base_host_virt_addr: u64, size: u64, offset: u64, page_size: u64) -> Self {
         GuestRegionUffdMapping {
             base_host_virt_addr,
@@ -150,22 +175,60 @@ impl GuestRegionUffdMapping {
 
     /// The host address range `base_host_virt_addr .. + size` (saturating; a
     /// validated region never saturates).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::firecracker::GuestRegionUffdMapping;
+    ///
+    /// let r = GuestRegionUffdMapping::new(0x10_0000, 0x4000, 0x8000, 4096);
+    /// assert_eq!(r.host_range(), 0x10_0000..0x10_4000);
+    /// ```
     pub fn host_range(&self) -> Range<u64> {
         self.base_host_virt_addr..self.base_host_virt_addr.saturating_add(self.size)
     }
 
     /// The snapshot file range `offset .. + size` (saturating, as above).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::firecracker::GuestRegionUffdMapping;
+    ///
+    /// let r = GuestRegionUffdMapping::new(0x10_0000, 0x4000, 0x8000, 4096);
+    /// assert_eq!(r.snapshot_range(), 0x8000..0xc000);
+    /// ```
     pub fn snapshot_range(&self) -> Range<u64> {
         self.offset..self.offset.saturating_add(self.size)
     }
 
     /// Whether `host_addr` lies in the region.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::firecracker::GuestRegionUffdMapping;
+    ///
+    /// let r = GuestRegionUffdMapping::new(0x10_0000, 0x4000, 0, 4096);
+    /// assert!(r.contains(0x10_3fff));
+    /// assert!(!r.contains(0x10_4000) && !r.contains(0xf_ffff));
+    /// ```
     pub fn contains(&self, host_addr: u64) -> bool {
         host_addr >= self.base_host_virt_addr && host_addr - self.base_host_virt_addr < self.size
     }
 
     /// The snapshot file offset holding the byte at `host_addr`, or `None`
     /// when the address is outside the region.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::firecracker::GuestRegionUffdMapping;
+    ///
+    /// let r = GuestRegionUffdMapping::new(0x10_0000, 0x4000, 0x8000, 4096);
+    /// assert_eq!(r.snapshot_offset(0x10_1010), Some(0x9010));
+    /// assert_eq!(r.snapshot_offset(0x10_4000), None);
+    /// ```
     pub fn snapshot_offset(&self, host_addr: u64) -> Option<u64> {
         if !self.contains(host_addr) {
             return None;
@@ -175,6 +238,17 @@ impl GuestRegionUffdMapping {
     }
 
     /// Whether the region uses the secret-hiding guest_memfd.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::firecracker::GuestRegionUffdMapping;
+    ///
+    /// let mut r = GuestRegionUffdMapping::new(0x10_0000, 0x4000, 0, 4096);
+    /// assert!(!r.is_guest_memfd()); // absent: main branch
+    /// r.is_guest_memfd = Some(true);
+    /// assert!(r.is_guest_memfd());
+    /// ```
     pub fn is_guest_memfd(&self) -> bool {
         self.is_guest_memfd == Some(true)
     }
@@ -182,6 +256,20 @@ impl GuestRegionUffdMapping {
 
 /// The VMM's credentials (`SO_PEERCRED`), e.g. to kill Firecracker when the
 /// handler fails, as Firecracker's documentation recommends.
+///
+/// # Examples
+///
+/// ```
+/// use std::os::unix::net::UnixStream;
+/// use uffd_gmem::firecracker::PeerCred;
+///
+/// # fn main() -> uffd_gmem::Result<()> {
+/// let (_vmm, handler) = UnixStream::pair().unwrap();
+/// let vmm = PeerCred::of(&handler)?; // here, this very process
+/// assert_eq!(vmm.pid as u32, std::process::id());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerCred {
     /// Process id at `connect` time.
@@ -352,6 +440,17 @@ impl Handshake {
 /// # Errors
 ///
 /// As there.
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::firecracker::{GuestRegionUffdMapping as R, validate_against_snapshot};
+///
+/// let regions = [R::new(0x10_0000, 0x2000, 0, 4096), R::new(0x20_0000, 0x1000, 0x2000, 4096)];
+/// assert!(validate_against_snapshot(&regions, 0x3000).is_ok());
+/// assert!(validate_against_snapshot(&regions, 0x4000).is_err()); // a tail nobody maps
+/// assert!(validate_against_snapshot(&regions, 0x2000).is_err()); // region 1 past the end
+/// ```
 pub fn validate_against_snapshot(
     regions: &[GuestRegionUffdMapping],
     snapshot_len: u64,
@@ -415,6 +514,20 @@ fn preview(payload: &[u8]) -> String {
 /// # Errors
 ///
 /// As above.
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::firecracker::parse;
+///
+/// // Firecracker 2.0 drops `page_size_kib`: it then reads as `page_size`.
+/// let payload = br#"[{"base_host_virt_addr":1048576,"size":8192,"offset":0,"page_size":4096}]"#;
+/// let regions = parse(payload, 1)?;
+/// assert_eq!((regions[0].size, regions[0].page_size_kib), (8192, 4096));
+/// assert!(parse(payload, 3).is_err()); // 3 fds only with a guest_memfd region
+/// assert!(parse(b"[]", 1).is_err());
+/// # Ok::<(), uffd_gmem::Error>(())
+/// ```
 pub fn parse(payload: &[u8], fd_count: usize) -> Result<Vec<GuestRegionUffdMapping>> {
     if payload.iter().all(u8::is_ascii_whitespace) {
         return Err(protocol(
@@ -659,6 +772,29 @@ fn recv_message(
 /// # Errors
 ///
 /// As [`send_payload`].
+///
+/// # Examples
+///
+/// ```
+/// use std::os::fd::AsFd;
+/// use std::os::unix::net::UnixStream;
+/// use uffd_gmem::firecracker::{self, GuestRegionUffdMapping, Handshake};
+/// use uffd_gmem::{Origin, Uffd};
+///
+/// # fn main() -> uffd_gmem::Result<()> {
+/// let Ok(uffd) = Uffd::builder().create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let (vmm, handler) = UnixStream::pair().unwrap();
+/// let regions = [GuestRegionUffdMapping::new(0x10_0000, 0x4000, 0, 4096)];
+/// firecracker::send(&vmm, &regions, &[uffd.as_fd()])?;
+/// let hs = Handshake::recv(&handler)?;
+/// assert_eq!((hs.regions.as_slice(), hs.total_size()), (&regions[..], 0x4000));
+/// assert_eq!(hs.uffd.origin(), Origin::Adopted);
+/// assert!(hs.region_for(0x10_2000).is_some() && !hs.is_secret_hiding());
+/// # Ok(())
+/// # }
+/// ```
 pub fn send(
     stream: &UnixStream,
     regions: &[GuestRegionUffdMapping],
@@ -676,6 +812,30 @@ pub fn send(
 ///
 /// [`Error::Invalid`] for more than 253 fds (`SCM_MAX_FD`) or fds with an
 /// empty payload; [`Error::Kernel`] naming `sendmsg` or `poll`.
+///
+/// # Examples
+///
+/// Hostile input, for a handler's tests:
+///
+/// ```
+/// use std::os::fd::AsFd;
+/// use std::os::unix::net::UnixStream;
+/// use std::time::Duration;
+/// use uffd_gmem::Error;
+/// use uffd_gmem::firecracker::{self, Handshake};
+///
+/// # fn main() -> uffd_gmem::Result<()> {
+/// let (vmm, handler) = UnixStream::pair().unwrap();
+/// // Fds need a payload byte to ride on.
+/// let e = firecracker::send_payload(&vmm, b"", &[handler.as_fd()]).unwrap_err();
+/// assert!(matches!(e, Error::Invalid { .. }), "{e}");
+/// firecracker::send_payload(&vmm, br#"[{"size":4096}]"#, &[])?;
+/// drop(vmm);
+/// let e = Handshake::recv_timeout(&handler, Duration::from_secs(10)).unwrap_err();
+/// assert!(matches!(e, Error::Protocol { op: firecracker::OP, .. }), "{e}");
+/// # Ok(())
+/// # }
+/// ```
 pub fn send_payload(stream: &UnixStream, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
     let op = "sendmsg(firecracker handshake)";
     if fds.len() > 253 {

@@ -4,6 +4,24 @@ use kvm_gmem_sys as sys;
 
 bitflags::bitflags! {
     /// `UFFD_FEATURE_*`: all 19 features of Linux 7.3. Unknown bits are kept.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::{Features, Uffd};
+    ///
+    /// let wanted = Features::EVENT_REMOVE | Features::THREAD_ID;
+    /// assert!(wanted.contains(Features::THREAD_ID));
+    /// assert!(!wanted.contains(Features::MOVE));
+    /// // A bit this crate does not name (a newer kernel's) survives.
+    /// let raw = Features::from_bits_retain(wanted.bits() | 1 << 63);
+    /// assert_eq!(raw.bits() >> 63, 1);
+    /// assert_eq!(raw & Features::all(), wanted);
+    /// // A userfaultfd knows what it enabled, and what the kernel offers.
+    /// if let Ok(uffd) = Uffd::builder().create() {
+    ///     assert!(uffd.supported_features().unwrap().contains(uffd.features().unwrap()));
+    /// }
+    /// ```
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct Features: u64 {
         /// Write-protect faults are reported with `UFFD_PAGEFAULT_FLAG_WP` (4.3).
@@ -55,6 +73,25 @@ bitflags::bitflags! {
 
 bitflags::bitflags! {
     /// The ioctls a userfaultfd or a registered range accepts (`1 << _UFFDIO_*`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::{HostMapping, Ioctls, RegisterMode, Uffd};
+    ///
+    /// # fn main() -> uffd_gmem::Result<()> {
+    /// let Ok(uffd) = Uffd::builder().create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// // The fd's own ioctls, from the `UFFDIO_API` handshake.
+    /// assert!(uffd.api_ioctls().unwrap().contains(Ioctls::REGISTER | Ioctls::UNREGISTER));
+    /// // A registered range's, from `UFFDIO_REGISTER`.
+    /// let mem = HostMapping::anonymous(uffd_gmem::page_size() as usize)?;
+    /// let range = uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+    /// assert!(range.contains(Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::WAKE));
+    /// # Ok(())
+    /// # }
+    /// ```
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct Ioctls: u64 {
         /// `UFFDIO_REGISTER`.
@@ -86,6 +123,23 @@ bitflags::bitflags! {
 
 bitflags::bitflags! {
     /// `UFFDIO_REGISTER_MODE_*`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::RegisterMode;
+    /// use uffd_gmem::sys_bindings as sys;
+    ///
+    /// // A prefilled snapshot served with CONTINUE, holes with COPY.
+    /// let mode = RegisterMode::MISSING | RegisterMode::MINOR;
+    /// assert!(mode.contains(RegisterMode::MINOR));
+    /// assert!(!mode.contains(RegisterMode::WP));
+    /// // The bits are the kernel's.
+    /// assert_eq!(
+    ///     mode.bits(),
+    ///     sys::UFFDIO_REGISTER_MODE_MISSING | sys::UFFDIO_REGISTER_MODE_MINOR
+    /// );
+    /// ```
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct RegisterMode: u64 {
         /// Faults on missing pages.
@@ -101,6 +155,26 @@ bitflags::bitflags! {
 
 bitflags::bitflags! {
     /// Mode bits of the resolving ioctls, named after their kernel flags.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uffd_gmem::{Error, Mode, Uffd};
+    ///
+    /// # fn main() -> uffd_gmem::Result<()> {
+    /// // Resolve a batch without waking, then wake once.
+    /// let mode = Mode::DONTWAKE | Mode::WP;
+    /// assert!(mode.contains(Mode::DONTWAKE) && !mode.contains(Mode::ALLOW_SRC_HOLES));
+    /// let Ok(uffd) = Uffd::builder().create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// // A mode the ioctl does not take is refused before the call.
+    /// let page = uffd_gmem::page_size();
+    /// let e = uffd.zeropage(0..page, Mode::WP).unwrap_err();
+    /// assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    /// # Ok(())
+    /// # }
+    /// ```
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct Mode: u8 {
         /// `*_MODE_DONTWAKE`: resolve without waking the faulting threads

@@ -40,9 +40,37 @@ use kvm_gmem_sys::support::seccomp::{Ioctl, Syscall};
 pub use kvm_gmem_sys::support::seccomp::thread_start;
 
 /// What one feature needs (the shape kvm-gmem's `seccomp` module uses too).
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::seccomp::{Feature, Rule, rule};
+///
+/// let r: &Rule = rule(Feature::CreateSyscall);
+/// assert_eq!(r.feature, Feature::CreateSyscall);
+/// let names: Vec<&str> = r.syscalls.iter().map(|s| s.name).collect();
+/// assert!(names.contains(&"userfaultfd") && names.contains(&"openat"));
+/// assert_eq!(r.ioctls[0].name, "UFFDIO_API");
+/// assert!(r.allows_syscall(libc::SYS_userfaultfd) && !r.threads);
+/// ```
 pub type Rule = kvm_gmem_sys::support::seccomp::Rule<Feature>;
 
 /// A feature of this crate, as a unit of seccomp policy.
+///
+/// # Examples
+///
+/// A handler of `MINOR` faults on a VMM's userfaultfd, as a set of features:
+///
+/// ```
+/// use uffd_gmem::seccomp::{Feature, rule};
+/// use uffd_gmem::sys_bindings as sys;
+///
+/// let handler = [Feature::Adopt, Feature::Events, Feature::Continue, Feature::Wake];
+/// let allows_ioctl = |req| handler.iter().any(|&f| rule(f).allows_ioctl(req));
+/// assert!(allows_ioctl(sys::UFFDIO_CONTINUE) && allows_ioctl(sys::UFFDIO_WAKE));
+/// assert!(!allows_ioctl(sys::UFFDIO_COPY)); // not asked for
+/// assert!(handler.iter().any(|&f| rule(f).allows_syscall(libc::SYS_read)));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Feature {
@@ -295,11 +323,34 @@ static RULES: &[Rule] = &[
 ];
 
 /// Every feature's rule.
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::seccomp::{Feature, rules};
+///
+/// // One rule per feature; only serving starts threads.
+/// assert_eq!(rules().iter().filter(|r| r.feature == Feature::Copy).count(), 1);
+/// let threaded: Vec<Feature> = rules().iter().filter(|r| r.threads).map(|r| r.feature).collect();
+/// assert_eq!(threaded, [Feature::Serve]);
+/// ```
 pub fn rules() -> &'static [Rule] {
     RULES
 }
 
 /// The rule for `feature`.
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::seccomp::{Feature, rule};
+/// use uffd_gmem::sys_bindings as sys;
+///
+/// let copy = rule(Feature::Copy);
+/// assert!(copy.allows_ioctl(sys::UFFDIO_COPY));
+/// assert!(!copy.allows_ioctl(sys::UFFDIO_ZEROPAGE));
+/// assert!(copy.syscalls.is_empty()); // an ioctl on the fd, nothing more
+/// ```
 ///
 /// # Panics
 ///

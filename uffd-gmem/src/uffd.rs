@@ -14,6 +14,24 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// How a userfaultfd was obtained.
+///
+/// # Examples
+///
+/// ```
+/// use std::os::fd::OwnedFd;
+/// use uffd_gmem::{Origin, Uffd};
+///
+/// // No device node there: the builder falls back to the system call.
+/// let built = Uffd::builder().device_path("/nonexistent/userfaultfd").create();
+/// let Ok(uffd) = built else {
+///     return; // no userfaultfd here
+/// };
+/// assert_eq!(uffd.origin(), Origin::Syscall);
+/// // A VMM's fd handed over is adopted, its features unknown.
+/// let adopted = Uffd::from_initialized(OwnedFd::from(uffd));
+/// assert_eq!(adopted.origin(), Origin::Adopted);
+/// assert_eq!(adopted.features(), None);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Origin {
@@ -27,6 +45,23 @@ pub enum Origin {
 }
 
 /// Builds a [`Uffd`]; see [`Uffd::builder`].
+///
+/// # Examples
+///
+/// Requiring features, and learning which are missing:
+///
+/// ```
+/// use uffd_gmem::{Error, Features, Uffd};
+///
+/// let wanted = Features::EVENT_REMOVE | Features::MINOR_SHMEM;
+/// match Uffd::builder().non_blocking(true).require_features(wanted).create() {
+///     Ok(uffd) => assert!(uffd.features().unwrap().contains(wanted)),
+///     Err(Error::MissingFeatures { missing, supported }) => {
+///         assert!(!missing.is_empty() && !supported.contains(missing));
+///     }
+///     Err(e) => println!("no userfaultfd here: {e}"),
+/// }
+/// ```
 #[derive(Clone, Debug)]
 #[must_use = "a builder does nothing until create() is called"]
 pub struct UffdBuilder {
@@ -1208,6 +1243,25 @@ impl Uffd {
 }
 
 /// A reusable buffer for batched reads ([`Uffd::read_events`]).
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::{EventBuffer, Uffd};
+///
+/// # fn main() -> uffd_gmem::Result<()> {
+/// let Ok(uffd) = Uffd::builder().non_blocking(true).create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// // Room for 64 records per read(2), allocated once.
+/// let mut events = EventBuffer::with_capacity(64);
+/// for _ in 0..2 {
+///     // Nothing registered, nothing pending: an empty batch, no error.
+///     assert_eq!(uffd.read_events(&mut events)?.count(), 0);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct EventBuffer {
     raw: Vec<u8>,

@@ -12,6 +12,30 @@ use std::sync::Arc;
 use super::{MappedFile, PageSource};
 
 /// How a region's faults are resolved.
+///
+/// # Examples
+///
+/// A server whose default is zero-copy `UFFDIO_CONTINUE` needs no page
+/// source (a `Copy` region would):
+///
+/// ```
+/// use uffd_gmem::serve::{Backing, Region, Resolve, Server};
+/// use uffd_gmem::{HostMapping, Uffd};
+///
+/// # fn main() -> uffd_gmem::Result<()> {
+/// let Ok(uffd) = Uffd::builder().create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let page = uffd_gmem::page_size();
+/// let mem = HostMapping::memfd("guest", 4 * page as usize)?;
+/// let server = Server::builder(uffd)
+///     .region(Region::new(mem.addr(), 4 * page))
+///     .resolve(Resolve::Continue(Backing::Prefilled))
+///     .spawn()?;
+/// assert_eq!(server.shutdown()?.faults, 0);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Resolve {
@@ -25,6 +49,38 @@ pub enum Resolve {
 }
 
 /// How the page cache of a [`Resolve::Continue`] region is filled.
+///
+/// # Examples
+///
+/// Zero-copy restore: the snapshot is already in a memfd's page cache, and
+/// each `MINOR` fault is answered with `UFFDIO_CONTINUE` alone
+/// ([`Backing::Prefilled`]):
+///
+/// ```
+/// use std::os::unix::fs::FileExt;
+/// use uffd_gmem::serve::{Region, Server};
+/// use uffd_gmem::{Features, HostMapping, RegisterMode, Uffd};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let wanted = Features::MINOR_SHMEM;
+/// let Ok(uffd) = Uffd::builder().require_features(wanted).create() else {
+///     return Ok(()); // no userfaultfd, or no MINOR faults on shmem
+/// };
+/// let page = uffd_gmem::page_size();
+/// let mem = HostMapping::memfd("guest", 4 * page as usize)?;
+/// // The snapshot goes into the page cache, not through the mapping.
+/// let file = std::fs::File::from(mem.memfd_fd().unwrap().try_clone_to_owned()?);
+/// file.write_all_at(&[0x5a; 16], 2 * page)?;
+/// uffd.register_mapping(&mem, RegisterMode::MINOR)?;
+/// let region = Region::new(mem.addr(), 4 * page).continue_prefilled();
+/// let server = Server::builder(uffd).region(region).spawn()?;
+/// let mut b = [0u8; 1];
+/// mem.read_at(2 * page, &mut b)?; // a MINOR fault, continued
+/// assert_eq!(b[0], 0x5a);
+/// assert_eq!(server.shutdown()?.pages_continued, 1);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Backing {
@@ -92,6 +148,30 @@ pub enum Backing {
 }
 
 /// One range the VMM registered: where it lives, where its contents are.
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::serve::{Region, Server};
+/// use uffd_gmem::{Error, Uffd};
+///
+/// # fn main() -> uffd_gmem::Result<()> {
+/// let page = uffd_gmem::page_size();
+/// // Guest RAM above 4 GiB, the second half of the snapshot.
+/// let high = Region::new(0x7f00_0000_0000, 4 * page).source_offset(4 * page).gpa(1 << 32);
+/// let shown = format!("{high:?}");
+/// assert!(shown.contains(&format!("source_offset: {}", 4 * page)), "{shown}");
+/// assert!(shown.contains("gpa: Some(4294967296)"), "{shown}");
+/// // Spawning checks the regions: page aligned, inside the source.
+/// let Ok(uffd) = Uffd::builder().create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let source = vec![0u8; 4 * page as usize]; // too short for `high`
+/// let e = Server::builder(uffd).region(high).source(source).spawn().unwrap_err();
+/// assert!(matches!(e, Error::Invalid { .. }), "{e}");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Region {
     pub(super) host: u64,
@@ -188,6 +268,38 @@ impl Region {
 /// kernel drops the pages once the event is read, whatever the server is
 /// doing). Either puts the source's bytes back into a dropped page; closing
 /// them would take serialising every event read against every copy.
+///
+/// # Examples
+///
+/// A balloon drops a page; its next touch gets zeroes from the server:
+///
+/// ```
+/// use uffd_gmem::serve::{Region, RemovePolicy, Server};
+/// use uffd_gmem::{Features, HostMapping, RegisterMode, Uffd};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let Ok(uffd) = Uffd::builder().require_features(Features::EVENT_REMOVE).create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let page = uffd_gmem::page_size();
+/// let mem = HostMapping::anonymous(page as usize)?;
+/// uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+/// let server = Server::builder(uffd)
+///     .region(Region::new(mem.addr(), page))
+///     .source(vec![7u8; page as usize])
+///     .on_remove(RemovePolicy::ZeroOnNextFault)
+///     .spawn()?;
+/// let mut b = [0u8; 1];
+/// mem.read_at(0, &mut b)?; // filled from the source
+/// assert_eq!(b[0], 7);
+/// // SAFETY: the mapping holds no Rust references; it is only read again.
+/// assert_eq!(unsafe { libc::madvise(mem.as_ptr().cast(), page as usize, libc::MADV_DONTNEED) }, 0);
+/// mem.read_at(0, &mut b)?; // zeroed, not refilled
+/// assert_eq!(b[0], 0);
+/// assert_eq!(server.shutdown()?.pages_zeroed, 1);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RemovePolicy {

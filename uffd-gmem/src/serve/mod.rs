@@ -38,6 +38,35 @@
 //! `config` (regions and policies), `stats` (what a server reports),
 //! `state` (per-region bookkeeping, no system calls), `fill` (resolving one
 //! fault) and `worker` (the threads and their event loop).
+//!
+//! # Examples
+//!
+//! Serving guest memory from a snapshot file:
+//!
+//! ```
+//! use uffd_gmem::serve::{MappedFile, Region, Server};
+//! use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let Ok(uffd) = Uffd::builder().create() else {
+//!     return Ok(()); // no userfaultfd here
+//! };
+//! let page = uffd_gmem::page_size() as usize;
+//! let path = std::env::temp_dir().join(format!("uffd-gmem-serve-{}.snap", std::process::id()));
+//! std::fs::write(&path, vec![0x3cu8; 4 * page])?;
+//! let snapshot = MappedFile::open(&path)?;
+//! std::fs::remove_file(&path)?;
+//! let guest = HostMapping::anonymous(4 * page)?;
+//! uffd.register_mapping(&guest, RegisterMode::MISSING)?;
+//! let region = Region::new(guest.addr(), 4 * page as u64);
+//! let server = Server::builder(uffd).region(region).source(snapshot).spawn()?;
+//! let mut b = [0u8; 1];
+//! guest.read_at(2 * page as u64, &mut b)?; // faults, filled from the file
+//! assert_eq!(b[0], 0x3c);
+//! assert!(server.shutdown()?.errors.is_empty());
+//! # Ok(())
+//! # }
+//! ```
 
 mod config;
 mod fill;
@@ -73,6 +102,34 @@ use worker::{Setup, Shared};
 /// default; [`WakePolicy::Exclusive`] is for many workers on hosts where
 /// cross-CPU wakes are cheap and every idle worker waking on every event
 /// costs more than locality saves: measure with both.
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::serve::{Region, Server, WakePolicy};
+/// use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// assert_eq!(WakePolicy::default(), WakePolicy::All);
+/// let Ok(uffd) = Uffd::builder().create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let page = uffd_gmem::page_size();
+/// let mem = HostMapping::anonymous(8 * page as usize)?;
+/// uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+/// let server = Server::builder(uffd)
+///     .region(Region::new(mem.addr(), 8 * page))
+///     .source(vec![2u8; 8 * page as usize])
+///     .workers(4)
+///     .wake_policy(WakePolicy::Exclusive) // one worker woken per fault
+///     .spawn()?;
+/// let mut all = vec![0u8; 8 * page as usize];
+/// mem.read_at(0, &mut all)?;
+/// assert!(all.iter().all(|&b| b == 2));
+/// assert_eq!(server.shutdown()?.pages_copied, 8);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WakePolicy {
@@ -87,6 +144,39 @@ pub enum WakePolicy {
 }
 
 /// Builds a [`Server`]; see [`Server::builder`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use uffd_gmem::serve::{Region, Server};
+/// use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let Ok(uffd) = Uffd::builder().create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let page = uffd_gmem::page_size();
+/// let mem = HostMapping::anonymous(8 * page as usize)?;
+/// uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+/// let builder = Server::builder(uffd)
+///     .region(Region::new(mem.addr(), 8 * page))
+///     .source(vec![5u8; 8 * page as usize])
+///     .fault_around(4 * page) // a fault fills its 4-page window
+///     .eagain_timeout(Duration::from_secs(1));
+/// assert!(format!("{builder:?}").contains(&format!("fault_around: {}", 4 * page)));
+/// let server = builder.spawn()?;
+/// mem.read_at(0, &mut [0u8; 1])?; // one fault, then the rest of its window
+/// for _ in 0..1000 {
+///     if server.stats().pages_copied == 4 {
+///         break;
+///     }
+///     std::thread::sleep(Duration::from_millis(5));
+/// }
+/// assert_eq!(server.shutdown()?.pages_copied, 4);
+/// # Ok(())
+/// # }
+/// ```
 #[must_use = "a builder does nothing until spawn() is called"]
 pub struct ServerBuilder {
     uffd: Uffd,
@@ -153,12 +243,60 @@ impl ServerBuilder {
     }
 
     /// Worker threads (default 1).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use uffd_gmem::serve::{Region, Server};
+    /// # use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let Ok(uffd) = Uffd::builder().create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let page = uffd_gmem::page_size();
+    /// let builder = Server::builder(uffd).region(Region::new(page, page)).source(vec![0u8; page as usize]);
+    /// let e = builder.workers(0).spawn().unwrap_err(); // at least one
+    /// assert!(e.to_string().contains("workers"), "{e}");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
         self
     }
 
     /// Source offsets to fill in the background, in order.
+    ///
+    /// # Examples
+    ///
+    /// Pages filled before the guest asks for them fault no more:
+    ///
+    /// ```
+    /// # use uffd_gmem::serve::{Region, Server};
+    /// # use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let Ok(uffd) = Uffd::builder().create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let page = uffd_gmem::page_size();
+    /// let mem = HostMapping::anonymous(4 * page as usize)?;
+    /// uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+    /// let server = Server::builder(uffd)
+    ///     .region(Region::new(mem.addr(), 4 * page))
+    ///     .source(vec![3u8; 4 * page as usize])
+    ///     .prefetch(vec![2 * page, 0]) // e.g. `Stats::working_set` of a run
+    ///     .spawn()?;
+    /// for _ in 0..1000 {
+    ///     if server.stats().pages_prefetched == 2 {
+    ///         break;
+    ///     }
+    ///     std::thread::sleep(std::time::Duration::from_millis(5));
+    /// }
+    /// mem.read_at(2 * page, &mut [0u8; 8])?;
+    /// assert_eq!(server.shutdown()?.faults, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn prefetch(mut self, working_set: Vec<u64>) -> Self {
         self.prefetch = working_set;
         self
@@ -222,6 +360,23 @@ impl ServerBuilder {
     }
 
     /// Validates the configuration and starts the workers.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use uffd_gmem::serve::{Region, Server};
+    /// # use uffd_gmem::{Error, Uffd};
+    /// # fn main() -> uffd_gmem::Result<()> {
+    /// let Ok(uffd) = Uffd::builder().create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// // Nothing runs until the configuration holds: here, no region.
+    /// let e = Server::builder(uffd).source(vec![0u8; 4096]).spawn().unwrap_err();
+    /// assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    /// assert!(e.to_string().contains("no region"), "{e}");
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     ///
@@ -319,6 +474,36 @@ impl ServerBuilder {
 
 /// A running fault server. Dropping it stops and joins its threads, like
 /// [`Server::shutdown`].
+///
+/// # Examples
+///
+/// A server that stops by itself when the VMM's socket closes:
+///
+/// ```
+/// use std::os::unix::net::UnixStream;
+/// use std::time::Duration;
+/// use uffd_gmem::serve::{Region, Server};
+/// use uffd_gmem::{HostMapping, Uffd};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let Ok(uffd) = Uffd::builder().create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let page = uffd_gmem::page_size();
+/// let mem = HostMapping::anonymous(page as usize)?;
+/// let (vmm, handler) = UnixStream::pair()?;
+/// let server = Server::builder(uffd)
+///     .region(Region::new(mem.addr(), page))
+///     .source(vec![0u8; page as usize])
+///     .stop_when_closed(handler.into())
+///     .spawn()?;
+/// assert!(!server.is_stopped());
+/// drop(vmm); // the VMM exits
+/// assert!(server.wait_timeout(Duration::from_secs(10)));
+/// assert!(server.shutdown()?.stopped_because.is_some());
+/// # Ok(())
+/// # }
+/// ```
 pub struct Server {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
@@ -390,11 +575,52 @@ impl Server {
     }
 
     /// A snapshot of the statistics so far.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use uffd_gmem::serve::{Region, Server};
+    /// # use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let Ok(uffd) = Uffd::builder().create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let page = uffd_gmem::page_size();
+    /// let mem = HostMapping::anonymous(page as usize)?;
+    /// uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+    /// let source = vec![1u8; page as usize];
+    /// let server = Server::builder(uffd).region(Region::new(mem.addr(), page)).source(source).spawn()?;
+    /// assert_eq!(server.stats().faults, 0);
+    /// mem.read_at(0, &mut [0u8; 1])?;
+    /// assert_eq!(server.stats().faults, 1); // while it runs
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn stats(&self) -> Stats {
         self.shared.stats()
     }
 
     /// Whether the server stopped by itself (the watched fd closed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use uffd_gmem::serve::{Region, Server};
+    /// # use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let Ok(uffd) = Uffd::builder().create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let page = uffd_gmem::page_size();
+    /// let builder = Server::builder(uffd).region(Region::new(page, page)).source(vec![0u8; page as usize]);
+    /// let server = builder.spawn()?;
+    /// // Nothing watched: it stops only when told.
+    /// assert!(!server.wait_timeout(std::time::Duration::from_millis(10)));
+    /// assert!(!server.is_stopped());
+    /// server.shutdown()?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn is_stopped(&self) -> bool {
         self.shared.stopping()
     }
@@ -432,6 +658,30 @@ impl Server {
     }
 
     /// The userfaultfd being served.
+    ///
+    /// # Examples
+    ///
+    /// Handing a range back to the kernel while serving:
+    ///
+    /// ```
+    /// # use uffd_gmem::serve::{Region, Server};
+    /// # use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let Ok(uffd) = Uffd::builder().create() else {
+    ///     return Ok(()); // no userfaultfd here
+    /// };
+    /// let page = uffd_gmem::page_size();
+    /// let mem = HostMapping::anonymous(page as usize)?;
+    /// uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+    /// let source = vec![1u8; page as usize];
+    /// let server = Server::builder(uffd).region(Region::new(mem.addr(), page)).source(source).spawn()?;
+    /// server.uffd().unregister(mem.range())?;
+    /// let mut b = [9u8; 1];
+    /// mem.read_at(0, &mut b)?; // the kernel's zero page, no fault
+    /// assert_eq!((b[0], server.shutdown()?.faults), (0, 0));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn uffd(&self) -> &Uffd {
         &self.shared.uffd
     }

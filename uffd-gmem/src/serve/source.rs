@@ -12,6 +12,32 @@ use std::path::Path;
 use super::Region;
 
 /// Where page contents come from.
+///
+/// # Examples
+///
+/// `Vec<u8>` is one; a source of your own needs `len` and `read_at`:
+///
+/// ```
+/// use uffd_gmem::serve::PageSource;
+///
+/// let snapshot: Vec<u8> = (0..=255).collect();
+/// let mut buf = [0u8; 4];
+/// snapshot.read_at(16, &mut buf)?;
+/// assert_eq!((PageSource::len(&snapshot), buf), (256, [16, 17, 18, 19]));
+/// assert!(snapshot.read_at(254, &mut buf).is_err()); // past the end
+///
+/// struct Pattern(u8); // every byte the same, 1 MiB of it
+/// impl PageSource for Pattern {
+///     fn len(&self) -> u64 { 1 << 20 }
+///     fn read_at(&self, _offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+///         buf.fill(self.0);
+///         Ok(())
+///     }
+/// }
+/// Pattern(9).read_at(4096, &mut buf)?;
+/// assert_eq!(buf, [9; 4]);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub trait PageSource: Send + Sync {
     /// The source's length in bytes.
     fn len(&self) -> u64;
@@ -50,6 +76,25 @@ pub trait PageSource: Send + Sync {
 /// reading a page past a new end raises SIGBUS in the copy that reads it.
 /// Snapshot files are written once, before restore; do not truncate one
 /// that a server is reading.
+///
+/// # Examples
+///
+/// ```
+/// use uffd_gmem::serve::{MappedFile, PageSource};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let path = std::env::temp_dir().join(format!("uffd-gmem-doc-{}.snap", std::process::id()));
+/// std::fs::write(&path, vec![0xa5u8; 8192])?;
+/// let snapshot = MappedFile::open(&path)?;
+/// std::fs::remove_file(&path)?; // the mapping keeps the contents
+/// let mut buf = [0u8; 2];
+/// snapshot.read_at(4095, &mut buf)?;
+/// assert_eq!((snapshot.len(), buf), (8192, [0xa5; 2]));
+/// assert!(snapshot.as_ptr(0, 8192).is_some()); // zero-copy UFFDIO_COPY
+/// assert!(snapshot.as_ptr(4096, 8192).is_none()); // past the end
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct MappedFile {
     ptr: *const u8,

@@ -12,6 +12,22 @@ use super::{Server, ServerBuilder};
 
 /// A log2 latency histogram: bucket `i` counts resolutions that took
 /// `[2^i, 2^(i+1))` nanoseconds.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use uffd_gmem::serve::Histogram;
+///
+/// let mut h = Histogram::default();
+/// assert_eq!(h.quantile(0.5), None); // no samples
+/// h.buckets = vec![0; 12];
+/// h.buckets[10] = 3; // three took 1024..2048 ns
+/// h.buckets[11] = 1; // one took 2048..4096 ns
+/// assert_eq!(h.count(), 4);
+/// assert_eq!(h.quantile(0.5), Some(Duration::from_nanos(2048)));
+/// assert_eq!(h.quantile(1.0), Some(Duration::from_nanos(4096)));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Histogram {
@@ -50,6 +66,46 @@ impl Histogram {
 /// concerns, and the [`Error`].
 ///
 /// Its `Display` reads `<op> <start>..<end>: <error>`.
+///
+/// # Examples
+///
+/// A page source that fails: the background fill reports it and goes on.
+///
+/// ```
+/// use std::time::Duration;
+/// use uffd_gmem::serve::{PageSource, Region, Server};
+/// use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+///
+/// struct Broken;
+/// impl PageSource for Broken {
+///     fn len(&self) -> u64 { 1 << 20 }
+///     fn read_at(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+///         Err(std::io::ErrorKind::BrokenPipe.into())
+///     }
+/// }
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let Ok(uffd) = Uffd::builder().create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let page = uffd_gmem::page_size();
+/// let mem = HostMapping::anonymous(page as usize)?;
+/// uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+/// let region = Region::new(mem.addr(), page);
+/// let server = Server::builder(uffd).region(region).source(Broken).prefetch_all(true).spawn()?;
+/// for _ in 0..1000 {
+///     if !server.stats().errors.is_empty() {
+///         break;
+///     }
+///     std::thread::sleep(Duration::from_millis(5));
+/// }
+/// let stats = server.shutdown()?; // never touched: nothing waits on it
+/// let e = &stats.errors[0];
+/// assert_eq!(e.range, Some(mem.addr()..mem.addr() + page), "{e}");
+/// assert!(e.to_string().starts_with(e.op));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ServeError {
@@ -109,6 +165,36 @@ impl std::error::Error for ServeError {
 }
 
 /// What a server did.
+///
+/// # Examples
+///
+/// Recording a run's working set, to prefetch it on the next:
+///
+/// ```
+/// use uffd_gmem::serve::{Region, Server};
+/// use uffd_gmem::{HostMapping, RegisterMode, Uffd};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let Ok(uffd) = Uffd::builder().create() else {
+///     return Ok(()); // no userfaultfd here
+/// };
+/// let page = uffd_gmem::page_size();
+/// let mem = HostMapping::anonymous(4 * page as usize)?;
+/// uffd.register_mapping(&mem, RegisterMode::MISSING)?;
+/// let server = Server::builder(uffd)
+///     .region(Region::new(mem.addr(), 4 * page))
+///     .source(vec![1u8; 4 * page as usize])
+///     .record(true)
+///     .spawn()?;
+/// mem.read_at(3 * page, &mut [0u8; 8])?;
+/// mem.read_at(page, &mut [0u8; 8])?;
+/// let stats = server.shutdown()?;
+/// assert_eq!((stats.faults, stats.pages_copied), (2, 2));
+/// assert_eq!(stats.working_set(), [3 * page, page]); // source offsets
+/// assert!(stats.latency_quantile(0.99).unwrap() <= stats.max_latency);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub struct Stats {
