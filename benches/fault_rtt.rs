@@ -662,7 +662,7 @@ fn run_case(
     );
     let raw_row = (
         format!("raw libc ({mode} + read + ioctl)"),
-        Target::min(1.0 / 1.05, "ours <= 1.05x raw"),
+        Target::min(1.0 / 1.02, "ours <= 1.02x raw"),
     );
     let rs_row = (
         format!("userfaultfd-rs 0.9 ({mode} + read_events + ioctl)"),

@@ -370,8 +370,15 @@ fn serve(name: &str) {
     ok(name)
 }
 
+/// The file `mapped_file` maps: named after the test process, which runs
+/// the scenario in a child and removes it afterwards (the child cannot: its
+/// filter allows no `unlink`).
+fn mapped_file_path(test_pid: u32) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("uffd-gmem-seccomp-{test_pid}"))
+}
+
 fn mapped_file(name: &str) {
-    let path = std::env::temp_dir().join(format!("uffd-gmem-seccomp-{}", std::process::id()));
+    let path = mapped_file_path(std::os::unix::process::parent_id());
     std::fs::write(&path, vec![0x42u8; 3 * page() as usize]).unwrap_or_else(|e| fail(name, e));
     filter_for(&[Feature::MappedFile]).install();
     let f = MappedFile::open(&path).unwrap_or_else(|e| fail(name, e));
@@ -468,6 +475,7 @@ fn filter_serve() {
 #[test]
 fn filter_mapped_file() {
     scenario("mapped_file");
+    let _ = std::fs::remove_file(mapped_file_path(std::process::id()));
 }
 
 #[test]
