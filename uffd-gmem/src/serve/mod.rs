@@ -24,11 +24,15 @@
 //! - The pitfalls handled once: `EAGAIN` while the address space changes
 //!   (deferred, retried after reading events, dropped with an error after a
 //!   timeout); `EEXIST` (the faulter is woken with `UFFDIO_WAKE`); duplicate
-//!   and late faults on filled pages (woken, not refilled); `REMOVE`
-//!   (unregister, or zero on the next fault); `UNMAP` and `REMAP` followed.
-//! - **One worker woken per fault**: each sleeping worker waits in its own
-//!   epoll, where the userfaultfd is added `EPOLLEXCLUSIVE`
-//!   ([`WakePolicy`]); or, with [`ServerBuilder::busy_poll`], spins.
+//!   and late faults on filled pages (woken, not refilled; under
+//!   `RemovePolicy::ZeroOnNextFault` answered again, which a page still
+//!   mapped refuses with `EEXIST`); `REMOVE` (unregister, or zero on the next
+//!   fault); `UNMAP` and `REMAP` followed.
+//! - **Waking**: sleeping workers wait in `poll` on the userfaultfd, or, with
+//!   [`WakePolicy::Exclusive`], each in its own epoll where the userfaultfd
+//!   is added `EPOLLEXCLUSIVE` (one worker woken per fault; measured against
+//!   the default in [`WakePolicy`]); or, with [`ServerBuilder::busy_poll`],
+//!   they spin.
 //! - [`Stats`]: faults, pages, per-thread counters; with
 //!   [`ServerBuilder::record`] a latency histogram and the fault log; errors
 //!   are collected, never panicked on; [`Server::shutdown`] stops and joins

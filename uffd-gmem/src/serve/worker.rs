@@ -1,6 +1,6 @@
-//! The threads: what they share, how a worker waits (one epoll per worker,
-//! the userfaultfd added `EPOLLEXCLUSIVE`: one worker woken per event), the
-//! event loop, the events besides faults, deferred faults and the
+//! The threads: what they share, how a worker waits (`poll` on the
+//! userfaultfd, or with `WakePolicy::Exclusive` one epoll per worker with the
+//! userfaultfd added `EPOLLEXCLUSIVE`), the event loop, the events besides faults, deferred faults and the
 //! prefetcher.
 
 use super::WakePolicy;
