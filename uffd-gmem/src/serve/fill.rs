@@ -75,7 +75,7 @@ impl Shared {
     /// page cache for a MINOR fault): a page still mapped answers `EEXIST`,
     /// nothing is written, and the wake follows.
     fn answer_filled(&self, c: &Counters, r: &RegionState, kind: FaultKind, page: Range<u64>) {
-        if self.remove != RemovePolicy::ZeroOnNextFault {
+        if self.cfg.remove != RemovePolicy::ZeroOnNextFault {
             return self.wake(c, page);
         }
         let (answer, counter) = match (kind, &r.resolve) {
@@ -108,8 +108,8 @@ impl Shared {
         buf: &mut Vec<u8>,
     ) -> Fill {
         let Some(r) = r else { return Fill::NoRegion };
-        let idx = (addr - r.host) / self.page;
-        if self.record {
+        let idx = (addr - r.host) / self.cfg.page;
+        if self.cfg.record {
             super::worker::lock(&self.log).push(r.source_at(idx));
         }
         let page = r.span(idx..idx + 1);
@@ -140,8 +140,8 @@ impl Shared {
             // another fill claimed is the faulter catching up with it, and
             // would reset the sequential streak mid-stream.
             // Nor does a hole: its neighbours are likely holes too.
-            if n > 0 && self.window_pages > 1 && !hole {
-                let w = r.window(idx, self.window_pages);
+            if n > 0 && self.cfg.window_pages > 1 && !hole {
+                let w = r.window(idx, self.cfg.window_pages);
                 self.fill_range(c, r, w, buf, false);
             }
         }
@@ -160,7 +160,7 @@ impl Shared {
         buf: &mut Vec<u8>,
         prefetch: bool,
     ) -> Option<u64> {
-        let max_run = (MAX_FILL / self.page).max(1);
+        let max_run = (MAX_FILL / self.cfg.page).max(1);
         let mut total = 0;
         let mut at = pages.start;
         while !self.stopping() {
@@ -256,7 +256,7 @@ impl Shared {
             (Resolve::Copy, false) => &c.copied,
             (Resolve::Continue(_), false) => &c.continued,
         };
-        let page = self.page;
+        let page = self.cfg.page;
         let filled = |done: u64| (done / page).min(count);
         match outcome {
             Ok(_) => {

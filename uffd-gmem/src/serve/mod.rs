@@ -93,7 +93,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use worker::{Setup, Shared};
+use worker::{Config, Setup, Shared};
 
 /// How sleeping workers are woken for the shared userfaultfd's events.
 ///
@@ -430,14 +430,16 @@ impl ServerBuilder {
             uffd: self.uffd,
             regions,
             source,
-            page,
-            window_pages,
-            eagain_timeout: self.eagain_timeout,
-            remove: self.remove,
-            record: self.record,
-            busy_poll: self.busy_poll,
-            wake_policy: self.wake_policy,
-            prefetching,
+            cfg: Config {
+                page,
+                window_pages,
+                eagain_timeout: self.eagain_timeout,
+                remove: self.remove,
+                record: self.record,
+                busy_poll: self.busy_poll,
+                wake_policy: self.wake_policy,
+                prefetching,
+            },
             wake,
             watch: self.watch,
             workers: self.workers,

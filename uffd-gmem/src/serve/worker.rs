@@ -40,16 +40,8 @@ pub(super) struct Shared {
     /// a worker's [`Cache`] checks it with one load per fault.
     pub(super) generation: AtomicU64,
     pub(super) source: Arc<dyn PageSource>,
-    pub(super) page: u64,
-    pub(super) window_pages: u64,
-    pub(super) eagain_timeout: Duration,
-    pub(super) remove: RemovePolicy,
-    /// Fault log and latencies (the fault path reads no clock without).
-    pub(super) record: bool,
-    pub(super) busy_poll: bool,
-    pub(super) wake_policy: WakePolicy,
-    /// A prefetcher runs: faults announce themselves in `active_faults`.
-    pub(super) prefetching: bool,
+    /// The settings, fixed at spawn.
+    pub(super) cfg: Config,
     pub(super) stop: AtomicBool,
     /// Signalled on stop: wakes every sleeping worker.
     pub(super) wake: OwnedFd,
@@ -65,19 +57,29 @@ pub(super) struct Shared {
     stopped_because: Mutex<Option<String>>,
 }
 
+/// The server's settings, fixed at spawn (from the validated builder).
+#[derive(Clone, Copy)]
+pub(super) struct Config {
+    /// The page size the regions are tracked in.
+    pub(super) page: u64,
+    /// The fault-around window, in pages (a power of two).
+    pub(super) window_pages: u64,
+    pub(super) eagain_timeout: Duration,
+    pub(super) remove: RemovePolicy,
+    /// Fault log and latencies (the fault path reads no clock without).
+    pub(super) record: bool,
+    pub(super) busy_poll: bool,
+    pub(super) wake_policy: WakePolicy,
+    /// A prefetcher runs: faults announce themselves in `active_faults`.
+    pub(super) prefetching: bool,
+}
+
 /// What a `Shared` is built from (the validated builder).
 pub(super) struct Setup {
     pub(super) uffd: Uffd,
     pub(super) regions: Vec<RegionState>,
     pub(super) source: Arc<dyn PageSource>,
-    pub(super) page: u64,
-    pub(super) window_pages: u64,
-    pub(super) eagain_timeout: Duration,
-    pub(super) remove: RemovePolicy,
-    pub(super) record: bool,
-    pub(super) busy_poll: bool,
-    pub(super) wake_policy: WakePolicy,
-    pub(super) prefetching: bool,
+    pub(super) cfg: Config,
     pub(super) wake: OwnedFd,
     pub(super) watch: Option<OwnedFd>,
     pub(super) workers: usize,
@@ -90,14 +92,7 @@ impl Shared {
             regions: RwLock::new(s.regions.into_iter().map(Arc::new).collect()),
             generation: AtomicU64::new(0),
             source: s.source,
-            page: s.page,
-            window_pages: s.window_pages,
-            eagain_timeout: s.eagain_timeout,
-            remove: s.remove,
-            record: s.record,
-            busy_poll: s.busy_poll,
-            wake_policy: s.wake_policy,
-            prefetching: s.prefetching,
+            cfg: s.cfg,
             stop: AtomicBool::new(false),
             wake: s.wake,
             watch: s.watch,
@@ -175,18 +170,18 @@ impl Shared {
         match ev {
             Event::Pagefault { kind, address, .. } => {
                 add(&c.faults, 1);
-                if self.prefetching {
+                if self.cfg.prefetching {
                     self.active_faults.fetch_add(1, Ordering::AcqRel);
                 }
-                let started = self.record.then(Instant::now);
-                let addr = address & !(self.page - 1);
+                let started = self.cfg.record.then(Instant::now);
+                let addr = address & !(self.cfg.page - 1);
                 let region = cache.find(self, addr);
                 if self
                     .serve_fault(c, region, addr, kind, started, buf)
                     .retry()
                 {
                     add(&c.eagain, 1);
-                    let deadline = started.unwrap_or_else(Instant::now) + self.eagain_timeout;
+                    let deadline = started.unwrap_or_else(Instant::now) + self.cfg.eagain_timeout;
                     self.defer(Deferred {
                         addr: address,
                         kind,
@@ -194,7 +189,7 @@ impl Shared {
                         deadline,
                     });
                 }
-                if self.prefetching {
+                if self.cfg.prefetching {
                     self.active_faults.fetch_sub(1, Ordering::AcqRel);
                 }
             }
@@ -241,16 +236,16 @@ impl Shared {
             if now > d.deadline {
                 let what = format!(
                     "the fault still got EAGAIN (or lay outside every region) after {:?}; given up",
-                    self.eagain_timeout
+                    self.cfg.eagain_timeout
                 );
                 // A forged fault record may name the top of the address
                 // space: no overflow.
-                let range = d.addr..d.addr.saturating_add(self.page);
+                let range = d.addr..d.addr.saturating_add(self.cfg.page);
                 let e = Error::Protocol { op: "serve", what };
                 self.error("deferred fault", Some(range), e);
                 continue;
             }
-            let addr = d.addr & !(self.page - 1);
+            let addr = d.addr & !(self.cfg.page - 1);
             let r = cache.find(self, addr);
             if self.serve_fault(c, r, addr, d.kind, d.started, buf).retry() {
                 self.defer(d);
@@ -267,7 +262,7 @@ impl Shared {
         len: Option<u64>,
         to: Option<u64>,
     ) -> bool {
-        let page = self.page;
+        let page = self.cfg.page;
         if state::plausible(cache.current(self), page, start, len, to) {
             return true;
         }
@@ -286,7 +281,7 @@ impl Shared {
             };
             let _removing = r.begin_remove();
             let span = r.span(pages.clone());
-            match self.remove {
+            match self.cfg.remove {
                 RemovePolicy::Unregister => {
                     match self.uffd.unregister(span.clone()) {
                         Ok(()) => {}
@@ -376,10 +371,10 @@ enum Waiter {
 
 impl Waiter {
     fn new(s: &Shared) -> Waiter {
-        if s.busy_poll {
+        if s.cfg.busy_poll {
             return Waiter::Spin(0);
         }
-        if s.wake_policy == WakePolicy::All {
+        if s.cfg.wake_policy == WakePolicy::All {
             return Waiter::Poll;
         }
         let ep = match sys::epoll_create() {
@@ -469,7 +464,7 @@ pub(super) fn worker(s: &Shared, id: usize) {
         if deferred {
             s.retry_deferred(c, &mut cache, &mut buf);
         }
-        if s.busy_poll {
+        if s.cfg.busy_poll {
             std::hint::spin_loop();
         }
     }
@@ -491,14 +486,14 @@ pub(super) fn prefetcher(s: &Shared, list: &[u64], all: bool) {
             .iter()
             .find(|r| off >= r.source_offset && off - r.source_offset < r.len);
         if let Some(r) = holder {
-            let idx = (off - r.source_offset) / s.page;
+            let idx = (off - r.source_offset) / s.cfg.page;
             let _ = s.fill_range(c, r, idx..idx + 1, &mut buf, true);
         }
     }
     if !all {
         return;
     }
-    let chunk = s.window_pages.max(16);
+    let chunk = s.cfg.window_pages.max(16);
     for r in cache.current(s).to_vec() {
         let mut i = 0;
         while i < r.pages() {
