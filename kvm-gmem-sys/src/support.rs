@@ -97,6 +97,18 @@ pub fn page_size() -> u64 {
     page
 }
 
+/// The start of `offset .. offset + len` inside a mapping of `size` bytes,
+/// or the broken rule, worded for an `Invalid` error: the bounds check of
+/// the crates' mappings' copies.
+pub fn span_in(offset: u64, len: usize, size: usize) -> Result<usize, std::string::String> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size as u64 => Ok(offset as usize),
+        _ => Err(std::format!(
+            "range {offset:#x}+{len:#x} is outside the mapping (size {size:#x})"
+        )),
+    }
+}
+
 /// Copies `len` bytes with volatile accesses: 8-byte words when source and
 /// destination can be aligned together (the usual case: page-aligned guest
 /// memory and heap buffers), single bytes otherwise. Never forms a reference

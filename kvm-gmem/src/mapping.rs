@@ -129,17 +129,8 @@ impl Mapping {
     }
 
     fn check(&self, op: &'static str, offset: u64, len: usize) -> Result<usize> {
-        let end = offset.checked_add(len as u64);
-        match end {
-            Some(end) if end <= self.len as u64 => Ok(offset as usize),
-            _ => Err(Error::invalid(
-                op,
-                format!(
-                    "range {offset:#x}+{len:#x} is outside the mapping (size {:#x})",
-                    self.len
-                ),
-            )),
-        }
+        kvm_gmem_sys::support::span_in(offset, len, self.len)
+            .map_err(|rule| Error::invalid(op, rule))
     }
 
     /// Copies `buf.len()` bytes at `offset` into `buf`.

@@ -230,16 +230,8 @@ impl HostMapping {
     }
 
     fn check(&self, op: &'static str, offset: u64, len: usize) -> Result<usize> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.len as u64 => Ok(offset as usize),
-            _ => Err(Error::invalid(
-                op,
-                format!(
-                    "range {offset:#x}+{len:#x} is outside the mapping (length {:#x})",
-                    self.len
-                ),
-            )),
-        }
+        kvm_gmem_sys::support::span_in(offset, len, self.len)
+            .map_err(|rule| Error::invalid(op, rule))
     }
 
     /// Copies `buf.len()` bytes at `offset` into `buf` (volatile loads). A
