@@ -79,6 +79,14 @@ for c in "${CRATES[@]}"; do
     package_args+=(-p "$c")
 done
 rm -f "$target"/package/*.crate
+# Verification resolves the crates' dependencies on each other through a
+# temporary local registry, whose unpacked sources cargo keeps under
+# $CARGO_HOME/registry/src/-<hash>/ and reuses while the version is the same:
+# a second run on one machine would verify against the first run's
+# kvm-gmem-sys. Remove those copies so every run verifies what it packaged.
+for c in "${CRATES[@]}"; do
+    rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/"$c-$version"
+done
 if ! cargo package "${package_args[@]}" --allow-dirty; then
     fail "cargo package (verification of the .crate files)"
     finish
