@@ -36,9 +36,12 @@
 //! # }
 //! ```
 //!
-//! The secret-hiding branch's later traffic on the same socket (bitcode
-//! framed fault requests, the exitless-APF message) is not handled here;
-//! [`Handshake::recv`] reads no further than the handshake itself.
+//! [`Handshake::recv`] reads no further than the handshake itself. On the
+//! secret-hiding branch the socket stays in use: [`FaultChannel`] reads and
+//! writes its length-prefixed bitcode [`FaultRequest`]/[`FaultReply`]
+//! frames, and `UserfaultServer` (feature `firecracker-secret-hiding`)
+//! serves the sync vCPU faults they carry. The exitless-APF message is not
+//! handled here.
 
 use crate::error::{Errno, Error, Result};
 use crate::sys;
@@ -48,6 +51,15 @@ use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
+
+mod channel;
+pub use channel::*;
+
+#[cfg(feature = "firecracker-secret-hiding")]
+mod userfault;
+#[cfg(feature = "firecracker-secret-hiding")]
+#[cfg_attr(docsrs, doc(cfg(feature = "firecracker-secret-hiding")))]
+pub use userfault::*;
 
 /// The operation named in this module's [`Error::Protocol`] errors.
 pub const OP: &str = "firecracker handshake";
