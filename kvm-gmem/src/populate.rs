@@ -525,9 +525,39 @@ impl<'a> Populate<'a> {
         {
             let len = range.end - range.start;
             let src = SourcePtr::new(source, len)?;
-            parallel(len, threads, |sub| {
-                populate_ioctl_chunk(vm, gpa + sub.start, src.at(sub.start), sub.end - sub.start)
-            })?;
+            // The first page runs alone: EINVAL there, with nothing written,
+            // means no guest_memfd memslot maps gpa_base + range (the ioctl
+            // addresses guest physical memory); Strategy::Auto then goes on
+            // to the strategies that address the file.
+            let first = len.min(page_size());
+            match populate_ioctl_chunk(vm, gpa, src.at(0), first) {
+                Ok(()) => {}
+                Err(Error::Kernel {
+                    errno: Errno(libc::EINVAL),
+                    ..
+                }) => {
+                    return Ok(Outcome::Unavailable(Unavailable::Invalid(Error::invalid(
+                        OP,
+                        format!(
+                            "KVM_GUEST_MEMFD_POPULATE refused gpa {gpa:#x} with EINVAL: no \
+                             memslot of this VM maps the guest_memfd there (gpa_base {:#x})",
+                            gpa - range.start
+                        ),
+                    ))));
+                }
+                Err(e) => return Err(e),
+            }
+            let rest = len - first;
+            if rest > 0 {
+                parallel(rest, threads, |sub| {
+                    populate_ioctl_chunk(
+                        vm,
+                        gpa + first + sub.start,
+                        src.at(first + sub.start),
+                        sub.end - sub.start,
+                    )
+                })?;
+            }
             Ok(Outcome::Done)
         }
         #[cfg(not(feature = "rfc-populate"))]
