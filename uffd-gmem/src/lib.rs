@@ -38,7 +38,8 @@
 //!   userfaultfd owned), or decoded from bytes by the pure [`Event::decode`]
 //!   (`Event`, a fork's descriptor only a number).
 //! - [`serve`]: a multi-threaded fault server; `firecracker` (feature
-//!   `firecracker`): Firecracker's UFFD handler handshake.
+//!   `firecracker`): Firecracker's UFFD handler handshake, and the
+//!   secret-hiding branch's fault channel.
 //! - [`seccomp`]: the system calls and ioctl requests each feature needs,
 //!   for handlers and VMMs that run under a seccomp filter.
 //! - Errors: one [`Error`] type whose [`Error::errno`] is the kernel's (or
@@ -55,7 +56,8 @@
 //! | Feature | What it adds | Dependencies |
 //! | --- | --- | --- |
 //! | `guest-memfd` | `Uffd::register_guest_memfd` and the `Error` conversions with `kvm_gmem::Error` | `kvm-gmem` |
-//! | `firecracker` | the `firecracker` module (Firecracker's UFFD handler handshake) and its [`seccomp`] features | `serde`, `serde_json` |
+//! | `firecracker` | the `firecracker` module (Firecracker's UFFD handler handshake; the secret-hiding branch's `FaultChannel`) and its [`seccomp`] features | `serde`, `serde_json`, `bitcode` 0.6 |
+//! | `firecracker-secret-hiding` | `firecracker::UserfaultServer`: serving KVM userfault exits by `pwrite` into a `GUEST_MEMFD_FLAG_WRITE` guest_memfd and clearing the bitmap bit | `firecracker`, `guest-memfd`, kvm-gmem's `rfc-kvm-userfault` and `rfc-gmem-write` |
 //!
 //! # Example: serving missing faults from memory
 //!
