@@ -10,7 +10,12 @@
 //! The cases are driven as the selftest's `main` drives them: for every VM
 //! type in `KVM_CAP_VM_TYPES`, the flag probe (1.2), then the per-flags suite
 //! with flags 0, with `MMAP` if the VM offers it, and with
-//! `MMAP | INIT_SHARED` if it offers `INIT_SHARED`.
+//! `MMAP | INIT_SHARED` if it offers `INIT_SHARED`. As the RFC series'
+//! drivers do (kernel-tests.md §6.2, §6.5), a VM that offers
+//! `GUEST_MEMFD_FLAG_WRITE` (bit 3) adds `WRITE` alone, and one that offers
+//! `GUEST_MEMFD_FLAG_NO_DIRECT_MAP` (bit 2) adds each of those sets with it;
+//! on a kernel with the `write()` series, 1.4 expects its answers (ENODEV,
+//! a working `lseek`). The RFC cases themselves are in `rfc_selftests.rs`.
 //!
 //! Where the kernel raises SIGBUS (1.7 fault_overflow, 1.8 fault_private),
 //! the tests assert that the safe API refuses instead ([`Error::Invalid`]).
@@ -64,7 +69,28 @@ fn create_vm(kvm: &KvmDevice, ty: VmType) -> Vm {
         .unwrap_or_else(|e| panic!("KVM_CAP_VM_TYPES lists {ty:?} but KVM_CREATE_VM failed: {e}"))
 }
 
-/// The flag sets of the per-flags suite, as the selftest driver picks them.
+/// `GUEST_MEMFD_FLAG_WRITE` (RFC guest_memfd `write()`, bit 3): the
+/// crate's name with feature `rfc-gmem-write`, the bit without it, so that
+/// the expectations follow the kernel whatever the build.
+fn write_flag() -> GuestMemfdFlags {
+    #[cfg(feature = "rfc-gmem-write")]
+    return GuestMemfdFlags::WRITE;
+    #[cfg(not(feature = "rfc-gmem-write"))]
+    return GuestMemfdFlags::from_bits_retain(1 << 3);
+}
+
+/// `GUEST_MEMFD_FLAG_NO_DIRECT_MAP` (RFC, bit 2), as [`write_flag`].
+fn no_direct_map_flag() -> GuestMemfdFlags {
+    #[cfg(feature = "rfc-no-direct-map")]
+    return GuestMemfdFlags::NO_DIRECT_MAP;
+    #[cfg(not(feature = "rfc-no-direct-map"))]
+    return GuestMemfdFlags::from_bits_retain(1 << 2);
+}
+
+/// The flag sets of the per-flags suite, as the selftest driver picks them:
+/// 0, `MMAP`, `MMAP | INIT_SHARED`; and, as the RFC series' drivers add
+/// them where the VM offers the flag, `WRITE` alone (§6.2) and
+/// `NO_DIRECT_MAP` alone, with `MMAP` and with `MMAP | INIT_SHARED` (§6.5).
 fn flag_sets(vm: &Vm) -> Vec<GuestMemfdFlags> {
     let supported = vm.guest_memfd_flags().expect("KVM_CAP_GUEST_MEMFD_FLAGS");
     let mut sets = vec![GuestMemfdFlags::empty()];
@@ -77,6 +103,17 @@ fn flag_sets(vm: &Vm) -> Vec<GuestMemfdFlags> {
             "MMAP should always be supported if INIT_SHARED is supported (offered: {supported})"
         );
         sets.push(GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED);
+    }
+    if supported.contains(write_flag()) {
+        sets.push(write_flag());
+    }
+    if supported.contains(no_direct_map_flag()) {
+        let base = sets.clone();
+        sets.extend(
+            base.into_iter()
+                .filter(|f| !f.contains(write_flag()))
+                .map(|f| f | no_direct_map_flag()),
+        );
     }
     sets
 }
@@ -234,6 +271,8 @@ fn case_invalid_sizes(kvm: &KvmDevice) {
 /// §1.2 guest_memfd_flags: each single bit 0..63 on a 1-page guest_memfd.
 /// Bits in the VM's `KVM_CAP_GUEST_MEMFD_FLAGS` succeed; the builder refuses
 /// every other bit with `UnsupportedFlags`, and the kernel agrees (EINVAL).
+/// Driven by the capability alone, so the RFC bits (2 `NO_DIRECT_MAP`, 3
+/// `WRITE`) are accepted alone where offered, whatever the build's features.
 fn case_flags(kvm: &KvmDevice) {
     let p = page();
     for ty in vm_types(kvm) {
@@ -306,8 +345,25 @@ fn case_multiple(kvm: &KvmDevice) {
 /// §1.4 file_read_write: read/write → EINVAL, pread/pwrite → ESPIPE (seen
 /// 6.18.44; the selftest checks only for failure); lseek → ESPIPE; ftruncate
 /// → EINVAL. The API offers none of these: guest_memfd is not a byte stream.
+///
+/// A kernel with the guest_memfd `write()` series (its VM offers
+/// `GUEST_MEMFD_FLAG_WRITE`, §6.2) gives every guest_memfd a write side and
+/// a file position: without the flag `write`/`pwrite` → ENODEV, with it a
+/// 64-byte write → EINVAL (page alignment); `lseek` works (SEEK_END: the
+/// size). The read side is unchanged.
 fn case_file_read_write(kvm: &KvmDevice) {
     let ran = for_each_config(kvm, |vm, flags| {
+        let write_series = vm
+            .guest_memfd_flags()
+            .expect("KVM_CAP_GUEST_MEMFD_FLAGS")
+            .contains(write_flag());
+        let (write_err, pwrite_err) = if flags.contains(write_flag()) {
+            (libc::EINVAL, libc::EINVAL)
+        } else if write_series {
+            (libc::ENODEV, libc::ENODEV)
+        } else {
+            (libc::EINVAL, libc::ESPIPE)
+        };
         let g = gmem(vm, 4, flags);
         let fd = g.as_raw_fd();
         let mut buf = [0u8; 64];
@@ -323,7 +379,7 @@ fn case_file_read_write(kvm: &KvmDevice) {
         let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
         expect_errno(
             if r < 0 { Err(errno()) } else { Ok(r) },
-            libc::EINVAL,
+            write_err,
             &what("write"),
         );
         // SAFETY: as for read.
@@ -337,16 +393,29 @@ fn case_file_read_write(kvm: &KvmDevice) {
         let r = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), 0) };
         expect_errno(
             if r < 0 { Err(errno()) } else { Ok(r) },
-            libc::ESPIPE,
+            pwrite_err,
             &what("pwrite"),
         );
         // SAFETY: lseek takes integers only.
         let r = unsafe { libc::lseek(fd, 0, libc::SEEK_SET) };
-        expect_errno(
-            if r < 0 { Err(errno()) } else { Ok(r) },
-            libc::ESPIPE,
-            &what("lseek"),
-        );
+        if write_series {
+            assert_eq!(
+                r,
+                0,
+                "{}: {}",
+                what("lseek(0, SEEK_SET)"),
+                errno_name(errno())
+            );
+            // SAFETY: as above.
+            let end = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+            assert_eq!(end as u64, 4 * page(), "{}", what("lseek(0, SEEK_END)"));
+        } else {
+            expect_errno(
+                if r < 0 { Err(errno()) } else { Ok(r) },
+                libc::ESPIPE,
+                &what("lseek"),
+            );
+        }
         // SAFETY: ftruncate takes integers only.
         let r = unsafe { libc::ftruncate(fd, (8 * page()) as i64) };
         expect_errno(

@@ -901,47 +901,173 @@ fn guest_memfd_pair(
     Ok((vm, gmem, a, b))
 }
 
+/// `uffd.register_guest_memfd(map, mode)`, after the kernel's raw answer to
+/// the same registration on a throwaway userfaultfd: the two must agree.
+/// `None` after a capability skip (`UFFDIO_REGISTER_GUEST_MEMFD`) when the
+/// kernel refuses userfaultfd on guest_memfd.
+#[cfg(feature = "guest-memfd")]
+fn register_guest_memfd_or_skip(
+    test: &str,
+    uffd: &Uffd,
+    map: &kvm_gmem::Mapping,
+    mode: RegisterMode,
+) -> Option<Ioctls> {
+    let range = map.addr()..map.addr() + map.len() as u64;
+    let probe = uffd_with(test, Features::empty()).unwrap();
+    // SAFETY: guest memory, referenced by nothing; the probe is closed
+    // (unregistering) before the real registration.
+    let raw = unsafe { raw_register(probe.as_fd(), range, mode.bits()) };
+    drop(probe);
+    match uffd.register_guest_memfd(map, mode) {
+        Err(e) => {
+            assert!(e.is_unsupported(), "{test}: {mode:?}: {e}");
+            assert_eq!(raw, Err(Errno(libc::EINVAL)), "{test}: {mode:?}: {e}");
+            skip_capability("UFFDIO_REGISTER_GUEST_MEMFD", format_args!("refused ({e})"));
+            None
+        }
+        Ok(ioctls) => {
+            assert!(raw.is_ok(), "{test}: raw {raw:?} but typed Ok");
+            assert!(ioctls.contains(Ioctls::WAKE), "{test}: {ioctls:?}");
+            Some(ioctls)
+        }
+    }
+}
+
+/// §6.3.1 uffd_minor: a guest_memfd (`MMAP | INIT_SHARED`) mapped twice,
+/// the first mapping registered MINOR on a userfaultfd with features 0;
+/// every page written through the second lands in the guest_memfd's page
+/// cache, and a thread reading through the first takes one MINOR fault per
+/// page at exactly that page, resolved with `UFFDIO_CONTINUE`
+/// ([`minor_flow`]: the reader sees the handler's bytes, a second pass
+/// faults no more). Then the refusals: write-protect mode on that mapping,
+/// and MINOR or MISSING on a guest_memfd without `INIT_SHARED` (EINVAL).
+/// The shmem equivalent runs too, on every kernel.
 #[cfg(feature = "guest-memfd")]
 #[test]
 fn guest_memfd() {
-    let Some(_g) = group("guest_memfd") else {
+    let test = "guest_memfd";
+    let Some(_g) = group(test) else {
         return;
     };
     let pages = 4;
     match guest_memfd_pair(pages) {
-        Err(why) => eprintln!("guest_memfd: the guest_memfd part is left out: {why}"),
-        Ok((_vm, _gmem, a, b)) => {
-            let range = a.addr()..a.addr() + a.len() as u64;
-            for mode in [RegisterMode::MINOR, RegisterMode::MISSING] {
-                // What the kernel says to a raw registration, on a throwaway fd.
-                let probe = uffd_with("guest_memfd", Features::empty()).unwrap();
-                // SAFETY: guest memory, referenced by nothing; the probe is
-                // closed (unregistering) before the real registration.
-                let raw = unsafe { raw_register(probe.as_fd(), range.clone(), mode.bits()) };
-                drop(probe);
-
-                let uffd = uffd_with("guest_memfd", Features::empty()).unwrap();
-                match uffd.register_guest_memfd(&a, mode) {
-                    Err(e) => {
-                        assert!(e.is_unsupported(), "{mode:?}: {e}");
-                        assert_eq!(raw, Err(Errno(libc::EINVAL)), "{mode:?}: {e}");
-                        eprintln!("note: guest_memfd {mode:?}: {e}");
-                    }
-                    Ok(ioctls) => {
-                        assert!(raw.is_ok(), "raw {raw:?} but typed Ok");
-                        assert!(ioctls.contains(Ioctls::WAKE), "{ioctls:?}");
-                        if mode == RegisterMode::MINOR {
-                            assert!(ioctls.contains(Ioctls::CONTINUE), "{ioctls:?}");
-                            minor_flow("guest_memfd", &uffd, a.addr(), b.addr(), pages);
-                        }
-                    }
-                }
+        Err(why) => eprintln!("{test}: the guest_memfd part is left out: {why}"),
+        Ok((vm, _gmem, a, b)) => {
+            let uffd = uffd_with(test, Features::empty()).unwrap();
+            if let Some(ioctls) = register_guest_memfd_or_skip(test, &uffd, &a, RegisterMode::MINOR)
+            {
+                assert!(ioctls.contains(Ioctls::CONTINUE), "{ioctls:?}");
+                minor_flow(test, &uffd, a.addr(), b.addr(), pages);
+                guest_memfd_refusals(test, &vm, &b, pages);
             }
         }
     }
-    // The nearest equivalent the kernel does support: shmem mapped twice,
+    // The nearest equivalent every kernel supports: shmem mapped twice,
     // through the same flow.
     shmem_minor("guest_memfd (shmem equivalent)");
+}
+
+/// What userfaultfd on guest_memfd refuses: WP registration of `map` (a
+/// mapping of an `INIT_SHARED` guest_memfd), and any registration of a
+/// guest_memfd created without `INIT_SHARED` (EINVAL).
+#[cfg(feature = "guest-memfd")]
+fn guest_memfd_refusals(test: &str, vm: &kvm_gmem::Vm, map: &kvm_gmem::Mapping, pages: u64) {
+    let probe = uffd_with(test, Features::empty()).unwrap();
+    let range = map.addr()..map.addr() + map.len() as u64;
+    // SAFETY: guest memory, referenced by nothing; a refused registration
+    // changes nothing, and the probe is closed (unregistering) right after.
+    let wp = unsafe { raw_register(probe.as_fd(), range, RegisterMode::WP.bits()) };
+    assert!(
+        wp.is_err(),
+        "{test}: WP registration of a guest_memfd: {wp:?}"
+    );
+
+    // MMAP without INIT_SHARED: the kernel maps it, but every access would
+    // raise SIGBUS, so the mapping is made here and never touched.
+    let private = kvm_gmem::GuestMemfd::builder(pages * ps())
+        .mmap(true)
+        .create(vm)
+        .expect("a guest_memfd with MMAP only");
+    let m = Map::mmap(
+        pages * ps(),
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+        private.as_raw_fd(),
+    );
+    for mode in [RegisterMode::MINOR, RegisterMode::MISSING] {
+        // SAFETY: as above; `m` is never accessed.
+        let r = unsafe { raw_register(probe.as_fd(), m.range(), mode.bits()) };
+        assert_eq!(
+            r.map(|_| ()),
+            Err(Errno(libc::EINVAL)),
+            "{test}: {mode:?} registration of a guest_memfd without INIT_SHARED"
+        );
+    }
+}
+
+/// §6.3.2 uffd_missing: a single guest_memfd mapping registered MISSING on
+/// a userfaultfd with features 0; a thread reads page 1, which the
+/// guest_memfd does not hold: one PAGEFAULT event at exactly that page,
+/// kind `Missing` (no WP flag), access read; `UFFDIO_COPY` of a 0xab page
+/// resolves it and the reader sees 0xab; a second read faults no more. The
+/// copy went into the guest_memfd: a second, unregistered mapping sees it,
+/// and a second copy to the page is `Exists`.
+#[cfg(feature = "guest-memfd")]
+#[test]
+fn guest_memfd_missing() {
+    let test = "guest_memfd_missing";
+    let Some(_g) = group(test) else {
+        return;
+    };
+    let pages = 4;
+    let (_vm, _gmem, a, b) = match guest_memfd_pair(pages) {
+        Ok(pair) => pair,
+        Err(why) => {
+            eprintln!("{test}: left out: {why}");
+            return;
+        }
+    };
+    let uffd = uffd_with(test, Features::empty()).unwrap();
+    let Some(ioctls) = register_guest_memfd_or_skip(test, &uffd, &a, RegisterMode::MISSING) else {
+        return;
+    };
+    assert!(ioctls.contains(Ioctls::COPY), "{ioctls:?}");
+    let ps = ps();
+    let target = a.addr() + ps;
+    // SAFETY: the registered mapping; its fault is served below.
+    let reader = std::thread::spawn(move || unsafe { load(target, ps) });
+    match next_event(&uffd) {
+        Event::Pagefault {
+            kind: FaultKind::Missing,
+            access: Access::Read,
+            address,
+            ..
+        } => assert_eq!(address, target, "{test}: the fault's address"),
+        other => panic!("{test}: expected a read MISSING fault at {target:#x}, got {other:?}"),
+    }
+    let src = vec![0xabu8; ps as usize];
+    // SAFETY: `src` is readable for one page for the whole call.
+    let n = unsafe { uffd.copy(target, src.as_ptr(), ps, Mode::empty()) }
+        .unwrap_or_else(|e| panic!("{test}: UFFDIO_COPY: {e}"));
+    assert_eq!(n, ps, "{test}: bytes copied");
+    let bytes = join(reader, "the reader of page 1");
+    assert!(
+        uniform(&bytes, 0xab),
+        "{test}: the reader saw {:#x}",
+        bytes[0]
+    );
+    // SAFETY: mapped now; a fault would reach `unfaulted`'s handler.
+    let again = unfaulted(&uffd, move || unsafe { load(target, ps) });
+    assert!(uniform(&again, 0xab), "{test}: a second read");
+    // SAFETY: `b` is an unregistered view of the same guest_memfd, and
+    // page 1 is in its page cache now.
+    let through_b = unsafe { load(b.addr() + ps, ps) };
+    assert!(uniform(&through_b, 0xab), "{test}: the second mapping");
+    // SAFETY: as for the first copy.
+    match unsafe { uffd.copy(target, src.as_ptr(), ps, Mode::empty()) } {
+        Err(Error::Exists { addr, done: 0, .. }) => assert_eq!(addr, target),
+        other => panic!("{test}: a second UFFDIO_COPY to the page gave {other:?}"),
+    }
 }
 
 // ---------------------------------------------------------------------------
