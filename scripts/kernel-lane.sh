@@ -17,9 +17,14 @@
 #   scripts/kernel-lane.sh [--arch A] --check-docs   run; fail if this lane's status differs from the docs (CI)
 #   scripts/kernel-lane.sh [--arch A] --update-docs  run; write this lane's column into docs/kernel-matrix.md
 #   scripts/kernel-lane.sh [--arch A] --check-only   no run: steps 7 and 8 of --check-docs on the last
-#                                                    run's logs (in <target>/kernel-lane/<arch>)
+#                                                    run's logs (in <target>/kernel-lane/<lane>)
+#   scripts/kernel-lane.sh --kernel ours [...]       the same on the project's own test kernel
+#                                                    (x86_64 only): Linux 7.3.4 with the RFC uAPIs
+#                                                    of kernel/patches/, built or reused by
+#                                                    scripts/test-kernel.sh; lane "x86_64-rfc"
 #
-# The matrix has one lane column per architecture (the guest kernel: the same
+# The matrix has one lane column per lane (an architecture, and for
+# `--kernel ours` the architecture with "-rfc": the guest kernel, the same
 # on every machine, so compared strictly) and one column per host the lane
 # ran on, labelled with its CPU, kernel and PVM or not. Each invocation runs
 # one architecture and touches only its own lane column and this host's: the
@@ -133,13 +138,18 @@ COMMON_CAPS=(
 )
 
 arch="x86_64"
+kernel="debian"
 mode="notice"
 reuse=0
-usage="usage: $0 [--arch x86_64|aarch64] [--check-docs | --update-docs | --check-only]"
+usage="usage: $0 [--arch x86_64|aarch64] [--kernel debian|ours] [--check-docs | --update-docs | --check-only]"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --arch)
             arch="${2:?$usage}"
+            shift
+            ;;
+        --kernel)
+            kernel="${2:?$usage}"
             shift
             ;;
         --check-docs) mode="check" ;;
@@ -206,6 +216,34 @@ case "$arch" in
 esac
 KERNEL_ABI="$KERNEL_BASE-$deb_arch"
 REQUIRED_CAPS=("${COMMON_CAPS[@]}" "${ARCH_CAPS[@]}")
+# --kernel ours: the project's test kernel (scripts/test-kernel.sh), x86_64
+# only. KVM is built in (no modules); busybox still comes from Debian (step
+# 2). Its lane must have every RFC uAPI and the software-protected VM rows
+# besides what stock 7.3.4 has.
+lane_id="$arch"
+# The modules /init loads: the Debian kernel's (MODULES, which step 2 also
+# fetches and caches for that kernel), none for ours.
+load_modules=("${MODULES[@]}")
+case "$kernel" in
+    debian) ;;
+    ours)
+        if [[ "$arch" != x86_64 ]]; then
+            echo "error: --kernel ours is built for x86_64 only" >&2
+            exit 2
+        fi
+        lane_id="$arch-rfc"
+        load_modules=()
+        REQUIRED_CAPS+=(
+            KVM_GUEST_MEMFD_POPULATE GUEST_MEMFD_FLAG_WRITE GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+            KVM_MEM_USERFAULT UFFDIO_REGISTER_GUEST_MEMFD
+            KVM_X86_SW_PROTECTED_VM KVM_CAP_MEMORY_ATTRIBUTES
+        )
+        ;;
+    *)
+        echo "$usage" >&2
+        exit 2
+        ;;
+esac
 required_caps="$(IFS=,; echo "${REQUIRED_CAPS[*]}")" # GMEM_REQUIRED_CAPS's format
 
 LANE_TIMEOUT="${GMEM_LANE_TIMEOUT:-600}"
@@ -220,11 +258,11 @@ cd "$root"
 target="${CARGO_TARGET_DIR:-target}"
 [[ "$target" == /* ]] || target="$root/$target"
 lanes="$target/kernel-lane"
-lane="$lanes/$arch"
+lane="$lanes/$lane_id"
 mkdir -p "$lane"
 SECONDS=0
 elapsed() { printf '%dm%02ds' $((SECONDS / 60)) $((SECONDS % 60)); }
-say() { echo "==> [kernel-lane $arch $(elapsed)] $*"; }
+say() { echo "==> [kernel-lane $lane_id $(elapsed)] $*"; }
 gmem_matrix() { cargo run -q --release -p gmem-matrix -- "$@"; }
 # "<package> <target name> <executable>" for every test executable of a
 # `cargo --message-format=json` log. package_id is a package id spec:
@@ -244,7 +282,7 @@ exe_named() { awk -v t="$1" '$2 == t {print $3}' "$2" | tail -n 1; }
 if [[ $reuse -eq 1 ]]; then
     say "1-6. skipped (--check-only): the last run's logs in $lane"
     if [[ ! -f "$lane/run.env" ]]; then
-        echo "error: no $lane/run.env: run the $arch lane once first" >&2
+        echo "error: no $lane/run.env: run the $lane_id lane once first" >&2
         exit 1
     fi
     # shellcheck source=/dev/null # written by step 6 of an earlier run
@@ -276,7 +314,12 @@ fi
 say "2. kernel $KERNEL_ABI ($KERNEL_VERSION, trixie-backports) and busybox-static:$deb_arch (trixie)"
 kdir="$lanes/kernel/$KERNEL_VERSION/$deb_arch"
 stamp="$kdir/.complete"
-if [[ -f "$stamp" && -f "$kdir/vmlinuz" && -f "$kdir/busybox" ]]; then
+cached=1
+[[ -f "$stamp" && -f "$kdir/vmlinuz" && -f "$kdir/busybox" ]] || cached=0
+for m in "${MODULES[@]}"; do
+    [[ -f "$kdir/modules/${m%% *}.ko" ]] || cached=0
+done
+if [[ $cached -eq 1 ]]; then
     echo "cached in $kdir: $(cat "$stamp")"
 else
     work="$(mktemp -d)"
@@ -326,6 +369,13 @@ else
     rm -rf "$work"
     trap - EXIT
     echo "unpacked into $kdir: $(cat "$stamp")"
+fi
+vmlinuz="$kdir/vmlinuz"
+if [[ "$kernel" == ours ]]; then
+    say "2b. the test kernel: scripts/test-kernel.sh (Debian linux-source-7.3 + kernel/patches/)"
+    vmlinuz="$(scripts/test-kernel.sh | tail -n 1)"
+    echo "$vmlinuz: $(head -n 1 "$(dirname "$vmlinuz")/build.txt")"
+    sed 's/^/    /' "$(dirname "$vmlinuz")/patches.txt"
 fi
 
 # ---------------------------------------------------------------------------
@@ -408,7 +458,7 @@ mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run,lane/modules}
 cp "$kdir/busybox" "$stage/bin/busybox"
 install -m 0755 scripts/lane-init.sh "$stage/init"
 : >"$stage/lane/modules.list"
-for m in "${MODULES[@]}"; do
+for m in "${load_modules[@]}"; do
     name="${m%% *}"
     cp "$kdir/modules/$name.ko" "$stage/lane/modules/"
     echo "$name" >>"$stage/lane/modules.list"
@@ -439,13 +489,13 @@ initrd="$lane/initramfs.cpio"
 echo "$initrd: $(du -h "$initrd" | cut -f1)"
 
 # ---------------------------------------------------------------------------
-say "6. boot $KERNEL_ABI under QEMU (TCG, $virt, -smp $SMP, -m $MEMORY; limit ${LANE_TIMEOUT}s)"
+say "6. boot $(basename "$vmlinuz") ($kernel) under QEMU (TCG, $virt, -smp $SMP, -m $MEMORY; limit ${LANE_TIMEOUT}s)"
 boot_start=$SECONDS
 qemu_rc=0
 timeout -k 10 "$LANE_TIMEOUT" "${qemu[@]}" -smp "$SMP" -m "$MEMORY" \
     -nodefaults -display none -monitor none -no-reboot \
     -serial stdio \
-    -kernel "$kdir/vmlinuz" -initrd "$initrd" \
+    -kernel "$vmlinuz" -initrd "$initrd" \
     -append "console=$console panic=-1 loglevel=4 rdinit=/init" \
     </dev/null 2>"$lane/qemu.stderr" | tr -d '\r' | tee "$lane/serial.log" || qemu_rc=${PIPESTATUS[0]}
 boot_secs=$((SECONDS - boot_start))
@@ -518,10 +568,16 @@ gen="$lane/kernel-matrix.md"
 check=()
 [[ "$mode" == check ]] && check=(--check)
 guest_kernel="${guest_kernel:-$KERNEL_ABI}"
+if [[ "$kernel" == ours ]]; then
+    lane_label="lane $lane_id $guest_kernel: 7.3.4 + gmem RFC patches (ours; QEMU TCG, $virt)"
+    lane_about="Linux $guest_kernel, built by \`scripts/test-kernel.sh\` from Debian \`linux-source-7.3\` $KERNEL_VERSION with the project's patches (\`kernel/patches/\`: $(cd kernel/patches && ls -- *.patch | sed 's/\.patch$//' | paste -sd, - | sed 's/,/, /g')) on \`make tinyconfig\` + \`kernel/config.fragment\`, booted by QEMU $qemu_version with TCG on $virt_about"
+else
+    lane_label="lane $lane_id $guest_kernel (QEMU TCG, $virt)"
+    lane_about="Linux $guest_kernel (Debian \`linux-binary-$KERNEL_ABI\` $KERNEL_VERSION), booted by QEMU $qemu_version with TCG on $virt_about"
+fi
 if ! gmem_matrix merge --docs docs/kernel-matrix.md --out "$gen" --date "$(date -u +%Y-%m-%d)" \
     --host-log "$lane/host.log" --lane-log "$log" \
-    --lane-label "lane $arch $guest_kernel (QEMU TCG, $virt)" \
-    --lane-about "Linux $guest_kernel (Debian \`linux-binary-$KERNEL_ABI\` $KERNEL_VERSION), booted by QEMU $qemu_version with TCG on $virt_about" \
+    --lane-label "$lane_label" --lane-about "$lane_about" \
     "${check[@]}"; then
     problems+=("the kernel matrix (above)")
 fi
@@ -536,11 +592,11 @@ if [[ "$mode" == update ]]; then
 fi
 
 echo
-echo "guest: $guest_kernel ($arch); boot to power-off ${boot_secs}s; lane wall time $(elapsed)"
+echo "guest: $guest_kernel ($lane_id); boot to power-off ${boot_secs}s; lane wall time $(elapsed)"
 [[ $reuse -eq 1 ]] && echo "(--check-only: the results of the last run, in $lane)"
 if [[ ${#problems[@]} -gt 0 ]]; then
-    echo "kernel lane ($arch) FAILED:" >&2
+    echo "kernel lane ($lane_id) FAILED:" >&2
     printf '  - %s\n' "${problems[@]}" >&2
     exit 1
 fi
-echo "kernel lane ($arch) passed: $(wc -l <"$lane/runs.list") test executable(s) and command(s) on $guest_kernel"
+echo "kernel lane ($lane_id) passed: $(wc -l <"$lane/runs.list") test executable(s) and command(s) on $guest_kernel"

@@ -217,6 +217,16 @@ const FEATURES: &[(&str, &str, Check)] = &[
         "KVM_MEM_USERFAULT with a bitmap (RFC v3 / Firecracker 6.18): a vCPU fault exits with the USERFAULT flag",
         rfc_kvm_userfault,
     ),
+    (
+        "sw_protected_attributes",
+        "KVM_X86_SW_PROTECTED_VM: set_attributes(PRIVATE) and back on a slot backed by a guest_memfd and host memory; the guest sees the guest_memfd while private, host memory once shared",
+        sw_protected_attributes,
+    ),
+    (
+        "sw_protected_private_fault",
+        "KVM_X86_SW_PROTECTED_VM: a guest touching a private gfn with no guest_memfd behind it exits KVM_EXIT_MEMORY_FAULT with the PRIVATE flag, decoded by MemoryFault",
+        sw_protected_private_fault,
+    ),
 ];
 
 // ---------------------------------------------------------------------------
@@ -477,7 +487,14 @@ struct Guest {
 
 impl Guest {
     fn new(kvm: &kvm_ioctls::Kvm) -> Guest {
-        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        Guest::of_type(kvm, VmType::DEFAULT)
+    }
+
+    /// The guest in a VM of type `ty`.
+    fn of_type(kvm: &kvm_ioctls::Kvm, ty: VmType) -> Guest {
+        let vm = kvm
+            .create_vm_with_type(ty.0)
+            .unwrap_or_else(|e| panic!("KVM_CREATE_VM({ty:?}): {e}"));
         // Intel needs a TSS for real mode; others ignore it.
         #[cfg(target_arch = "x86_64")]
         let _ = vm.set_tss_address(0xfffb_d000);
@@ -522,6 +539,15 @@ impl Guest {
         // is `backing`, now in `self.keep`, which is dropped after `self.vm`
         // (field order), so the slot never points at unmapped memory.
         unsafe { self.vm.set_memory_region(&region) }
+    }
+
+    /// Puts the vCPU back at the program's start, to run it again.
+    #[cfg(target_arch = "x86_64")]
+    fn restart(&mut self) {
+        let mut regs = self.vcpu.get_regs().expect("KVM_GET_REGS");
+        regs.rip = CODE_GPA;
+        regs.rflags = 2;
+        self.vcpu.set_regs(&regs).expect("KVM_SET_REGS");
     }
 
     fn run(&mut self) -> GuestExit {
@@ -1281,7 +1307,68 @@ fn uffd_on_guest_memfd(cx: &Ctx) -> Row {
     assert_eq!(byte, 0xcd);
     (
         Status::Verified,
-        "a guest_memfd mapping registered MINOR: a page written through a second mapping faulted Minor, UFFDIO_CONTINUE resolved it and the reader saw 0xcd".into(),
+        format!(
+            "a guest_memfd mapping registered MINOR: a page written through a second mapping faulted Minor, UFFDIO_CONTINUE resolved it and the reader saw 0xcd; {}",
+            serve_guest_memfd(cx, &vm)
+        ),
+    )
+}
+
+/// `serve` on a guest_memfd registered MISSING|MINOR, as a snapshot
+/// restore does it: each fault's page is put into the guest_memfd (with
+/// `pwrite` where GUEST_MEMFD_FLAG_WRITE is offered, else through a second
+/// mapping) and mapped with UFFDIO_CONTINUE.
+fn serve_guest_memfd(cx: &Ctx, vm: &kvm_gmem::Vm) -> String {
+    use uffd_gmem::serve::{Region, Server};
+    const PAGES: u64 = 8;
+    let write = cx.caps.rfc.gmem_write.supported;
+    let gmem = GuestMemfd::builder(PAGES * PAGE)
+        .flags(shared_flags())
+        .write(write)
+        .create(vm)
+        .expect("KVM_CREATE_GUEST_MEMFD");
+    let view = gmem.map().expect("map");
+    let alias = gmem.map().expect("map");
+    let uffd = Uffd::builder()
+        .non_blocking(true)
+        .create()
+        .expect("userfaultfd");
+    uffd.register_guest_memfd(&view, RegisterMode::MISSING | RegisterMode::MINOR)
+        .expect("register_guest_memfd(MISSING|MINOR)");
+    let snapshot: Vec<u8> = (0..PAGES * PAGE).map(|i| (i / PAGE) as u8 + 0x10).collect();
+    let region = Region::new(view.addr(), PAGES * PAGE);
+    let (region, how) = if write {
+        let fd = Arc::new(gmem.as_fd().try_clone_to_owned().expect("dup"));
+        (region.continue_via_pwrite(fd, 0), "pwrite")
+    } else {
+        // SAFETY: `alias` is a second shared mapping of the same
+        // guest_memfd, not registered, alive until the server is shut down
+        // below, and no reference points into it.
+        (
+            unsafe { region.continue_via_alias(alias.addr()) },
+            "the second mapping",
+        )
+    };
+    let server = Server::builder(uffd)
+        .region(region)
+        .source(snapshot.clone())
+        .spawn()
+        .expect("serve");
+    for page in [3u64, 0, 7] {
+        let rx = read_on_thread(view.addr() + page * PAGE + 5);
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("serve resolved the fault within 10 s");
+        assert_eq!(got, snapshot[(page * PAGE) as usize], "page {page}");
+    }
+    let stats = server.shutdown().expect("shutdown");
+    assert!(stats.errors.is_empty(), "{:?}", stats.errors);
+    assert_eq!(stats.pages_continued, 3, "{stats:?}");
+    all(&read_map(&alias, 3 * PAGE, PAGE), 0x13).expect("the guest_memfd holds page 3");
+    drop(alias);
+    format!(
+        "serve on a MISSING|MINOR registration: 3 faults, each page put into the guest_memfd with {how} and mapped with UFFDIO_CONTINUE ({} continued, 0 errors)",
+        stats.pages_continued
     )
 }
 
@@ -1328,16 +1415,27 @@ fn rfc_populate(cx: &Ctx) -> Row {
     let report = r.expect("Populate(PopulateIoctl)");
     assert_eq!(report.strategy, Strategy::PopulateIoctl);
     assert_eq!(report.bytes, 2 * PAGE);
+    let populate = |range: Range<u64>, src: &[u8]| {
+        Populate::new(&vm, &gmem)
+            .strategy(Strategy::PopulateIoctl)
+            .gpa_base(DATA_GPA)
+            .run(range, Source::bytes(src))
+    };
+    let again = populate(0..PAGE, &src[..PAGE as usize]).expect_err("populating page 0 twice");
+    assert_eq!(again.errno(), Some(Errno(libc::EEXIST)), "{again}");
+    gmem.punch_hole(0..PAGE).expect("punch page 0");
+    populate(0..PAGE, &[0x3du8; PAGE as usize]).expect("repopulating page 0 after the punch");
     let mut seen = "";
     if mmap {
         let map = gmem.map().expect("map");
-        all(&read_map(&map, 0, 2 * PAGE), 0x3c).expect("the populated pages");
+        all(&read_map(&map, 0, PAGE), 0x3d).expect("the repopulated page");
+        all(&read_map(&map, PAGE, PAGE), 0x3c).expect("the populated page");
         seen = "; the mapping shows the bytes";
     }
     (
         Status::Verified,
         format!(
-            "{}; Populate with Strategy::PopulateIoctl filled 2 pages at gpa {DATA_GPA:#x}{seen}",
+            "{}; Populate with Strategy::PopulateIoctl filled 2 pages at gpa {DATA_GPA:#x}; again: {again}; after PUNCH_HOLE page 0 took new contents{seen}",
             probe.evidence
         ),
     )
@@ -1377,21 +1475,29 @@ fn rfc_gmem_write(cx: &Ctx) -> Row {
         b = b.mmap(true).init_shared(true);
     }
     let gmem = b.create(&vm).expect("KVM_CREATE_GUEST_MEMFD(WRITE)");
-    let report = Populate::detached(&gmem)
-        .strategy(Strategy::Write)
-        .run(0..2 * PAGE, Source::bytes(&src))
-        .expect("Populate(Write)");
+    let write = |range: Range<u64>, src: &[u8]| {
+        Populate::detached(&gmem)
+            .strategy(Strategy::Write)
+            .run(range, Source::bytes(src))
+    };
+    let report = write(0..2 * PAGE, &src).expect("Populate(Write)");
     assert_eq!(report.strategy, Strategy::Write);
+    assert_eq!(report.bytes, 2 * PAGE);
+    let again = write(0..PAGE, &src[..PAGE as usize]).expect_err("writing page 0 twice");
+    assert_eq!(again.errno(), Some(Errno(libc::EEXIST)), "{again}");
+    gmem.punch_hole(0..PAGE).expect("punch page 0");
+    write(0..PAGE, &[0x4cu8; PAGE as usize]).expect("rewriting page 0 after the punch");
     let mut seen = "";
     if mmap {
         let map = gmem.map().expect("map");
-        all(&read_map(&map, 0, 2 * PAGE), 0x4b).expect("the written pages");
+        all(&read_map(&map, 0, PAGE), 0x4c).expect("the rewritten page");
+        all(&read_map(&map, PAGE, PAGE), 0x4b).expect("the written page");
         seen = "; the mapping shows the bytes";
     }
     (
         Status::Verified,
         format!(
-            "{}; Populate with Strategy::Write wrote 2 pages{seen}",
+            "{}; Populate with Strategy::Write wrote 2 pages; again: {again}; after PUNCH_HOLE page 0 took new contents{seen}",
             probe.evidence
         ),
     )
@@ -1425,12 +1531,17 @@ fn rfc_no_direct_map(cx: &Ctx) -> Row {
     let gmem = b
         .create(&vm)
         .expect("KVM_CREATE_GUEST_MEMFD(NO_DIRECT_MAP)");
-    let mut seen = "";
+    let mut seen = String::new();
     if mmap {
         let map = gmem.map().expect("map");
         map.fill(0, PAGE as usize, 0x6e).expect("fill");
         all(&read_map(&map, 0, PAGE), 0x6e).expect("read back");
-        seen = "; its mapping reads back what was written";
+        gmem.punch_hole(0..PAGE).expect("punch");
+        all(&read_map(&map, 0, PAGE), 0).expect("a punched page reads zero");
+        seen = format!(
+            "; its mapping reads back what was written, and zeroes after a punch; {}",
+            no_direct_map_guest(cx)
+        );
     }
     (
         Status::Verified,
@@ -1438,6 +1549,31 @@ fn rfc_no_direct_map(cx: &Ctx) -> Row {
             "{}; created a 4-page NO_DIRECT_MAP guest_memfd{seen}",
             probe.evidence
         ),
+    )
+}
+
+/// A guest on a NO_DIRECT_MAP|MMAP|INIT_SHARED guest_memfd slot (the
+/// mapping as userspace_addr): it reads the host's page and writes back.
+fn no_direct_map_guest(cx: &Ctx) -> String {
+    let mut g = Guest::new(&cx.kvm_io);
+    let gmem = GuestMemfd::builder(DATA_SIZE)
+        .flags(shared_flags())
+        .no_direct_map(true)
+        .create(&g.vm)
+        .expect("KVM_CREATE_GUEST_MEMFD(NO_DIRECT_MAP|MMAP|INIT_SHARED)");
+    let map = Arc::new(gmem.map().expect("GuestMemfd::map"));
+    map.fill(0, PAGE as usize, HOST_BYTE).expect("fill");
+    let region = MemoryRegion2::builder(1, DATA_GPA, DATA_SIZE)
+        .guest_memfd(&gmem, 0)
+        .userspace(&map)
+        .build()
+        .expect("guest_memfd slot");
+    g.set_slot(region, Some(map.clone()))
+        .expect("KVM_SET_USER_MEMORY_REGION2 (NO_DIRECT_MAP guest_memfd)");
+    assert_guest_exchanges(&mut g, || read_map(&map, 0, PAGE));
+    format!(
+        "{} ran on it (a KVM_MEM_GUEST_MEMFD slot at {DATA_GPA:#x}): it read the host's {HOST_BYTE:#x} and the host read back its {GUEST_BYTE:#x}",
+        guest::A_GUEST
     )
 }
 
@@ -1475,6 +1611,127 @@ fn rfc_kvm_userfault(cx: &Ctx) -> Row {
         format!(
             "{}; the guest's first read exited KVM_EXIT_MEMORY_FAULT with USERFAULT at {DATA_GPA:#x}; after clearing the page's bit it ran on",
             probe.evidence
+        ),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Software-protected VMs (private memory without hardware protection)
+// ---------------------------------------------------------------------------
+
+/// A guest in a `KVM_X86_SW_PROTECTED_VM` whose VM fd offers
+/// `KVM_MEMORY_ATTRIBUTE_PRIVATE`, or the row saying why there is none.
+#[cfg(target_arch = "x86_64")]
+fn sw_protected_guest(cx: &Ctx) -> Result<Guest, Row> {
+    let ty = VmType::SW_PROTECTED;
+    if cx.caps.vm_types & (1 << ty.0) == 0 {
+        return Err((
+            Status::Unsupported,
+            format!(
+                "KVM_CAP_VM_TYPES = {:#x} lacks KVM_X86_SW_PROTECTED_VM",
+                cx.caps.vm_types
+            ),
+        ));
+    }
+    let g = Guest::of_type(&cx.kvm_io, ty);
+    let attrs =
+        g.vm.supported_attributes()
+            .expect("KVM_CHECK_EXTENSION(KVM_CAP_MEMORY_ATTRIBUTES)");
+    if !attrs.contains(MemoryAttributes::PRIVATE) {
+        return Err((
+            Status::Unsupported,
+            format!(
+                "KVM_CAP_MEMORY_ATTRIBUTES on a SW_PROTECTED VM fd = {:#x}, without PRIVATE",
+                attrs.bits()
+            ),
+        ));
+    }
+    Ok(g)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn sw_protected_attributes(_cx: &Ctx) -> Row {
+    (Status::NotApplicable, "an x86 VM type".into())
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn sw_protected_private_fault(_cx: &Ctx) -> Row {
+    (Status::NotApplicable, "an x86 VM type".into())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn sw_protected_attributes(cx: &Ctx) -> Row {
+    if !cx.caps.guest_memfd.supported {
+        return (Status::NotApplicable, "needs guest_memfd".into());
+    }
+    let mut g = match sw_protected_guest(cx) {
+        Ok(g) => g,
+        Err(row) => return row,
+    };
+    // The slot's private half: a guest_memfd that starts private (no
+    // INIT_SHARED), never written, so it reads zeroes; its shared half:
+    // host memory holding HOST_BYTE.
+    let gmem = GuestMemfd::builder(DATA_SIZE)
+        .create(&g.vm)
+        .expect("KVM_CREATE_GUEST_MEMFD on a SW_PROTECTED VM");
+    let data = Arc::new(RawMap::anon(DATA_SIZE));
+    data.fill(0, PAGE, HOST_BYTE);
+    let region = MemoryRegion2::builder(1, DATA_GPA, DATA_SIZE)
+        .guest_memfd(&gmem, 0)
+        .userspace_addr(data.addr())
+        .build()
+        .expect("a slot with a guest_memfd and host memory");
+    g.set_slot(region, Some(data.clone()))
+        .expect("KVM_SET_USER_MEMORY_REGION2 (guest_memfd + host memory)");
+    let range = DATA_GPA..DATA_GPA + DATA_SIZE;
+    g.vm.set_attributes(range.clone(), MemoryAttributes::PRIVATE)
+        .expect("set_attributes(PRIVATE)");
+    match g.run() {
+        GuestExit::Report(GUEST_MISMATCH) => {}
+        other => panic!(
+            "while private the guest should read the guest_memfd's zeroes (report {GUEST_MISMATCH}), got {other:?}"
+        ),
+    }
+    all(&data.read(0, PAGE), HOST_BYTE).expect("host memory while the range is private");
+    g.vm.set_attributes(range, MemoryAttributes::empty())
+        .expect("set_attributes(shared)");
+    g.restart();
+    assert_guest_exchanges(&mut g, || data.read(0, PAGE));
+    (
+        Status::Verified,
+        format!(
+            "set_attributes(PRIVATE) on {DATA_GPA:#x}+{DATA_SIZE:#x}: the guest read the guest_memfd's zeroes and host memory kept {HOST_BYTE:#x}; set_attributes(empty): the guest read {HOST_BYTE:#x} from host memory and wrote {GUEST_BYTE:#x} there"
+        ),
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+fn sw_protected_private_fault(cx: &Ctx) -> Row {
+    let mut g = match sw_protected_guest(cx) {
+        Ok(g) => g,
+        Err(row) => return row,
+    };
+    let data = anon_data_slot(&mut g);
+    let range = DATA_GPA..DATA_GPA + DATA_SIZE;
+    g.vm.set_attributes(range.clone(), MemoryAttributes::PRIVATE)
+        .expect("set_attributes(PRIVATE)");
+    let fault = match g.run() {
+        GuestExit::MemoryFault(f) => f,
+        other => {
+            panic!("expected KVM_EXIT_MEMORY_FAULT with PRIVATE at {DATA_GPA:#x}, got {other:?}")
+        }
+    };
+    assert!(fault.is_private(), "flags {:?}", fault.flags);
+    assert_eq!(fault.gpa, DATA_GPA, "{fault:?}");
+    assert_eq!(fault.size, PAGE, "{fault:?}");
+    // Resolve it as a VMM would for a slot without a guest_memfd: share it.
+    g.vm.set_attributes(range, MemoryAttributes::empty())
+        .expect("set_attributes(shared)");
+    assert_guest_exchanges(&mut g, || data.read(0, PAGE));
+    (
+        Status::Verified,
+        format!(
+            "a private data slot in host memory only: KVM_EXIT_MEMORY_FAULT decoded as {fault:?}; after set_attributes(shared) the guest re-entered and exchanged data"
         ),
     )
 }

@@ -9,11 +9,11 @@
 //! `merge` builds this run's columns (the lane's from its serial log, this
 //! machine's from the host log), prints how they differ from `--docs`, and
 //! writes the docs with them merged in to `--out` (the lane's column
-//! replaces the docs' lane of the same architecture, the word after `lane`
+//! replaces the docs' lane of the same lane id, the word after `lane`
 //! in `--lane-label`; this host's replaces its own; either is added if the
 //! docs lack it; other columns are kept). It fails when the run lacks a
 //! result, and with `--check` when this lane's column or the rows differ; a
-//! host difference is a notice, and other architectures' lanes are not
+//! host difference is a notice, and other lanes are not
 //! compared.
 //!
 //! `skips` prints the `SKIP` lines per executable of a serial log, and fails
