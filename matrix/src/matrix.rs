@@ -528,7 +528,15 @@ mod tests {
                 .iter()
                 .any(|c| c.label.starts_with("host AMD EPYC "))
         );
-        assert!(m.problems().is_empty(), "{:?}", m.problems());
+        // A host column kept from another machine lacks the rows added
+        // after that machine last ran the lane (shown as "—"); every lane
+        // column has every row.
+        let problems: Vec<String> = m
+            .problems()
+            .into_iter()
+            .filter(|p| !p.contains("has no result in `host "))
+            .collect();
+        assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(m.render(), text);
     }
 
