@@ -43,9 +43,9 @@
 #  2. the kernel and the guest's busybox: `linux-binary-<abi>` (vmlinuz),
 #     for x86_64 `linux-modules-<abi>` (irqbypass, ccp, kvm, kvm-amd; arm64
 #     has KVM built in), and `busybox-static` (trixie), of the lane's Debian
-#     architecture, fetched with a private apt configuration exactly like
-#     scripts/fetch-linux-libc-dev.sh (apt verifies the Release signature
-#     against the Debian archive keyring and the package hashes as usual);
+#     architecture, fetched with the private apt configuration of
+#     scripts/apt-private.sh (apt verifies the Release signature against
+#     the Debian archive keyring and the package hashes as usual);
 #     nothing is installed: the files are unpacked into
 #     <target>/kernel-lane/kernel/<version>/<debian arch>/ (cached; the
 #     modules decompressed);
@@ -104,8 +104,6 @@ set -euo pipefail
 
 KERNEL_BASE="7.3.4+deb13"
 KERNEL_VERSION="${GMEM_LANE_KERNEL_VERSION:-7.3.4-1~bpo13+1}"
-MIRROR="http://deb.debian.org/debian"
-KEYRING="/usr/share/keyrings/debian-archive-keyring.gpg"
 # The packages whose test executables the guest runs, and those of their
 # test executables that cannot run there: they read the source tree
 # (CARGO_MANIFEST_DIR) or run the host's C compilers.
@@ -255,6 +253,8 @@ BUILD_ARGS="${GMEM_LANE_BUILD_ARGS:---workspace}"
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+# shellcheck source=scripts/apt-private.sh
+source scripts/apt-private.sh
 target="${CARGO_TARGET_DIR:-target}"
 [[ "$target" == /* ]] || target="$root/$target"
 lanes="$target/kernel-lane"
@@ -324,28 +324,9 @@ if [[ $cached -eq 1 ]]; then
 else
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
-    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/etc/preferences.d"
-    for suite in trixie trixie-backports; do
-        echo "deb [signed-by=$KEYRING] $MIRROR $suite main"
-    done >"$work/sources.list"
-    : >"$work/status"
-    opts=(
-        -o "Dir::Etc::SourceList=$work/sources.list"
-        -o "Dir::Etc::SourceParts=-"
-        -o "Dir::Etc::Preferences=$work/etc/preferences"
-        -o "Dir::Etc::PreferencesParts=$work/etc/preferences.d"
-        -o "Dir::State::Lists=$work/lists"
-        -o "Dir::State::Status=$work/status"
-        -o "Dir::Cache=$work/cache"
-        -o "APT::Architecture=$deb_arch"
-        -o "APT::Architectures=$deb_arch"
-        -o "Debug::NoLocking=1"
-        -o "APT::Sandbox::User=root"
-    )
     debs=("linux-binary-$KERNEL_ABI=$KERNEL_VERSION" busybox-static)
     [[ ${#MODULES[@]} -gt 0 ]] && debs+=("linux-modules-$KERNEL_ABI=$KERNEL_VERSION")
-    apt-get "${opts[@]}" -qq update
-    (cd "$work" && apt-get "${opts[@]}" -qq download "${debs[@]}")
+    apt_private_download "$deb_arch" "$work" "${debs[@]}"
     rm -rf "$kdir"
     mkdir -p "$kdir/unpacked" "$kdir/modules"
     dpkg-deb --fsys-tarfile "$work"/linux-binary-"$KERNEL_ABI"_*.deb |

@@ -12,9 +12,9 @@
 #
 # Steps: 1. build packages (gcc, make, flex, bison, bc, libelf-dev,
 # libssl-dev, xz-utils, cpio), installed if missing (as root); 2. the source
-# package, fetched with a private apt configuration exactly like
-# scripts/fetch-linux-libc-dev.sh (apt verifies the Release signature against
-# the Debian archive keyring and the package hash); 3. the tarball unpacked,
+# package, fetched with the private apt configuration of
+# scripts/apt-private.sh (apt verifies the Release signature against the
+# Debian archive keyring and the package hash); 3. the tarball unpacked,
 # the patches applied in order with `patch -p1` (a patch that does not apply
 # exactly, without fuzz, fails the build); 4. tinyconfig + the fragment +
 # olddefconfig, and a check that every line of the fragment holds in the
@@ -23,9 +23,10 @@
 # Cache: $GMEM_KERNEL_CACHE, default ~/.cache/kvm-gmem/test-kernel (outside
 # the clone, so it survives between CI runs on one machine). The kernel is
 # stored under a key that hashes the source version, the fragment, the
-# patches and this script: <cache>/<key>/{bzImage,config,patches.txt,
+# patches and RECIPE (below): <cache>/<key>/{bzImage,config,patches.txt,
 # build.txt}. A tree with the same inputs reuses it; anything else builds
-# anew. The source .deb is kept in <cache>/debs; the build tree is removed
+# anew. Invocations for one key are serialized with flock(1) on
+# <cache>/<key>.lock. The source .deb is kept in <cache>/debs; the build tree is removed
 # after a build (GMEM_KERNEL_KEEP_BUILD=1 keeps it in <cache>/<key>/build).
 #
 # Environment: GMEM_KERNEL_CACHE (above), GMEM_KERNEL_JOBS (make -j, default
@@ -34,10 +35,14 @@ set -euo pipefail
 
 SOURCE_PACKAGE="linux-source-7.3"
 SOURCE_VERSION="7.3.4-1~bpo13+1"
-MIRROR="http://deb.debian.org/debian"
-KEYRING="/usr/share/keyrings/debian-archive-keyring.gpg"
+# The recipe's version: part of the cache key with the source version, the
+# fragment and the patches. Bump it when a change to steps 3 to 5 changes
+# what gets built (not for a change to messages or caching).
+RECIPE=1
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=scripts/apt-private.sh
+source "$root/scripts/apt-private.sh"
 cache="${GMEM_KERNEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvm-gmem/test-kernel}"
 jobs="${GMEM_KERNEL_JOBS:-$(nproc)}"
 fragment="$root/kernel/config.fragment"
@@ -48,8 +53,8 @@ say() { printf '==> [test-kernel %dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 
 # The cache key: every input of the build.
 key="$(
     {
-        echo "$SOURCE_PACKAGE $SOURCE_VERSION"
-        sha256sum "$fragment" "$0" "${patches[@]}" | awk '{print $1}'
+        echo "$SOURCE_PACKAGE $SOURCE_VERSION recipe $RECIPE"
+        sha256sum "$fragment" "${patches[@]}" | awk '{print $1}'
     } | sha256sum | cut -c1-16
 )"
 out="$cache/$key"
@@ -75,6 +80,17 @@ case "${1:-}" in
         exit 2
         ;;
 esac
+
+# One build per key at a time: a second invocation (another lane, another
+# CI run on this machine) waits here, then finds the kernel built.
+mkdir -p "$cache"
+if [[ $mode == build ]]; then
+    exec 9>"$cache/$key.lock"
+    if ! flock -n 9; then
+        say "waiting for the build of $key by another invocation"
+        flock 9
+    fi
+fi
 
 if [[ $mode == build && -f "$out/bzImage" && -f "$out/build.txt" ]]; then
     say "cached: $out ($(head -n 1 "$out/build.txt"))"
@@ -103,33 +119,8 @@ fi
 say "2. $SOURCE_PACKAGE $SOURCE_VERSION (trixie-backports)"
 debs="$cache/debs"
 deb="$debs/${SOURCE_PACKAGE}_${SOURCE_VERSION//:/%3a}_all.deb"
-mkdir -p "$debs"
 if [[ ! -f "$deb" ]]; then
-    work="$(mktemp -d)"
-    trap 'rm -rf "$work"' EXIT
-    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/etc/preferences.d"
-    for suite in trixie trixie-backports; do
-        echo "deb [signed-by=$KEYRING] $MIRROR $suite main"
-    done >"$work/sources.list"
-    : >"$work/status"
-    opts=(
-        -o "Dir::Etc::SourceList=$work/sources.list"
-        -o "Dir::Etc::SourceParts=-"
-        -o "Dir::Etc::Preferences=$work/etc/preferences"
-        -o "Dir::Etc::PreferencesParts=$work/etc/preferences.d"
-        -o "Dir::State::Lists=$work/lists"
-        -o "Dir::State::Status=$work/status"
-        -o "Dir::Cache=$work/cache"
-        -o "APT::Architecture=amd64"
-        -o "APT::Architectures=amd64"
-        -o "Debug::NoLocking=1"
-        -o "APT::Sandbox::User=root"
-    )
-    apt-get "${opts[@]}" -qq update
-    (cd "$work" && apt-get "${opts[@]}" -qq download "$SOURCE_PACKAGE=$SOURCE_VERSION")
-    mv "$work"/"${SOURCE_PACKAGE}"_*.deb "$deb"
-    rm -rf "$work"
-    trap - EXIT
+    apt_private_download amd64 "$debs" "$SOURCE_PACKAGE=$SOURCE_VERSION"
 fi
 echo "$deb ($(du -h "$deb" | cut -f1))" >&2
 
