@@ -1,12 +1,14 @@
 //! `KVM_CREATE_GUEST_MEMFD`: the builder, the owned handle, and
-//! `fallocate` on it.
+//! `fallocate` on it; telling a guest_memfd from any other fd (for
+//! [`GuestMemfd::adopt`] and `share::recv`).
 #![allow(unsafe_code)]
 
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::kvm::{Extension, check_extension};
 use crate::sys::{ioctl_arg, own_new_fd, page_size};
 use crate::vm::VmOps;
 use kvm_gmem_sys as sys;
+use std::ffi::OsStr;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
@@ -228,6 +230,120 @@ fn explain_refusal(vm: BorrowedFd<'_>, flags: GuestMemfdFlags) -> Result<Option<
     Ok(None)
 }
 
+/// `ANON_INODE_FS_MAGIC` (`linux/magic.h`): guest_memfd's filesystem up to 6.18.
+pub(crate) const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
+/// `GUEST_MEMFD_MAGIC` (`linux/magic.h`, "GMEM"): guest_memfd's own pseudo
+/// filesystem in 7.x.
+pub(crate) const GUEST_MEMFD_MAGIC: i64 = 0x474d_454d;
+
+/// Whether `f_type` and the `/proc/self/fd/N` link name a guest_memfd; see
+/// the identity table in the `share` module's docs.
+pub(crate) fn is_guest_memfd(f_type: i64, link: &OsStr) -> bool {
+    let link = link.as_encoded_bytes();
+    match f_type {
+        ANON_INODE_FS_MAGIC => link == b"anon_inode:[kvm-gmem]",
+        GUEST_MEMFD_MAGIC => link == b"/[kvm-gmem] (deleted)" || link == b"/[kvm-gmem]",
+        _ => false,
+    }
+}
+
+/// Tells whether `fd` is a guest_memfd (the `/proc/self/fd/N` link and
+/// `fstatfs`, as the identity table in the `share` module's docs says) and,
+/// if it is, reads its size with `fstat`: `Ok(Ok(size))`, or `Ok(Err(why))`
+/// naming what the fd is instead (the caller picks the error variant).
+///
+/// # Errors
+///
+/// [`Error::Kernel`] naming `readlink(/proc/self/fd)` (e.g. `ENOENT` where
+/// `/proc` is not mounted), `fstatfs(guest_memfd)` or `fstat(guest_memfd)`.
+pub(crate) fn identify(fd: BorrowedFd<'_>) -> Result<std::result::Result<u64, String>> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| {
+        Error::kernel(
+            "readlink(/proc/self/fd)",
+            Errno(e.raw_os_error().unwrap_or(libc::EIO)),
+        )
+    })?;
+    // SAFETY: an all-zero `statfs` is a valid output buffer.
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the borrow; `sfs` is a writable `statfs`.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) } < 0 {
+        return Err(Error::kernel("fstatfs(guest_memfd)", Errno::last()));
+    }
+    #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs between libcs
+    let f_type = sfs.f_type as i64;
+    if !is_guest_memfd(f_type, link.as_os_str()) {
+        return Ok(Err(format!(
+            "the fd is not a guest_memfd: /proc/self/fd/N reads {:?} on a filesystem of type {f_type:#x}, expected \"anon_inode:[kvm-gmem]\" (type {ANON_INODE_FS_MAGIC:#x}) or \"/[kvm-gmem] (deleted)\" (type {GUEST_MEMFD_MAGIC:#x})",
+            link.display().to_string()
+        )));
+    }
+    // SAFETY: an all-zero `stat` is a valid output buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the borrow; `st` is a writable `stat`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return Err(Error::kernel("fstat(guest_memfd)", Errno::last()));
+    }
+    Ok(Ok(st.st_size as u64))
+}
+
+/// How a guest_memfd's mapping promise failed ([`probe_mapping`]).
+#[derive(Debug)]
+pub(crate) enum MappingProbe {
+    /// `mmap` of the fd failed (no `GUEST_MEMFD_FLAG_MMAP`: `ENODEV`).
+    NoMmap(Errno),
+    /// The page mapped but cannot be faulted in from the host (no
+    /// `GUEST_MEMFD_FLAG_INIT_SHARED`: `EFAULT`).
+    Private(Errno),
+}
+
+/// Maps the first page of the guest_memfd `fd` shared (and unmaps it); with
+/// `fault_in`, also faults it in through `MADV_POPULATE_READ`, which reports
+/// with `EFAULT` what would otherwise be a SIGBUS. Without `fault_in`
+/// nothing is allocated; with it, the first page is (zero-filled if it was
+/// a hole).
+pub(crate) fn probe_mapping(
+    fd: BorrowedFd<'_>,
+    fault_in: bool,
+) -> std::result::Result<(), MappingProbe> {
+    let page = page_size() as usize;
+    // SAFETY: a fresh one-page shared mapping chosen by the kernel (addr
+    // NULL), replacing nothing, unmapped below on every path.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(MappingProbe::NoMmap(Errno::last()));
+    }
+    let mut result = Ok(());
+    if fault_in {
+        loop {
+            // SAFETY: `p..p + page` is the mapping just made; the advice only
+            // faults the page in (in the kernel, never raising a signal) and
+            // changes no contents.
+            if unsafe { libc::madvise(p, page, libc::MADV_POPULATE_READ) } == 0 {
+                break;
+            }
+            match Errno::last() {
+                Errno(libc::EINTR) => continue,
+                e => {
+                    result = Err(MappingProbe::Private(e));
+                    break;
+                }
+            }
+        }
+    }
+    // SAFETY: the mapping made above; nothing refers to it any more.
+    unsafe { libc::munmap(p, page) };
+    result
+}
+
 /// An owned guest_memfd: the fd, its size and the flags it was created with.
 ///
 /// # Examples
@@ -292,12 +408,178 @@ impl GuestMemfd {
         GuestMemfd { fd, size, flags }
     }
 
+    /// Adopts a guest_memfd that arrived as a bare fd, e.g. the second fd of
+    /// Firecracker's UFFD handshake (`Handshake::guest_memfd` in
+    /// `uffd-gmem`), after checking that it is one; its size is read with
+    /// `fstat`.
+    ///
+    /// The check is the one [`share::recv`](crate::share::recv) makes (see
+    /// its module's identity table): the `/proc/self/fd/N` link together
+    /// with `fstatfs`, so `/proc` must be mounted.
+    ///
+    /// **Flags.** The kernel has no call that reports the flags a
+    /// guest_memfd was created with, so an adopted one reports only what
+    /// could be verified without side effects: [`GuestMemfdFlags::MMAP`]
+    /// when a one-page shared `mmap` of it succeeds (nothing is faulted in
+    /// or allocated), nothing else. [`GuestMemfd::flags`] is thus a subset
+    /// of the real flags, never more: [`GuestMemfd::map`] refuses (no
+    /// `INIT_SHARED`), and so does anything that needs `WRITE`. When the
+    /// creator's flags are known (a protocol fixes them), state them with
+    /// [`GuestMemfd::adopt_with_flags`].
+    ///
+    /// The fd is consumed: on every error it is closed (take a
+    /// [`try_clone`](OwnedFd::try_clone) first to keep it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] (op `"GuestMemfd::adopt"`) when the fd is not a
+    /// guest_memfd, naming what it is (the link and the filesystem type): a
+    /// memfd, a file, a socket, a pipe, another anonymous inode (an eventfd,
+    /// a KVM VM fd) are all refused; the kernel would answer `EINVAL` to a
+    /// memslot or populate request naming such an fd. [`Error::Kernel`]
+    /// naming `readlink(/proc/self/fd)` (`ENOENT` without `/proc`),
+    /// `fstatfs(guest_memfd)` or `fstat(guest_memfd)`.
+    ///
+    /// # Examples
+    ///
+    /// A memfd is not a guest_memfd: refused, and closed. A guest_memfd
+    /// created here stands in for one received from a VMM:
+    ///
+    /// ```
+    /// use kvm_gmem::{Error, GuestMemfd, GuestMemfdFlags, KvmDevice, VmOps, VmType};
+    /// use std::os::fd::{FromRawFd, OwnedFd};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // SAFETY: memfd_create returns a new fd (checked), owned by nobody else.
+    /// let raw = unsafe { libc::memfd_create(c"not-gmem".as_ptr(), libc::MFD_CLOEXEC) };
+    /// assert!(raw >= 0);
+    /// // SAFETY: `raw` is that new fd.
+    /// let memfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    /// let e = GuestMemfd::adopt(memfd).unwrap_err();
+    /// assert!(matches!(&e, Error::Invalid { rule, .. } if rule.contains("not a guest_memfd")), "{e}");
+    ///
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+    /// let shared = GuestMemfdFlags::MMAP | GuestMemfdFlags::INIT_SHARED;
+    /// let Ok(gmem) = GuestMemfd::builder(2 << 20).flags(vm.guest_memfd_flags()? & shared).create(&vm)
+    /// else {
+    ///     return Ok(()); // no guest_memfd (before Linux 6.8)
+    /// };
+    /// let created = gmem.flags();
+    /// let adopted = GuestMemfd::adopt(gmem.into_owned_fd())?;
+    /// assert_eq!(adopted.size(), 2 << 20);
+    /// // What the probe could see (MMAP where it was created with it), never more.
+    /// assert_eq!(adopted.flags(), created & GuestMemfdFlags::MMAP);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn adopt(fd: OwnedFd) -> Result<GuestMemfd> {
+        let op = "GuestMemfd::adopt";
+        let size = identify(fd.as_fd())?.map_err(|rule| Error::invalid(op, rule))?;
+        let flags = match probe_mapping(fd.as_fd(), false) {
+            Ok(()) => GuestMemfdFlags::MMAP,
+            Err(_) => GuestMemfdFlags::empty(),
+        };
+        Ok(GuestMemfd { fd, size, flags })
+    }
+
+    /// As [`GuestMemfd::adopt`], with the flags the creator used, which the
+    /// caller knows from elsewhere (Firecracker's secret-hiding restore
+    /// creates the guest_memfd with `GUEST_MEMFD_FLAG_WRITE`, for one).
+    /// [`GuestMemfd::flags`] then reports `flags`.
+    ///
+    /// The claims a mapping depends on are checked, as
+    /// [`share::recv`](crate::share::recv) checks announced ones, so a
+    /// false claim cannot make [`GuestMemfd::map`] hand out a mapping that
+    /// raises SIGBUS: `MMAP` by mapping the first page, `INIT_SHARED` by
+    /// faulting that page in (`MADV_POPULATE_READ`), **which allocates it,
+    /// zero-filled, if it was a hole**. A handler that populates the memory
+    /// itself (`pwrite`, userfaultfd) should therefore claim only what it
+    /// uses, e.g. `WRITE` alone, so that nothing is faulted in before it
+    /// writes the page. `WRITE` and `NO_DIRECT_MAP` cannot be observed
+    /// without changing the file and are taken as claimed: a false `WRITE`
+    /// shows up as the kernel refusing the first `pwrite` (`ENODEV`).
+    ///
+    /// # Errors
+    ///
+    /// As [`GuestMemfd::adopt`] (op `"GuestMemfd::adopt_with_flags"`), and
+    /// [`Error::Invalid`] for bits this build does not name, `INIT_SHARED`
+    /// without `MMAP` (the kernel creates no such guest_memfd), or a
+    /// claimed `MMAP` / `INIT_SHARED` the fd does not honour.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kvm_gmem::{Error, GuestMemfd, GuestMemfdFlags, KvmDevice, VmOps, VmType};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # if KvmDevice::open().is_err() { return Ok(()) } // no /dev/kvm here
+    /// let vm = KvmDevice::open()?.create_vm(VmType::DEFAULT)?;
+    /// let Ok(private) = GuestMemfd::builder(2 << 20).create(&vm) else {
+    ///     return Ok(()); // no guest_memfd (before Linux 6.8)
+    /// };
+    /// // A false claim that a mapping depends on is refused.
+    /// let e = GuestMemfd::adopt_with_flags(private.into_owned_fd(), GuestMemfdFlags::MMAP)
+    ///     .unwrap_err();
+    /// assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn adopt_with_flags(fd: OwnedFd, flags: GuestMemfdFlags) -> Result<GuestMemfd> {
+        let op = "GuestMemfd::adopt_with_flags";
+        let unknown = flags.bits() & !GuestMemfdFlags::all().bits();
+        if unknown != 0 {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "flags {flags} hold bits {unknown:#x} that this build does not name (it \
+                     knows {}; RFC flags need their cargo feature)",
+                    GuestMemfdFlags::all()
+                ),
+            ));
+        }
+        if flags.contains(GuestMemfdFlags::INIT_SHARED) && !flags.contains(GuestMemfdFlags::MMAP) {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "flags {flags}: INIT_SHARED without MMAP (the kernel creates no such \
+                     guest_memfd)"
+                ),
+            ));
+        }
+        let size = identify(fd.as_fd())?.map_err(|rule| Error::invalid(op, rule))?;
+        if flags.contains(GuestMemfdFlags::MMAP) {
+            let shared = flags.contains(GuestMemfdFlags::INIT_SHARED);
+            probe_mapping(fd.as_fd(), shared).map_err(|p| {
+                Error::invalid(
+                    op,
+                    match p {
+                        MappingProbe::NoMmap(e) => format!(
+                            "GUEST_MEMFD_FLAG_MMAP was claimed, but mmap of the fd failed: {e}"
+                        ),
+                        MappingProbe::Private(e) => format!(
+                            "GUEST_MEMFD_FLAG_INIT_SHARED was claimed, but the host cannot fault \
+                             the guest_memfd's first page in ({e}): the memory is private"
+                        ),
+                    },
+                )
+            })?;
+        }
+        Ok(GuestMemfd { fd, size, flags })
+    }
+
     /// The size in bytes.
     pub fn size(&self) -> u64 {
         self.size
     }
 
     /// The flags it was created with.
+    ///
+    /// For one from [`GuestMemfd::adopt`], the subset that could be
+    /// verified (at most `MMAP`); for one from
+    /// [`GuestMemfd::adopt_with_flags`], the flags claimed; for one from
+    /// [`share::recv`](crate::share::recv), the flags announced. The latter
+    /// two had their `MMAP` / `INIT_SHARED` checked.
     pub fn flags(&self) -> GuestMemfdFlags {
         self.flags
     }
@@ -455,5 +737,37 @@ impl AsFd for GuestMemfd {
 impl AsRawFd for GuestMemfd {
     fn as_raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_accepts_both_kernel_forms_only() {
+        let ok = [
+            (ANON_INODE_FS_MAGIC, "anon_inode:[kvm-gmem]"),
+            (GUEST_MEMFD_MAGIC, "/[kvm-gmem] (deleted)"),
+            (GUEST_MEMFD_MAGIC, "/[kvm-gmem]"),
+        ];
+        for (t, l) in ok {
+            assert!(is_guest_memfd(t, OsStr::new(l)), "{t:#x} {l}");
+        }
+        let refused = [
+            // The right name on the wrong filesystem, and the reverse.
+            (GUEST_MEMFD_MAGIC, "anon_inode:[kvm-gmem]"),
+            (ANON_INODE_FS_MAGIC, "/[kvm-gmem] (deleted)"),
+            // tmpfs and ext4 files named like a guest_memfd.
+            (0x0102_1994, "/[kvm-gmem] (deleted)"),
+            (0xef53, "/[kvm-gmem]"),
+            // Other anonymous inodes.
+            (ANON_INODE_FS_MAGIC, "anon_inode:[eventfd]"),
+            (ANON_INODE_FS_MAGIC, "anon_inode:kvm-vm"),
+            (GUEST_MEMFD_MAGIC, "/memfd:[kvm-gmem] (deleted)"),
+        ];
+        for (t, l) in refused {
+            assert!(!is_guest_memfd(t, OsStr::new(l)), "{t:#x} {l}");
+        }
     }
 }

@@ -107,6 +107,15 @@ pub enum Feature {
     /// [`share::recv`](crate::share::recv), with its checks of the fd
     /// (`/proc/self/fd`, `fstatfs`, `fstat`, a one-page mapping).
     ShareRecv,
+    /// [`GuestMemfd::adopt`](crate::GuestMemfd::adopt) and
+    /// [`GuestMemfd::adopt_with_flags`](crate::GuestMemfd::adopt_with_flags):
+    /// the checks [`Feature::ShareRecv`] makes of a received fd
+    /// (`/proc/self/fd`, `fstatfs`, `fstat`, a one-page mapping, faulted in
+    /// for a claimed `INIT_SHARED`), and `close` of a refused fd; no socket
+    /// call. For a handler that receives the fd some other way
+    /// (Firecracker's handshake: `uffd_gmem::seccomp`'s
+    /// `FirecrackerHandshake`).
+    AdoptGuestMemfd,
 }
 
 /// `Syscall` entries from `libc::SYS_*` names.
@@ -302,6 +311,27 @@ static RULES: &[Rule<Feature>] = &[
             SYS_mmap,
             SYS_madvise,
             SYS_munmap,
+        ],
+        &[],
+        false,
+    ),
+    Rule::new(
+        Feature::AdoptGuestMemfd,
+        sc![
+            // identity: /proc/self/fd/N, fstatfs, the size
+            #[cfg(target_arch = "x86_64")]
+            SYS_readlink,
+            SYS_readlinkat,
+            SYS_fstatfs,
+            SYS_statx,
+            SYS_fstat,
+            SYS_newfstatat,
+            // the MMAP probe; MADV_POPULATE_READ for a claimed INIT_SHARED
+            SYS_mmap,
+            SYS_madvise,
+            SYS_munmap,
+            // a refused fd
+            SYS_close,
         ],
         &[],
         false,

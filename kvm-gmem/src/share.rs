@@ -47,13 +47,15 @@
 //!
 //! A memfd, a file, a socket or any other anonymous inode is refused; a file
 //! named `[kvm-gmem]` on a real filesystem is refused by its `f_type`.
+//! [`GuestMemfd::adopt`], for a guest_memfd that arrives as a bare fd
+//! without this header, makes the same check.
 //!
 //! After a [`Error::Protocol`] the stream may be out of step with the peer
 //! (an over-long message leaves bytes behind): drop the connection.
 #![allow(unsafe_code)]
 
 use crate::error::{Errno, Error, Result};
-use crate::gmem::{GuestMemfd, GuestMemfdFlags};
+use crate::gmem::{GuestMemfd, GuestMemfdFlags, MappingProbe, identify, probe_mapping};
 use crate::sys::page_size;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -67,23 +69,6 @@ const HEADER_LEN: usize = 32;
 /// How many fds one message may bring in before the kernel truncates the
 /// control data (the rest are closed by the kernel).
 const MAX_FDS: usize = 16;
-/// `ANON_INODE_FS_MAGIC` (`linux/magic.h`): guest_memfd's filesystem up to 6.18.
-const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
-/// `GUEST_MEMFD_MAGIC` (`linux/magic.h`, "GMEM"): guest_memfd's own pseudo
-/// filesystem in 7.x.
-const GUEST_MEMFD_MAGIC: i64 = 0x474d_454d;
-
-/// Whether `f_type` and the `/proc/self/fd/N` link name a guest_memfd; see
-/// the module's [identity](self#identity) table.
-fn is_guest_memfd(f_type: i64, link: &std::ffi::OsStr) -> bool {
-    let link = link.as_encoded_bytes();
-    match f_type {
-        ANON_INODE_FS_MAGIC => link == b"anon_inode:[kvm-gmem]",
-        GUEST_MEMFD_MAGIC => link == b"/[kvm-gmem] (deleted)" || link == b"/[kvm-gmem]",
-        _ => false,
-    }
-}
-
 /// Sends `gmem` (the fd, its size and flags) on `socket`; see the
 /// [module docs](self) for the wire format. The caller keeps its handle.
 ///
@@ -380,7 +365,8 @@ fn validate_header(
 }
 
 /// Checks that `fd` is a guest_memfd of `size` bytes that honours `flags`'
-/// mapping promises.
+/// mapping promises (the identity and mapping checks live with
+/// [`GuestMemfd`], which [`GuestMemfd::adopt`] shares).
 fn verify_fd(
     op: &'static str,
     fd: BorrowedFd<'_>,
@@ -388,98 +374,27 @@ fn verify_fd(
     flags: GuestMemfdFlags,
 ) -> Result<()> {
     let protocol = |what: String| Error::Protocol { op, what };
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| {
-        Error::kernel(
-            "readlink(/proc/self/fd)",
-            Errno(e.raw_os_error().unwrap_or(libc::EIO)),
-        )
-    })?;
-    // SAFETY: an all-zero `statfs` is a valid output buffer.
-    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is open for the borrow; `sfs` is a writable `statfs`.
-    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) } < 0 {
-        return Err(Error::kernel("fstatfs(guest_memfd)", Errno::last()));
-    }
-    #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs between libcs
-    let f_type = sfs.f_type as i64;
-    if !is_guest_memfd(f_type, link.as_os_str()) {
+    let actual = identify(fd)?.map_err(protocol)?;
+    if actual != size {
         return Err(protocol(format!(
-            "the fd is not a guest_memfd: /proc/self/fd/N reads {:?} on a filesystem of type {f_type:#x}, expected \"anon_inode:[kvm-gmem]\" (type {ANON_INODE_FS_MAGIC:#x}) or \"/[kvm-gmem] (deleted)\" (type {GUEST_MEMFD_MAGIC:#x})",
-            link.display().to_string()
-        )));
-    }
-    // SAFETY: an all-zero `stat` is a valid output buffer.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is open for the borrow; `st` is a writable `stat`.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-        return Err(Error::kernel("fstat(guest_memfd)", Errno::last()));
-    }
-    if st.st_size as u64 != size {
-        return Err(protocol(format!(
-            "announced size {size:#x} differs from the guest_memfd's size {:#x}",
-            st.st_size
+            "announced size {size:#x} differs from the guest_memfd's size {actual:#x}"
         )));
     }
     if flags.contains(GuestMemfdFlags::MMAP) {
-        verify_mapping(op, fd, flags.contains(GuestMemfdFlags::INIT_SHARED))?;
-    }
-    Ok(())
-}
-
-/// Maps the first page of `fd` (and unmaps it); with `shared`, also faults
-/// it in through `MADV_POPULATE_READ`, which reports with EFAULT what would
-/// otherwise be a SIGBUS.
-fn verify_mapping(op: &'static str, fd: BorrowedFd<'_>, shared: bool) -> Result<()> {
-    let page = page_size() as usize;
-    // SAFETY: a fresh one-page shared mapping chosen by the kernel (addr
-    // NULL), replacing nothing, unmapped below on every path.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            page,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(Error::Protocol {
-            op,
-            what: format!(
-                "GUEST_MEMFD_FLAG_MMAP was announced, but mmap of the fd failed: {}",
-                Errno::last()
-            ),
-        });
-    }
-    let mut result = Ok(());
-    if shared {
-        let r = loop {
-            // SAFETY: `p..p + page` is the mapping just made; the advice only
-            // faults the page in (in the kernel, never raising a signal) and
-            // changes no contents.
-            let r = unsafe { libc::madvise(p, page, libc::MADV_POPULATE_READ) };
-            if r == 0 {
-                break Ok(());
-            }
-            match Errno::last() {
-                Errno(libc::EINTR) => continue,
-                e => break Err(e),
-            }
-        };
-        if let Err(e) = r {
-            result = Err(Error::Protocol {
-                op,
-                what: format!(
+        let shared = flags.contains(GuestMemfdFlags::INIT_SHARED);
+        probe_mapping(fd, shared).map_err(|p| {
+            protocol(match p {
+                MappingProbe::NoMmap(e) => {
+                    format!("GUEST_MEMFD_FLAG_MMAP was announced, but mmap of the fd failed: {e}")
+                }
+                MappingProbe::Private(e) => format!(
                     "GUEST_MEMFD_FLAG_INIT_SHARED was announced, but the host cannot fault the \
                      guest_memfd's first page in ({e}): the memory is private"
                 ),
-            });
-        }
+            })
+        })?;
     }
-    // SAFETY: the mapping made above; nothing refers to it any more.
-    unsafe { libc::munmap(p, page) };
-    result
+    Ok(())
 }
 
 /// Takes ownership of every fd in `msg`'s `SCM_RIGHTS` control messages.
@@ -601,34 +516,6 @@ mod tests {
             (&d.magic, d.version, d.reserved, d.size, d.flags),
             (MAGIC, 1, 0, 0x4000_0000, 3)
         );
-    }
-
-    #[test]
-    fn identity_accepts_both_kernel_forms_only() {
-        use std::ffi::OsStr;
-        let ok = [
-            (ANON_INODE_FS_MAGIC, "anon_inode:[kvm-gmem]"),
-            (GUEST_MEMFD_MAGIC, "/[kvm-gmem] (deleted)"),
-            (GUEST_MEMFD_MAGIC, "/[kvm-gmem]"),
-        ];
-        for (t, l) in ok {
-            assert!(is_guest_memfd(t, OsStr::new(l)), "{t:#x} {l}");
-        }
-        let refused = [
-            // The right name on the wrong filesystem, and the reverse.
-            (GUEST_MEMFD_MAGIC, "anon_inode:[kvm-gmem]"),
-            (ANON_INODE_FS_MAGIC, "/[kvm-gmem] (deleted)"),
-            // tmpfs and ext4 files named like a guest_memfd.
-            (0x0102_1994, "/[kvm-gmem] (deleted)"),
-            (0xef53, "/[kvm-gmem]"),
-            // Other anonymous inodes.
-            (ANON_INODE_FS_MAGIC, "anon_inode:[eventfd]"),
-            (ANON_INODE_FS_MAGIC, "anon_inode:kvm-vm"),
-            (GUEST_MEMFD_MAGIC, "/memfd:[kvm-gmem] (deleted)"),
-        ];
-        for (t, l) in refused {
-            assert!(!is_guest_memfd(t, OsStr::new(l)), "{t:#x} {l}");
-        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use kvm_gmem::{
     Vm, VmOps, VmType, page_size, pre_fault_memory,
 };
 use kvm_gmem_sys as sys;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 const CHILD: &str = "seccomp_child";
@@ -83,6 +83,7 @@ fn every_feature_and_strategy_has_a_rule() {
         Feature::Populate(Strategy::MmapCopy),
         Feature::ShareSend,
         Feature::ShareRecv,
+        Feature::AdoptGuestMemfd,
     ] {
         let r = rule(f);
         assert_eq!(r.feature, f);
@@ -159,6 +160,8 @@ fn seccomp_child() {
         "populate_mmap_copy" => populate(name, Strategy::MmapCopy),
         "populate_auto" => populate(name, Strategy::Auto),
         "share" => share(name),
+        "adopt" => adopt(name),
+        "adopt_refusal" => adopt_refusal(name),
         "capabilities" => capabilities(name),
         other => fail(other, "unknown scenario"),
     }
@@ -351,6 +354,67 @@ fn share(name: &str) {
     ok(name)
 }
 
+/// A memfd (not a guest_memfd), made before the filter.
+fn memfd(name: &str) -> OwnedFd {
+    // SAFETY: a NUL-terminated name; memfd_create returns a new descriptor.
+    let raw = unsafe { libc::memfd_create(c"[kvm-gmem]".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        fail(name, std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is new and owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// Adopting a guest_memfd handed over as a bare fd: the probe (`MMAP`),
+/// the claimed flags' checks (`INIT_SHARED` faults the first page in), and
+/// a refusal. The guest_memfd and its duplicates are made before the
+/// filter.
+fn adopt(name: &str) {
+    let (_kvm, vm) = setup(name);
+    let g = shared_gmem(name, &vm, 2 << 20);
+    let dup = || {
+        g.as_fd()
+            .try_clone_to_owned()
+            .unwrap_or_else(|e| fail(name, e))
+    };
+    let (plain, claimed) = (dup(), dup());
+    let not_gmem = memfd(name);
+    filter_for(&[Feature::AdoptGuestMemfd]).install();
+    let a = GuestMemfd::adopt(plain).unwrap_or_else(|e| fail(name, e));
+    if a.size() != g.size() || a.flags() != GuestMemfdFlags::MMAP {
+        fail(
+            name,
+            format!("adopted {} bytes, flags {}", a.size(), a.flags()),
+        );
+    }
+    let b = GuestMemfd::adopt_with_flags(claimed, g.flags()).unwrap_or_else(|e| fail(name, e));
+    if b.flags() != g.flags() {
+        fail(name, format!("claimed {}, got {}", g.flags(), b.flags()));
+    }
+    match GuestMemfd::adopt(not_gmem) {
+        Err(Error::Invalid { .. }) => {}
+        other => fail(name, format!("a memfd: {other:?}")),
+    }
+    drop((a, b));
+    ok(name)
+}
+
+/// The refusals alone, which need no guest_memfd: the identity check and
+/// the `close` of the refused fd.
+fn adopt_refusal(name: &str) {
+    let (first, second) = (memfd(name), memfd(name));
+    filter_for(&[Feature::AdoptGuestMemfd]).install();
+    match GuestMemfd::adopt(first) {
+        Err(Error::Invalid { .. }) => {}
+        other => fail(name, format!("{other:?}")),
+    }
+    match GuestMemfd::adopt_with_flags(second, GuestMemfdFlags::MMAP) {
+        Err(Error::Invalid { .. }) => {}
+        other => fail(name, format!("{other:?}")),
+    }
+    ok(name)
+}
+
 fn capabilities(name: &str) {
     let (kvm, vm) = setup(name);
     let gmem = vm
@@ -415,6 +479,17 @@ fn filter_populate_auto() {
 #[test]
 fn filter_share_send_recv() {
     gmem_scenario("share");
+}
+
+#[test]
+fn filter_adopt() {
+    gmem_scenario("adopt");
+}
+
+/// Needs no KVM: the refused fds are memfds.
+#[test]
+fn filter_adopt_refusal() {
+    run_child(CHILD, ENV, "adopt_refusal");
 }
 
 #[test]

@@ -145,6 +145,31 @@ pub enum Feature {
     #[cfg(feature = "firecracker")]
     #[cfg_attr(docsrs, doc(cfg(feature = "firecracker")))]
     FirecrackerSend,
+    /// [`firecracker::FaultChannel`](crate::firecracker::FaultChannel):
+    /// sending and receiving frames both ways, on a blocking or a
+    /// non-blocking socket (`sendmsg` with `MSG_NOSIGNAL`; `recvmsg` with
+    /// `MSG_DONTWAIT`, so an empty socket is waited on with `poll` even when
+    /// it blocks; `poll` for a full one), `close` of any fd that rides along
+    /// and of the socket when the channel is dropped.
+    #[cfg(feature = "firecracker")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "firecracker")))]
+    FirecrackerFaultChannel,
+    /// [`firecracker::UserfaultServer`](crate::firecracker::UserfaultServer):
+    /// [`new`](crate::firecracker::UserfaultServer::new) (no system call),
+    /// [`from_fd`](crate::firecracker::UserfaultServer::from_fd) (the
+    /// guest_memfd's size: a duplicate with `fcntl(F_DUPFD_CLOEXEC)`, its
+    /// `statx`/`fstat`, `close`) and
+    /// [`serve`](crate::firecracker::UserfaultServer::serve) (`pwrite` into
+    /// the guest_memfd; the bitmap is memory). The guest_memfd and the
+    /// bitmap come from kvm-gmem: `GuestMemfd::adopt_with_flags` is
+    /// `kvm_gmem::seccomp::Feature::AdoptGuestMemfd`; the bitmap's
+    /// `UserfaultBitmap::from_fd` (`fstat`, then `mmap` of the memfd;
+    /// `munmap` and `close` on drop) has no kvm-gmem feature yet: build it
+    /// before the filter. The requests arrive through
+    /// [`Feature::FirecrackerFaultChannel`].
+    #[cfg(feature = "firecracker-secret-hiding")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "firecracker-secret-hiding")))]
+    UserfaultServer,
 }
 
 /// `Syscall` entries from `libc::SYS_*` names.
@@ -316,6 +341,39 @@ static RULES: &[Rule] = &[
             #[cfg(target_arch = "x86_64")]
             SYS_poll,
             SYS_ppoll,
+        ],
+        &[],
+        false,
+    ),
+    #[cfg(feature = "firecracker")]
+    Rule::new(
+        Feature::FirecrackerFaultChannel,
+        sc![
+            // one frame at a time: MSG_NOSIGNAL / MSG_DONTWAIT
+            SYS_sendmsg,
+            SYS_recvmsg,
+            // waiting for room or for bytes
+            #[cfg(target_arch = "x86_64")]
+            SYS_poll,
+            SYS_ppoll,
+            // stray fds; the socket, when the channel is dropped
+            SYS_close,
+        ],
+        &[],
+        false,
+    ),
+    #[cfg(feature = "firecracker-secret-hiding")]
+    Rule::new(
+        Feature::UserfaultServer,
+        sc![
+            // from_fd: the guest_memfd's size through a duplicate
+            SYS_fcntl,
+            SYS_statx,
+            SYS_fstat,
+            SYS_newfstatat,
+            SYS_close,
+            // serve: the page into the guest_memfd
+            SYS_pwrite64,
         ],
         &[],
         false,

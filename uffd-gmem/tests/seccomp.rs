@@ -95,13 +95,18 @@ fn every_feature_has_a_rule() {
         Feature::FirecrackerHandshake,
         #[cfg(feature = "firecracker")]
         Feature::FirecrackerSend,
+        #[cfg(feature = "firecracker")]
+        Feature::FirecrackerFaultChannel,
+        #[cfg(feature = "firecracker-secret-hiding")]
+        Feature::UserfaultServer,
     ] {
         let r = rule(f);
         assert_eq!(r.feature, f);
         assert!(!r.syscalls.is_empty() || !r.ioctls.is_empty(), "{f:?}");
     }
-    let firecracker = if cfg!(feature = "firecracker") { 2 } else { 0 };
-    assert_eq!(rules().len(), 17 + firecracker);
+    let firecracker = if cfg!(feature = "firecracker") { 3 } else { 0 };
+    let secret_hiding = usize::from(cfg!(feature = "firecracker-secret-hiding"));
+    assert_eq!(rules().len(), 17 + firecracker + secret_hiding);
 }
 
 // ---- the filter runs ------------------------------------------------------
@@ -125,6 +130,13 @@ fn scenario(name: &str) {
     }
 }
 
+/// A scenario that needs no userfaultfd (the Firecracker fault channel and
+/// userfault server work on a socket and a file).
+#[cfg(feature = "firecracker")]
+fn scenario_without_uffd(name: &str) {
+    run_child(CHILD, ENV, name);
+}
+
 /// The child side: a no-op unless the parent set [`ENV`].
 #[test]
 fn seccomp_child() {
@@ -144,6 +156,12 @@ fn seccomp_child() {
         "host_mapping" => host_mapping(name),
         #[cfg(feature = "firecracker")]
         "firecracker" => firecracker_handshake(name),
+        #[cfg(feature = "firecracker")]
+        "fault_channel" => fault_channel(name),
+        #[cfg(feature = "firecracker-secret-hiding")]
+        "userfault_server" => userfault_server(name),
+        #[cfg(feature = "firecracker-secret-hiding")]
+        "secret_hiding_handler" => secret_hiding_handler(name),
         other => fail(other, "unknown scenario"),
     }
 }
@@ -437,6 +455,236 @@ fn firecracker_handshake(name: &str) {
     ok(name)
 }
 
+/// What the unfiltered peer thread of `fault_channel` does.
+#[cfg(feature = "firecracker")]
+enum Peer {
+    /// Sleeps, then writes these bytes to its stream (a few, to an empty
+    /// socket: even a non-blocking one takes them): the filtered thread is
+    /// waiting in `poll` for them by then. The mode is left alone: it
+    /// belongs to the open file, which the dup shares with the channel.
+    WriteLater(UnixStream, Vec<u8>),
+    /// Sleeps, then reads this many bytes from its stream (the filtered
+    /// thread is waiting in `poll` for room by then) and sends them back.
+    DrainLater(UnixStream, usize),
+}
+
+/// `FaultChannel` both ways, on Firecracker's non-blocking end and the
+/// handler's blocking one: frames that are there, frames waited for with
+/// `poll` (an empty socket, and a full one on the non-blocking end), and the
+/// end of the stream after the VMM's end is dropped. The peer that makes the
+/// waits happen is a thread started before the filter (seccomp filters
+/// apply to the thread that installs them and the threads it starts later),
+/// holding its own duplicates of the ends; the sockets are made before the
+/// filter too.
+#[cfg(feature = "firecracker")]
+fn fault_channel(name: &str) {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+    use uffd_gmem::firecracker::{FaultChannel, FaultReply, FaultRequest};
+
+    let (vmm, handler) = UnixStream::pair().unwrap_or_else(|e| fail(name, e));
+    vmm.set_nonblocking(true).unwrap_or_else(|e| fail(name, e)); // as Firecracker does
+    let dup = |s: &UnixStream| s.try_clone().unwrap_or_else(|e| fail(name, e));
+    let (vmm_dups, handler_dups) = ([dup(&vmm), dup(&vmm)], [dup(&handler), dup(&handler)]);
+    let (to_peer, jobs) = mpsc::channel::<Peer>();
+    let (done, from_peer) = mpsc::channel::<Vec<u8>>();
+    let peer = std::thread::spawn(move || {
+        for job in jobs {
+            std::thread::sleep(Duration::from_millis(100));
+            match job {
+                Peer::WriteLater(mut s, bytes) => {
+                    s.write_all(&bytes).unwrap();
+                }
+                Peer::DrainLater(mut s, n) => {
+                    let mut got = vec![0u8; n];
+                    s.read_exact(&mut got).unwrap();
+                    done.send(got).unwrap();
+                }
+            }
+        }
+    });
+    let [vmm_dup_a, vmm_dup_b] = vmm_dups;
+    let [handler_dup_a, handler_dup_b] = handler_dups;
+    let (vmm, handler) = (FaultChannel::new(vmm), FaultChannel::new(handler));
+    let req = |i: u32| FaultRequest::sync(i, 0x10_0000 + u64::from(i) * 0x1000, 1 << 4);
+    filter_for(&[Feature::FirecrackerFaultChannel]).install();
+
+    // A round trip: the request to the handler, the reply back.
+    vmm.send_request(&req(1)).unwrap_or_else(|e| fail(name, e));
+    let got = handler.recv_request().unwrap_or_else(|e| fail(name, e));
+    if got != Some(req(1)) {
+        fail(name, format!("request {got:?}"));
+    }
+    let reply = FaultReply::for_request(&req(1), 0x10_1000, 4096);
+    handler.send_reply(&reply).unwrap_or_else(|e| fail(name, e));
+    let back = vmm.recv_reply().unwrap_or_else(|e| fail(name, e));
+    if back != Some(reply) {
+        fail(name, format!("reply {back:?}"));
+    }
+
+    // Nothing there yet: each end waits in poll for the peer's frame.
+    to_peer
+        .send(Peer::WriteLater(vmm_dup_a, req(2).to_frame()))
+        .unwrap_or_else(|e| fail(name, e));
+    let got = handler.recv_request().unwrap_or_else(|e| fail(name, e));
+    if got != Some(req(2)) {
+        fail(name, format!("waited-for request {got:?}"));
+    }
+    to_peer
+        .send(Peer::WriteLater(handler_dup_a, reply.to_frame()))
+        .unwrap_or_else(|e| fail(name, e));
+    let back = vmm.recv_reply().unwrap_or_else(|e| fail(name, e));
+    if back != Some(reply) {
+        fail(name, format!("waited-for reply {back:?}"));
+    }
+
+    // More than the socket holds, from the non-blocking end: it waits in
+    // poll for room while the peer drains the other end.
+    let frames: Vec<Vec<u8>> = (0..20_000).map(|i| req(i).to_frame()).collect();
+    let total: usize = frames.iter().map(Vec::len).sum();
+    to_peer
+        .send(Peer::DrainLater(handler_dup_b, total))
+        .unwrap_or_else(|e| fail(name, e));
+    for i in 0..20_000 {
+        vmm.send_request(&req(i)).unwrap_or_else(|e| fail(name, e));
+    }
+    let drained = from_peer.recv().unwrap_or_else(|e| fail(name, e));
+    if drained != frames.concat() {
+        fail(name, "the drained bytes are not the frames sent");
+    }
+
+    // Firecracker goes away: end of stream, between frames.
+    drop(to_peer);
+    peer.join()
+        .unwrap_or_else(|_| fail(name, "the peer panicked"));
+    drop((vmm, vmm_dup_b));
+    match handler.recv_request() {
+        Ok(None) => {}
+        other => fail(name, format!("after the VMM closed: {other:?}")),
+    }
+    drop(handler);
+    ok(name)
+}
+
+/// A stand-in guest_memfd (a memfd: it takes `pwrite` too; no guest_memfd
+/// can be made on a host without KVM's), the snapshot, one region and a
+/// bitmap shared as a memfd, all made before the filter; the bitmap's
+/// construction (`UserfaultBitmap::memfd`, `from_fd`) is kvm-gmem's and has
+/// no seccomp feature there yet. Returns the stand-in, a shared view of it,
+/// the VMM's and the handler's bitmaps, the regions and the snapshot.
+#[cfg(feature = "firecracker-secret-hiding")]
+#[allow(clippy::type_complexity)]
+fn userfault_setup(
+    name: &str,
+) -> (
+    OwnedFd,
+    u64,
+    kvm_gmem::UserfaultBitmap,
+    kvm_gmem::UserfaultBitmap,
+    Vec<GuestRegionUffdMapping>,
+    Vec<u8>,
+) {
+    let p = page();
+    let gmem = memfd(name, 8 * p);
+    let view = shared(name, &gmem, 8 * p);
+    let vmm_bitmap = kvm_gmem::UserfaultBitmap::memfd(8, true).unwrap_or_else(|e| fail(name, e));
+    let fd = vmm_bitmap
+        .fd()
+        .unwrap_or_else(|| fail(name, "no bitmap fd"))
+        .try_clone_to_owned()
+        .unwrap_or_else(|e| fail(name, e));
+    let bitmap = kvm_gmem::UserfaultBitmap::from_fd(fd, 8).unwrap_or_else(|e| fail(name, e));
+    let mut region = GuestRegionUffdMapping::new(0x7f00_0000_0000, 8 * p, 0, p);
+    (region.gpa_start, region.is_guest_memfd) = (Some(0x10_0000), Some(true));
+    let snapshot: Vec<u8> = (0..8 * p).map(|i| (i / p) as u8 ^ 0x3c).collect();
+    (gmem, view, vmm_bitmap, bitmap, vec![region], snapshot)
+}
+
+/// Checks page `i` of the stand-in (through the view made before the
+/// filter: memory, no system call) and its bit.
+#[cfg(feature = "firecracker-secret-hiding")]
+fn check_served(
+    name: &str,
+    view: u64,
+    vmm_bitmap: &kvm_gmem::UserfaultBitmap,
+    snapshot: &[u8],
+    i: u64,
+) {
+    let p = page();
+    // SAFETY: page `i` of the shared view, mapped until the process ends.
+    let b = unsafe { std::ptr::read_volatile((view + i * p + 9) as *const u8) };
+    if b != snapshot[(i * p + 9) as usize] || vmm_bitmap.is_set(i) {
+        fail(
+            name,
+            format!("page {i}: byte {b:#x}, bit {}", vmm_bitmap.is_set(i)),
+        );
+    }
+}
+
+/// `UserfaultServer::from_fd` and `serve` under the filter: the page is
+/// written, its bit cleared; a second request for it writes nothing.
+#[cfg(feature = "firecracker-secret-hiding")]
+fn userfault_server(name: &str) {
+    use uffd_gmem::firecracker::{FaultRequest, UserfaultServer};
+
+    let (gmem, view, vmm_bitmap, bitmap, regions, snapshot) = userfault_setup(name);
+    let p = page();
+    filter_for(&[Feature::UserfaultServer]).install();
+    let server = UserfaultServer::from_fd(gmem.as_fd(), &bitmap, &regions, &snapshot)
+        .unwrap_or_else(|e| fail(name, e));
+    let reply = server
+        .serve(&FaultRequest::sync(3, 0x10_0000 + 5 * p + 0x10, 1 << 4))
+        .unwrap_or_else(|e| fail(name, e));
+    if (reply.vcpu, reply.offset, reply.len) != (Some(3), 5 * p, p) {
+        fail(name, format!("{reply:?}"));
+    }
+    check_served(name, view, &vmm_bitmap, &snapshot, 5);
+    server
+        .serve(&FaultRequest::sync(4, 0x10_0000 + 5 * p, 1 << 4))
+        .unwrap_or_else(|e| fail(name, e));
+    if (0..8).filter(|&i| vmm_bitmap.is_set(i)).count() != 7 {
+        fail(name, "only page 5's bit is clear");
+    }
+    ok(name)
+}
+
+/// A secret-hiding handler's loop under the two features it needs: the
+/// VMM's request over the fault channel, served, the reply back.
+#[cfg(feature = "firecracker-secret-hiding")]
+fn secret_hiding_handler(name: &str) {
+    use uffd_gmem::firecracker::{FaultChannel, FaultRequest, UserfaultServer};
+
+    let (gmem, view, vmm_bitmap, bitmap, regions, snapshot) = userfault_setup(name);
+    let p = page();
+    let (vmm, handler) = UnixStream::pair().unwrap_or_else(|e| fail(name, e));
+    vmm.set_nonblocking(true).unwrap_or_else(|e| fail(name, e));
+    let (vmm, handler) = (FaultChannel::new(vmm), FaultChannel::new(handler));
+    filter_for(&[Feature::FirecrackerFaultChannel, Feature::UserfaultServer]).install();
+    let server = UserfaultServer::from_fd(gmem.as_fd(), &bitmap, &regions, &snapshot)
+        .unwrap_or_else(|e| fail(name, e));
+    for i in [2u64, 7] {
+        let req = FaultRequest::sync(i as u32, 0x10_0000 + i * p, 1 << 4);
+        vmm.send_request(&req).unwrap_or_else(|e| fail(name, e));
+        let got = handler
+            .recv_request()
+            .unwrap_or_else(|e| fail(name, e))
+            .unwrap_or_else(|| fail(name, "end of stream"));
+        let reply = server.serve(&got).unwrap_or_else(|e| fail(name, e));
+        handler.send_reply(&reply).unwrap_or_else(|e| fail(name, e));
+        let back = vmm.recv_reply().unwrap_or_else(|e| fail(name, e));
+        if back.map(|r| (r.vcpu, r.offset, r.gpa)) != Some((Some(i as u32), i * p, req.gpa)) {
+            fail(name, format!("{back:?}"));
+        }
+    }
+    drop(vmm);
+    if !matches!(handler.recv_request(), Ok(None)) {
+        fail(name, "no end of stream after the VMM closed");
+    }
+    check_served(name, view, &vmm_bitmap, &snapshot, 2);
+    check_served(name, view, &vmm_bitmap, &snapshot, 7);
+    ok(name)
+}
+
 #[test]
 fn filter_create_device() {
     scenario("create_device");
@@ -487,4 +735,22 @@ fn filter_host_mapping() {
 #[test]
 fn filter_firecracker_handshake() {
     scenario("firecracker");
+}
+
+#[cfg(feature = "firecracker")]
+#[test]
+fn filter_fault_channel() {
+    scenario_without_uffd("fault_channel");
+}
+
+#[cfg(feature = "firecracker-secret-hiding")]
+#[test]
+fn filter_userfault_server() {
+    scenario_without_uffd("userfault_server");
+}
+
+#[cfg(feature = "firecracker-secret-hiding")]
+#[test]
+fn filter_secret_hiding_handler() {
+    scenario_without_uffd("secret_hiding_handler");
 }

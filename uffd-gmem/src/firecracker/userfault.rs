@@ -208,10 +208,44 @@ impl<'a> UserfaultServer<'a> {
     /// A server populating `gmem`, which must have been created with
     /// `GUEST_MEMFD_FLAG_WRITE`.
     ///
+    /// For the guest_memfd of Firecracker's handshake, which arrives as a
+    /// bare fd whose flags the handshake does not carry, adopt it with
+    /// [`GuestMemfd::adopt_with_flags`] and `WRITE` (what Firecracker
+    /// creates it with on restore): the fd is checked to be a guest_memfd,
+    /// which [`UserfaultServer::from_fd`] does not check. Claim only
+    /// `WRITE`: claiming `INIT_SHARED` makes the check fault the first page
+    /// in, after which `pwrite` can no longer populate it. `GuestMemfd::adopt`
+    /// alone reports no `WRITE` (the kernel cannot tell), and is refused
+    /// here.
+    ///
     /// # Errors
     ///
     /// [`Error::Unsupported`] when `gmem` lacks `GUEST_MEMFD_FLAG_WRITE`;
     /// otherwise as [`UserfaultServer::from_fd`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use kvm_gmem::{GuestMemfd, GuestMemfdFlags, UserfaultBitmap};
+    /// use std::os::unix::net::UnixStream;
+    /// use uffd_gmem::firecracker::{FaultChannel, Handshake, UserfaultServer};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let (stream, snapshot): (UnixStream, Vec<u8>) = todo!();
+    /// let hs = Handshake::recv(&stream)?;
+    /// let (Some(gmem_fd), Some(bitmap_fd)) = (hs.guest_memfd, hs.userfault_bitmap) else {
+    ///     return Err("not a secret-hiding handshake".into());
+    /// };
+    /// let gmem = GuestMemfd::adopt_with_flags(gmem_fd, GuestMemfdFlags::WRITE)?;
+    /// let bitmap = UserfaultBitmap::from_fd(bitmap_fd, gmem.size() / uffd_gmem::page_size())?;
+    /// let server = UserfaultServer::new(&gmem, &bitmap, &hs.regions, &snapshot)?;
+    /// let channel = FaultChannel::new(stream);
+    /// while let Some(req) = channel.recv_request()? {
+    ///     channel.send_reply(&server.serve(&req)?)?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new(
         gmem: &'a GuestMemfd,
         bitmap: &'a UserfaultBitmap,
