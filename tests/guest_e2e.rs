@@ -364,55 +364,6 @@ fn guest_runs_from_populated_guest_memfd() {
     vm.delete_memory_region(0).expect("delete the slot");
 }
 
-/// Anonymous memory for an ordinary memslot, unmapped on drop.
-struct Anon {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Anon {
-    fn new(len: usize) -> Anon {
-        // SAFETY: a fresh private anonymous mapping chosen by the kernel.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(
-            ptr,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        Anon { ptr, len }
-    }
-
-    fn write(&self, offset: usize, bytes: &[u8]) {
-        assert!(offset + bytes.len() <= self.len);
-        // SAFETY: the range is inside the mapping (asserted); no vCPU runs
-        // while the host writes it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.ptr.cast::<u8>().add(offset),
-                bytes.len(),
-            )
-        };
-    }
-}
-
-impl Drop for Anon {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, not used after this.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 /// The data lives in a guest_memfd-only memslot (`userspace_addr` 0): KVM
 /// must fault it straight from guest_memfd (kernel-tests.md §1.16, §9).
 #[test]
@@ -435,10 +386,10 @@ fn guest_memfd_only_memslot() {
     populate_in_child(&gmem, 0, seed);
     let data = data_page(seed);
 
-    let anon = Anon::new(DATA_GPA as usize);
-    anon.write(CODE_GPA as usize, &guest::bytes(GUEST));
+    let anon = guest::RawMap::anon(DATA_GPA);
+    anon.write(CODE_GPA, &guest::bytes(GUEST));
     let code_slot = MemoryRegion2::builder(0, 0, DATA_GPA)
-        .userspace_addr(anon.ptr as u64)
+        .userspace_addr(anon.addr())
         .build()
         .expect("code memslot");
     let data_slot = MemoryRegion2::builder(1, DATA_GPA, GMEM_SIZE)

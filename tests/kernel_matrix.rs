@@ -29,7 +29,7 @@
 //! userfaultfd the userfaultfd rows are `n/a`; under `CI=true` either absence
 //! is a failure.
 //!
-//! The guests are assembled by hand (below), and their vCPU is set up by
+//! The guests are assembled by hand (below), and they are run by
 //! `tests/guest/mod.rs`: on x86_64 a 16-bit real-mode program, with `ds` and
 //! `es` based at the data slot (0x20000); on aarch64 an EL1 program with the
 //! MMU off, addressing the data slot directly. Either starts at 0x1000 in an
@@ -51,17 +51,15 @@ use kvm_gmem::interop::vcpu_fd;
 use kvm_gmem::populate::{Populate, Source, Strategy};
 use kvm_gmem::{
     Capabilities, Errno, Extension, GuestMemfd, GuestMemfdFlags, KvmDevice, MemoryAttributes,
-    MemoryFault, MemoryRegion2, UserfaultBitmap, VmOps, VmType, pre_fault_memory,
+    MemoryRegion2, UserfaultBitmap, VmOps, VmType, pre_fault_memory,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use uffd_gmem::{Event, FaultKind, Features, Ioctls, Mode, RegisterMode, Uffd};
 
 mod guest;
 
+use guest::{Guest, GuestExit, RawMap};
+
 const PAGE: u64 = 4096;
-/// The code slot (slot 0): guest physical 0..64 KiB, the program at 0x1000.
-const CODE_SLOT_SIZE: u64 = 0x10000;
-const CODE_GPA: u64 = 0x1000;
 /// The data slot (slot 1): 64 KiB at 0x20000; the guest reads and writes
 /// its first page through `ds`/`es`.
 const DATA_GPA: u64 = 0x20000;
@@ -342,88 +340,8 @@ fn kernel_matrix() {
 }
 
 // ---------------------------------------------------------------------------
-// Memory the tests map themselves
+// Helpers
 // ---------------------------------------------------------------------------
-
-/// An anonymous or shared mapping, unmapped on drop. Held by address only,
-/// never by reference: the guest, the kernel and other threads change it.
-struct RawMap {
-    addr: usize,
-    len: usize,
-}
-
-impl RawMap {
-    fn new(len: u64, flags: i32, fd: i32) -> RawMap {
-        let len = len as usize;
-        // SAFETY: a fresh mapping at an address the kernel picks; it replaces
-        // nothing, and `fd` (if any) is open for the call.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            )
-        };
-        assert!(
-            p != libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        RawMap {
-            addr: p as usize,
-            len,
-        }
-    }
-
-    fn anon(len: u64) -> RawMap {
-        RawMap::new(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
-    }
-
-    fn shared(fd: &OwnedFd, len: u64) -> RawMap {
-        use std::os::fd::AsRawFd;
-        RawMap::new(len, libc::MAP_SHARED, fd.as_raw_fd())
-    }
-
-    fn addr(&self) -> u64 {
-        self.addr as u64
-    }
-
-    fn range(&self) -> Range<u64> {
-        self.addr()..self.addr() + self.len as u64
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) {
-        assert!(offset as usize + data.len() <= self.len);
-        for (i, b) in data.iter().enumerate() {
-            // SAFETY: inside the mapping (asserted above), which lives as long
-            // as `self`; a volatile store, no reference formed.
-            unsafe { ((self.addr + offset as usize + i) as *mut u8).write_volatile(*b) };
-        }
-    }
-
-    fn fill(&self, offset: u64, len: u64, byte: u8) {
-        self.write(offset, &vec![byte; len as usize]);
-    }
-
-    fn read(&self, offset: u64, len: u64) -> Vec<u8> {
-        assert!((offset + len) as usize <= self.len);
-        (0..len as usize)
-            // SAFETY: inside the mapping (asserted above); a volatile load.
-            .map(|i| unsafe { ((self.addr + offset as usize + i) as *const u8).read_volatile() })
-            .collect()
-    }
-}
-
-impl Drop for RawMap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; nothing refers into it (only
-        // addresses are handed out, and their users are gone by now).
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
 
 /// Whether every byte of `bytes` is `b`; else the first offset that is not.
 fn all(bytes: &[u8], b: u8) -> Result<(), String> {
@@ -463,116 +381,6 @@ fn tdp_mmu() -> String {
 // The guest
 // ---------------------------------------------------------------------------
 
-/// How a run of the guest ended.
-#[derive(Debug)]
-enum GuestExit {
-    /// The guest reported this byte.
-    Report(u8),
-    /// The guest touched `gpa` and KVM found no memory there.
-    Mmio { gpa: u64, write: bool },
-    /// `KVM_EXIT_MEMORY_FAULT`.
-    MemoryFault(MemoryFault),
-    /// Anything else (read through `Debug` in the failure messages).
-    Other(#[allow(dead_code)] String),
-}
-
-/// A VM with one vCPU about to run the guest. Field order matters: the
-/// vCPU and the VM are dropped before the memory the slots point at.
-struct Guest {
-    vcpu: VcpuFd,
-    vm: VmFd,
-    /// The memory behind the slots' userspace addresses.
-    keep: Vec<Arc<dyn Any + Send + Sync>>,
-}
-
-impl Guest {
-    fn new(kvm: &kvm_ioctls::Kvm) -> Guest {
-        Guest::of_type(kvm, VmType::DEFAULT)
-    }
-
-    /// The guest in a VM of type `ty`.
-    fn of_type(kvm: &kvm_ioctls::Kvm, ty: VmType) -> Guest {
-        let vm = kvm
-            .create_vm_with_type(ty.0)
-            .unwrap_or_else(|e| panic!("KVM_CREATE_VM({ty:?}): {e}"));
-        // Intel needs a TSS for real mode; others ignore it.
-        #[cfg(target_arch = "x86_64")]
-        let _ = vm.set_tss_address(0xfffb_d000);
-        let code = RawMap::anon(CODE_SLOT_SIZE);
-        code.write(CODE_GPA, &guest::bytes(GUEST));
-        let code_addr = code.addr();
-        let vcpu = guest::vcpu(&vm, CODE_GPA);
-        let mut g = Guest {
-            vcpu,
-            vm,
-            keep: Vec::new(),
-        };
-        let region = MemoryRegion2::builder(0, 0, CODE_SLOT_SIZE)
-            .userspace_addr(code_addr)
-            .build()
-            .expect("code slot");
-        g.set_slot(region, Some(Arc::new(code)))
-            .expect("KVM_SET_USER_MEMORY_REGION2 (code slot)");
-        #[cfg(target_arch = "x86_64")]
-        {
-            let mut sregs = g.vcpu.get_sregs().expect("KVM_GET_SREGS");
-            for seg in [&mut sregs.ds, &mut sregs.es] {
-                seg.base = DATA_GPA;
-                seg.selector = (DATA_GPA >> 4) as u16;
-            }
-            g.vcpu.set_sregs(&sregs).expect("KVM_SET_SREGS");
-        }
-        g
-    }
-
-    /// Installs `region`; `backing` is the memory behind its userspace
-    /// address (none for a guest_memfd-only slot), kept until the VM is gone.
-    fn set_slot(
-        &mut self,
-        region: MemoryRegion2,
-        backing: Option<Arc<dyn Any + Send + Sync>>,
-    ) -> kvm_gmem::Result<()> {
-        if let Some(b) = backing {
-            self.keep.push(b);
-        }
-        // SAFETY: the memory behind the region's userspace address (if any)
-        // is `backing`, now in `self.keep`, which is dropped after `self.vm`
-        // (field order), so the slot never points at unmapped memory.
-        unsafe { self.vm.set_memory_region(&region) }
-    }
-
-    /// Puts the vCPU back at the program's start, to run it again.
-    #[cfg(target_arch = "x86_64")]
-    fn restart(&mut self) {
-        let mut regs = self.vcpu.get_regs().expect("KVM_GET_REGS");
-        regs.rip = CODE_GPA;
-        regs.rflags = 2;
-        self.vcpu.set_regs(&regs).expect("KVM_SET_REGS");
-    }
-
-    fn run(&mut self) -> GuestExit {
-        for _ in 0..1000 {
-            let exit = match self.vcpu.run() {
-                Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => return GuestExit::Other(format!("KVM_RUN: {e}")),
-            };
-            if let Some(&[byte, ..]) = guest::report(&exit) {
-                return GuestExit::Report(byte);
-            }
-            return match exit {
-                VcpuExit::MmioRead(gpa, _) => GuestExit::Mmio { gpa, write: false },
-                VcpuExit::MmioWrite(gpa, _) => GuestExit::Mmio { gpa, write: true },
-                ref e @ VcpuExit::MemoryFault { .. } => GuestExit::MemoryFault(
-                    MemoryFault::from_vcpu_exit(e).expect("a memory-fault exit"),
-                ),
-                other => GuestExit::Other(format!("{other:?}")),
-            };
-        }
-        GuestExit::Other("KVM_RUN kept answering EINTR/EAGAIN".into())
-    }
-}
-
 /// A data slot of `DATA_SIZE` in anonymous memory, first page = HOST_BYTE.
 fn anon_data_slot(g: &mut Guest) -> Arc<RawMap> {
     let data = Arc::new(RawMap::anon(DATA_SIZE));
@@ -581,7 +389,7 @@ fn anon_data_slot(g: &mut Guest) -> Arc<RawMap> {
         .userspace_addr(data.addr())
         .build()
         .expect("data slot");
-    g.set_slot(region, Some(data.clone()))
+    g.set_slot(&region, Some(data.clone()))
         .expect("KVM_SET_USER_MEMORY_REGION2 (data slot)");
     data
 }
@@ -721,7 +529,7 @@ fn memslot_v2(cx: &Ctx) -> Row {
             ),
         );
     }
-    let mut g = Guest::new(&cx.kvm_io);
+    let mut g = Guest::new(&cx.kvm_io, GUEST, DATA_GPA);
     let data = anon_data_slot(&mut g);
     assert_guest_exchanges(&mut g, || data.read(0, PAGE));
     all(&data.read(PAGE, PAGE), 0).expect("the guest touched only its page");
@@ -741,7 +549,7 @@ fn gmem_guest(cx: &Ctx, userspace: bool) -> Row {
     if let Some(why) = shared_gmem_missing(cx) {
         return (Status::NotApplicable, why);
     }
-    let mut g = Guest::new(&cx.kvm_io);
+    let mut g = Guest::new(&cx.kvm_io, GUEST, DATA_GPA);
     let gmem = GuestMemfd::builder(DATA_SIZE)
         .flags(shared_flags())
         .create(&g.vm)
@@ -754,7 +562,7 @@ fn gmem_guest(cx: &Ctx, userspace: bool) -> Row {
     }
     let region = region.build().expect("guest_memfd slot");
     g.set_slot(
-        region,
+        &region,
         userspace.then(|| map.clone() as Arc<dyn Any + Send + Sync>),
     )
     .expect("KVM_SET_USER_MEMORY_REGION2 (KVM_MEM_GUEST_MEMFD)");
@@ -840,7 +648,7 @@ fn pre_fault_refused(cx: &Ctx, g: &Guest) -> Option<Row> {
 }
 
 fn pre_fault(cx: &Ctx) -> Row {
-    let mut g = Guest::new(&cx.kvm_io);
+    let mut g = Guest::new(&cx.kvm_io, GUEST, DATA_GPA);
     let data = anon_data_slot(&mut g);
     if let Some(row) = pre_fault_refused(cx, &g) {
         return row;
@@ -862,7 +670,7 @@ fn pre_fault(cx: &Ctx) -> Row {
 }
 
 fn pre_fault_partial(cx: &Ctx) -> Row {
-    let mut g = Guest::new(&cx.kvm_io);
+    let mut g = Guest::new(&cx.kvm_io, GUEST, DATA_GPA);
     let _data = anon_data_slot(&mut g);
     if let Some((_, why)) = pre_fault_refused(cx, &g) {
         return (Status::Unsupported, why);
@@ -941,7 +749,7 @@ fn memory_attributes_vm_fd(cx: &Ctx) -> Row {
         drop(vm);
         // Private memory on an ordinary slot: the guest's access must exit
         // as a private memory fault.
-        let mut g = Guest::new(&cx.kvm_io);
+        let mut g = Guest::new(&cx.kvm_io, GUEST, DATA_GPA);
         let _data = anon_data_slot(&mut g);
         g.vm.set_attributes(range.clone(), MemoryAttributes::PRIVATE)
             .expect("KVM_SET_MEMORY_ATTRIBUTES(PRIVATE)");
@@ -1555,7 +1363,7 @@ fn rfc_no_direct_map(cx: &Ctx) -> Row {
 /// A guest on a NO_DIRECT_MAP|MMAP|INIT_SHARED guest_memfd slot (the
 /// mapping as userspace_addr): it reads the host's page and writes back.
 fn no_direct_map_guest(cx: &Ctx) -> String {
-    let mut g = Guest::new(&cx.kvm_io);
+    let mut g = Guest::new(&cx.kvm_io, GUEST, DATA_GPA);
     let gmem = GuestMemfd::builder(DATA_SIZE)
         .flags(shared_flags())
         .no_direct_map(true)
@@ -1568,7 +1376,7 @@ fn no_direct_map_guest(cx: &Ctx) -> String {
         .userspace(&map)
         .build()
         .expect("guest_memfd slot");
-    g.set_slot(region, Some(map.clone()))
+    g.set_slot(&region, Some(map.clone()))
         .expect("KVM_SET_USER_MEMORY_REGION2 (NO_DIRECT_MAP guest_memfd)");
     assert_guest_exchanges(&mut g, || read_map(&map, 0, PAGE));
     format!(
@@ -1580,7 +1388,7 @@ fn no_direct_map_guest(cx: &Ctx) -> String {
 fn rfc_kvm_userfault(cx: &Ctx) -> Row {
     let probe = &cx.caps.rfc.kvm_userfault;
     let pages = DATA_SIZE / PAGE;
-    let mut g = Guest::new(&cx.kvm_io);
+    let mut g = Guest::new(&cx.kvm_io, GUEST, DATA_GPA);
     let data = Arc::new(RawMap::anon(DATA_SIZE));
     data.fill(0, PAGE, HOST_BYTE);
     let bitmap = Arc::new(UserfaultBitmap::new(pages, true));
@@ -1590,7 +1398,7 @@ fn rfc_kvm_userfault(cx: &Ctx) -> Row {
         .build()
         .expect("userfault slot");
     g.keep.push(bitmap.clone());
-    let r = g.set_slot(region, Some(data.clone()));
+    let r = g.set_slot(&region, Some(data.clone()));
     if !probe.supported {
         let e =
             r.expect_err("the userfault probe failed, yet a KVM_MEM_USERFAULT slot was accepted");
@@ -1633,7 +1441,7 @@ fn sw_protected_guest(cx: &Ctx) -> Result<Guest, Row> {
             ),
         ));
     }
-    let g = Guest::of_type(&cx.kvm_io, ty);
+    let g = Guest::of_type(&cx.kvm_io, ty, GUEST, DATA_GPA);
     let attrs =
         g.vm.supported_attributes()
             .expect("KVM_CHECK_EXTENSION(KVM_CAP_MEMORY_ATTRIBUTES)");
@@ -1681,7 +1489,7 @@ fn sw_protected_attributes(cx: &Ctx) -> Row {
         .userspace_addr(data.addr())
         .build()
         .expect("a slot with a guest_memfd and host memory");
-    g.set_slot(region, Some(data.clone()))
+    g.set_slot(&region, Some(data.clone()))
         .expect("KVM_SET_USER_MEMORY_REGION2 (guest_memfd + host memory)");
     let range = DATA_GPA..DATA_GPA + DATA_SIZE;
     g.vm.set_attributes(range.clone(), MemoryAttributes::PRIVATE)

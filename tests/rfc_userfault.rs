@@ -1,6 +1,6 @@
 //! The KVM Userfault selftests (kernel-tests.md §6.4), re-run through
 //! `kvm-gmem` on a real-mode guest (x86_64 only: the guest is a 16-bit
-//! program; `tests/guest/mod.rs` sets up its vCPU).
+//! program; `tests/guest/mod.rs` runs it).
 //!
 //! - `userfault_demand_paging`: demand_paging_test `-k` without
 //!   userfaultfd: the data slot starts with every bit of its userfault
@@ -28,7 +28,6 @@
 
 #![cfg(target_arch = "x86_64")]
 
-use std::any::Any;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_gmem::{
@@ -36,9 +35,10 @@ use kvm_gmem::{
     MemoryRegion2, UserfaultBitmap, VmOps, VmType,
 };
 use kvm_gmem_sys::rfc::kvm_userfault::KVM_CAP_USERFAULT;
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 mod guest;
+
+use guest::{Guest, GuestExit, RawMap};
 
 // kvm-gmem's skip rule, shared by every kernel test of the workspace.
 #[allow(dead_code)]
@@ -48,9 +48,6 @@ mod capability;
 use capability::{ci, skip_capability};
 
 const PAGE: u64 = 4096;
-/// The code slot (slot 0): guest physical 0..64 KiB, the program at 0x1000.
-const CODE_SLOT_SIZE: u64 = 0x10000;
-const CODE_GPA: u64 = 0x1000;
 /// The data slot (slot 1): 64 KiB at 0x20000, `ds` based there.
 const DATA_SLOT: u32 = 1;
 const DATA_GPA: u64 = 0x20000;
@@ -121,102 +118,8 @@ fn userfault_or_skip(test: &str) -> Option<(KvmDevice, Capabilities)> {
     Some((kvm, caps))
 }
 
-/// How a run of the guest ended.
-#[derive(Debug)]
-enum GuestExit {
-    Report(u8),
-    /// `hlt`.
-    Halted,
-    MemoryFault(MemoryFault),
-    /// Anything else (read through `Debug` in the failure messages).
-    Other(#[allow(dead_code)] String),
-}
-
-/// A VM with one vCPU about to run [`GUEST`]. Field order matters: the
-/// vCPU and the VM are dropped before the memory the slots point at.
-struct Guest {
-    vcpu: VcpuFd,
-    vm: VmFd,
-    keep: Vec<Arc<dyn Any + Send + Sync>>,
-}
-
+// The userfault handling of this file's tests, on the shared runner.
 impl Guest {
-    fn new(kvm: &kvm_ioctls::Kvm) -> Guest {
-        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-        // Intel needs a TSS for real mode; others ignore it.
-        let _ = vm.set_tss_address(0xfffb_d000);
-        let code = RawMap::anon(CODE_SLOT_SIZE);
-        code.write(CODE_GPA, &guest::bytes(GUEST));
-        let code_addr = code.addr();
-        let vcpu = guest::vcpu(&vm, CODE_GPA);
-        let mut g = Guest {
-            vcpu,
-            vm,
-            keep: Vec::new(),
-        };
-        let region = MemoryRegion2::builder(0, 0, CODE_SLOT_SIZE)
-            .userspace_addr(code_addr)
-            .build()
-            .expect("code slot");
-        g.set_slot(&region, Some(Arc::new(code)))
-            .expect("KVM_SET_USER_MEMORY_REGION2 (code slot)");
-        g.restart();
-        g
-    }
-
-    /// Back to the program's first instruction, `ds` at the data slot.
-    fn restart(&mut self) {
-        let mut sregs = self.vcpu.get_sregs().expect("KVM_GET_SREGS");
-        sregs.ds.base = DATA_GPA;
-        sregs.ds.selector = (DATA_GPA >> 4) as u16;
-        self.vcpu.set_sregs(&sregs).expect("KVM_SET_SREGS");
-        let regs = kvm_bindings::kvm_regs {
-            rip: CODE_GPA,
-            rflags: 2,
-            ..Default::default()
-        };
-        self.vcpu.set_regs(&regs).expect("KVM_SET_REGS");
-    }
-
-    /// Installs (or re-sets) `region`; `backing` is the memory behind its
-    /// userspace address and its bitmap, kept until the VM is gone.
-    fn set_slot(
-        &mut self,
-        region: &MemoryRegion2,
-        backing: Option<Arc<dyn Any + Send + Sync>>,
-    ) -> kvm_gmem::Result<()> {
-        if let Some(b) = backing {
-            self.keep.push(b);
-        }
-        // SAFETY: the memory behind the region's userspace address and its
-        // userfault bitmap is in `self.keep` (the callers put it there),
-        // which is dropped after `self.vm` (field order).
-        unsafe { self.vm.set_memory_region(region) }
-    }
-
-    fn run(&mut self) -> GuestExit {
-        for _ in 0..1000 {
-            let exit = match self.vcpu.run() {
-                Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => return GuestExit::Other(format!("KVM_RUN: {e}")),
-            };
-            if let Some(&[byte, ..]) = guest::report(&exit) {
-                return GuestExit::Report(byte);
-            }
-            if guest::halted(&exit) {
-                return GuestExit::Halted;
-            }
-            return match exit {
-                ref e @ VcpuExit::MemoryFault { .. } => GuestExit::MemoryFault(
-                    MemoryFault::from_vcpu_exit(e).expect("a memory-fault exit"),
-                ),
-                other => GuestExit::Other(format!("{other:?}")),
-            };
-        }
-        GuestExit::Other("KVM_RUN kept answering EINTR/EAGAIN".into())
-    }
-
     /// Runs the guest to its report, resolving every userfault exit with
     /// `resolve(page)` and clearing the page's bit in `bitmap`; returns the
     /// pages that exited, in order. Each exit must be exactly
@@ -292,7 +195,7 @@ fn userfault_demand_paging() {
         return;
     }
     let kvm = kvm_ioctls::Kvm::new().expect("kvm-ioctls: open /dev/kvm");
-    let mut g = Guest::new(&kvm);
+    let mut g = Guest::new(&kvm, GUEST, DATA_GPA);
     let data = Arc::new(RawMap::anon(DATA_SIZE));
     let bitmap = Arc::new(UserfaultBitmap::new(DATA_PAGES, true));
     let region = MemoryRegion2::builder(DATA_SLOT, DATA_GPA, DATA_SIZE)
@@ -360,7 +263,7 @@ fn userfault_toggle_guest_memfd_slot() {
         return;
     }
     let kvm = kvm_ioctls::Kvm::new().expect("kvm-ioctls: open /dev/kvm");
-    let mut g = Guest::new(&kvm);
+    let mut g = Guest::new(&kvm, GUEST, DATA_GPA);
     let gmem = GuestMemfd::builder(DATA_SIZE)
         .flags(shared)
         .create(&g.vm)
@@ -431,71 +334,4 @@ fn userfault_toggle_guest_memfd_slot() {
         "{test}: exits after USERFAULT was turned off: {exits:?}"
     );
     check("after USERFAULT was turned off");
-}
-
-/// An anonymous mapping, unmapped on drop. Held by address only: the guest
-/// changes it.
-struct RawMap {
-    addr: usize,
-    len: usize,
-}
-
-impl RawMap {
-    fn anon(len: u64) -> RawMap {
-        let len = len as usize;
-        // SAFETY: a fresh private anonymous mapping at an address the kernel
-        // picks; it replaces nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert!(
-            p != libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        RawMap {
-            addr: p as usize,
-            len,
-        }
-    }
-
-    fn addr(&self) -> u64 {
-        self.addr as u64
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) {
-        assert!(offset as usize + data.len() <= self.len);
-        for (i, b) in data.iter().enumerate() {
-            // SAFETY: inside the mapping (asserted above), which lives as long
-            // as `self`; a volatile store, no reference formed.
-            unsafe { ((self.addr + offset as usize + i) as *mut u8).write_volatile(*b) };
-        }
-    }
-
-    fn fill(&self, offset: u64, len: u64, byte: u8) {
-        self.write(offset, &vec![byte; len as usize]);
-    }
-
-    fn read(&self, offset: u64, len: u64) -> Vec<u8> {
-        assert!((offset + len) as usize <= self.len);
-        (0..len as usize)
-            // SAFETY: inside the mapping (asserted above); a volatile load.
-            .map(|i| unsafe { ((self.addr + offset as usize + i) as *const u8).read_volatile() })
-            .collect()
-    }
-}
-
-impl Drop for RawMap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `anon`; nothing refers into it (only
-        // its address is handed out, and the VM using it is gone by now).
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
 }
