@@ -138,7 +138,10 @@ pub enum Backing {
         addr: u64,
     },
     /// `pwrite` to the file at `offset` + (fault − region start) (shmem;
-    /// guest_memfd with the RFC write() support).
+    /// guest_memfd with the RFC write() support). A guest_memfd answers
+    /// `EEXIST` for a page that already holds data (filled by a KVM
+    /// userfault handler, or faulted in): that page is left as it is and
+    /// continued.
     Pwrite {
         /// The file.
         fd: Arc<OwnedFd>,

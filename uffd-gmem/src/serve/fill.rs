@@ -437,6 +437,14 @@ impl Shared {
                         }
                         Ok(n) => written += n,
                         Err(Errno(libc::EINTR)) => continue,
+                        // A guest_memfd with GUEST_MEMFD_FLAG_WRITE never
+                        // overwrites a page that holds data: the page at
+                        // `at` is in the page cache already (written by a
+                        // KVM userfault handler, or faulted in), which is
+                        // what UFFDIO_CONTINUE needs. On to the next page.
+                        Err(Errno(libc::EEXIST | libc::ENOSPC)) => {
+                            written = len.min(written + (r.page - at % r.page) as usize);
+                        }
                         Err(e) => return Err(cache_err(Error::kernel("pwrite", e))),
                     }
                 }

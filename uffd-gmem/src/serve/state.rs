@@ -52,7 +52,7 @@ pub(super) struct RegionState {
     pub(super) len: u64,
     pub(super) source_offset: u64,
     pub(super) resolve: Resolve,
-    page: u64,
+    pub(super) page: u64,
     /// A fill took the page (in progress or done).
     claimed: Bitmap,
     /// The page is filled and mapped.
