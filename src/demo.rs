@@ -1,4 +1,4 @@
-//! `gmem demo`: the whole story on this machine, end to end, in three parts;
+//! `gmem demo`: the whole story on this machine, end to end, in four parts;
 //! each runs where the host offers what it needs (probed, never assumed),
 //! and the summary names every part skipped and why.
 //!
@@ -23,12 +23,28 @@
 //!    which exit as MMIO). Skipped, a host thread reads
 //!    and checksums the same memory instead (which still takes the lazy
 //!    region's faults through the server).
+//! 4. **Secret-free restore** (needs a guest_memfd with `MMAP | INIT_SHARED
+//!    | NO_DIRECT_MAP | WRITE`, KVM Userfault and userfaultfd `MISSING |
+//!    MINOR` on a guest_memfd mapping, as `Capabilities::query` and a trial
+//!    registration find them; see `demo/secret_free.rs`): Firecracker's
+//!    secret-hiding restore in two processes. A second VM's slot 1 is such
+//!    a guest_memfd, out of the kernel's direct map, with
+//!    `KVM_MEM_USERFAULT` and every bitmap bit set; a **handler process**
+//!    receives `[uffd, guest_memfd, bitmap memfd]` with Firecracker's
+//!    handshake and restores the snapshot with `pwrite`: on each vCPU
+//!    userfault exit, which the VMM forwards as a `FaultRequest` on the
+//!    handshake's socket (`UserfaultServer`, answered with a `FaultReply`);
+//!    on each uffd fault of the VMM's own reads through the mapping (then
+//!    `UFFDIO_CONTINUE`); and in the background. The same guest checksums
+//!    the restored region. Skipped, nothing stands in for it.
 //!
 //! The host checks every sum against its own. The logic lives in the
 //! crates; this file only wires them together.
 
 use kvm_gmem::populate::{Populate, Source};
-use kvm_gmem::{Extension, GuestMemfd, GuestMemfdFlags, Mapping, MemoryRegion2, VmOps};
+use kvm_gmem::{
+    Extension, GuestMemfd, GuestMemfdFlags, Mapping, MemoryFault, MemoryRegion2, VmOps,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -38,6 +54,8 @@ use uffd_gmem::{Features, RegisterMode, Uffd};
 
 /// The hidden subcommand the child process runs.
 pub const CHILD_ARG: &str = "__demo-populate";
+/// The hidden subcommand part 4's handler process runs.
+pub const HANDLER_ARG: &str = "__demo-handler";
 
 const GMEM_SIZE: u64 = 0x8_0000;
 const CODE_GPA: u64 = 0x1000;
@@ -177,6 +195,7 @@ enum Part {
     Populate,
     LazyRestore,
     Guest,
+    SecretFree,
 }
 
 impl Part {
@@ -185,6 +204,7 @@ impl Part {
             Part::Populate => "separate-process population (guest_memfd)",
             Part::LazyRestore => "lazy restore (userfaultfd)",
             Part::Guest => "guest checksum (vCPU)",
+            Part::SecretFree => "secret-free restore (guest_memfd, KVM userfault)",
         }
     }
 }
@@ -199,13 +219,14 @@ enum Status {
 /// Which parts run on this host.
 #[derive(Debug)]
 struct Plan {
-    parts: [(Part, Status); 3],
+    parts: [(Part, Status); 4],
 }
 
 impl Plan {
     /// Probes the host: `vm` is the demo's VM (or why there is none), asked
     /// for its capabilities; a throwaway userfaultfd is asked for its
-    /// features.
+    /// features; part 4 asks `Capabilities::query` and tries a
+    /// registration.
     fn probe(vm: &Res<VmFd>) -> Plan {
         let release = crate::probe::uname().map_or_else(|_| "?".into(), |k| k.release);
         let on_vm = |check: fn(&VmFd, &str) -> Res<()>| match vm {
@@ -221,6 +242,13 @@ impl Plan {
                     Part::Guest,
                     status(on_vm(|vm, release| {
                         cap_set(vm, Extension::USER_MEMORY2, "KVM_CAP_USER_MEMORY2", release)
+                    })),
+                ),
+                (
+                    Part::SecretFree,
+                    status(on_vm(|vm, release| {
+                        cap_set(vm, Extension::USER_MEMORY2, "KVM_CAP_USER_MEMORY2", release)?;
+                        secret_free::usable(vm, release)
                     })),
                 ),
             ],
@@ -259,6 +287,10 @@ impl Plan {
         if skipped {
             text += "  to see the skipped parts: scripts/kernel-lane.sh (the kernel lane) runs this demo on \
                      Linux 7.3 under QEMU\n";
+        }
+        if !self.runs(Part::SecretFree) {
+            text += "  the secret-free restore needs the RFC uAPIs: scripts/kernel-lane.sh --kernel ours \
+                     boots the project's patched 7.3.4 (kernel/README.md)\n";
         }
         text
     }
@@ -344,16 +376,24 @@ pub fn run() -> Res<()> {
         _ => host_check(&slot0, &lazy.view)?,
     };
     let stats = lazy.finish().map_err(in_part(Part::LazyRestore))?;
+    let secret = if plan.runs(Part::SecretFree) {
+        Some(secret_free::run().map_err(in_part(Part::SecretFree))?)
+    } else {
+        None
+    };
+    let problems = secret.as_ref().map_or(&[][..], |r| &r.problems[..]);
 
     let (want_a, want_b) = (sum16(&data), sum16(&snapshot));
     let errors = stats.as_ref().map_or(&[][..], |s| &s.errors[..]);
     let ok = check.data.iter().all(|(_, v)| *v == Some(want_a))
         && check.lazy.iter().all(|(_, v)| *v == Some(want_b))
-        && errors.is_empty();
+        && errors.is_empty()
+        && problems.is_empty();
 
     println!(
         "gmem demo: a guest_memfd populated by another process, a region restored lazily by\n\
-         userfaultfd, a guest that checksums both: each part this host supports\n"
+         userfaultfd, a guest that checksums both, and a secret-free restore (Firecracker's\n\
+         secret-hiding handler in another process): each part this host supports\n"
     );
     println!("  {:<LABEL_W$}{}", filled.0, filled.1);
     match &stats {
@@ -386,6 +426,9 @@ pub fn run() -> Res<()> {
         let label = format!("{} checksum, {region}", check.by);
         println!("  {label:<LABEL_W$}{}, host {want:#06x}", got.join(", "));
     }
+    for (label, text) in secret.iter().flat_map(|r| &r.lines) {
+        println!("  {label:<LABEL_W$}{text}");
+    }
     println!(
         "  {} run {:?}, whole demo {:?}: {}",
         check.by,
@@ -396,11 +439,47 @@ pub fn run() -> Res<()> {
     for err in errors {
         println!("  serve error: {err}");
     }
+    for problem in problems {
+        println!("  secret-free restore: {problem}");
+    }
     println!("\n{}", plan.summary());
     if ok {
         Ok(())
     } else {
         Err("the checksums do not match the host's".into())
+    }
+}
+
+/// Part 4's handler process (`gmem __demo-handler <fd>`).
+pub fn handler(fd_arg: &str) -> Res<()> {
+    secret_free::handler(fd_arg)
+}
+
+#[cfg(feature = "demo-secret-free")]
+mod secret_free;
+
+/// Part 4 where `gmem` was built without it: always skipped.
+#[cfg(not(feature = "demo-secret-free"))]
+mod secret_free {
+    use super::Res;
+
+    const WHY: &str = "gmem was built without feature demo-secret-free";
+
+    pub(super) struct Report {
+        pub(super) lines: Vec<(String, String)>,
+        pub(super) problems: Vec<String>,
+    }
+
+    pub(super) fn usable(_vm: &kvm_ioctls::VmFd, _release: &str) -> Res<()> {
+        Err(WHY.into())
+    }
+
+    pub(super) fn run() -> Res<Report> {
+        Err(WHY.into())
+    }
+
+    pub(super) fn handler(_fd_arg: &str) -> Res<()> {
+        Err(WHY.into())
     }
 }
 
@@ -617,7 +696,7 @@ fn run_guest(vm: &VmFd, slot0: &Slot0, lazy: &ShmemMap) -> Res<Check> {
     let ran = unsafe { vm.set_memory_region(&region1) }
         .map_err(e("KVM_SET_USER_MEMORY_REGION2 slot 1"))
         .and_then(|()| {
-            let sums = drive_guest(vm);
+            let sums = drive_guest(vm, |fault| Err(format!("unexpected exit: {fault:?}")));
             let deleted = vm.delete_memory_region(1).map_err(e("delete slot 1"));
             sums.and_then(|sums| deleted.map(|()| sums))
         });
@@ -642,12 +721,25 @@ fn run_guest(vm: &VmFd, slot0: &Slot0, lazy: &ShmemMap) -> Res<Check> {
 }
 
 /// Runs vCPU 0 from `CODE_GPA` until it halts: the sums it reported.
-fn drive_guest(vm: &VmFd) -> Res<(Option<u16>, Option<u16>)> {
+/// Each `KVM_EXIT_MEMORY_FAULT` goes to `on_fault`, which resolves it (the
+/// vCPU then re-enters) or fails the run.
+fn drive_guest(
+    vm: &VmFd,
+    mut on_fault: impl FnMut(MemoryFault) -> Res<()>,
+) -> Res<(Option<u16>, Option<u16>)> {
     let mut vcpu = guest_vcpu(vm)?;
     let started = Instant::now();
     let (mut sum_a, mut sum_b) = (None, None);
     loop {
-        match vcpu.run().map_err(e("KVM_RUN"))? {
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err("the guest did not finish within 60 s".into());
+        }
+        let exit = vcpu.run().map_err(e("KVM_RUN"))?;
+        if let Some(fault) = MemoryFault::from_vcpu_exit(&exit) {
+            on_fault(fault)?;
+            continue;
+        }
+        match exit {
             #[cfg(target_arch = "x86_64")]
             VcpuExit::IoOut(port, data) if data.len() >= 2 => {
                 let v = u16::from_le_bytes([data[0], data[1]]);
@@ -673,9 +765,6 @@ fn drive_guest(vm: &VmFd) -> Res<(Option<u16>, Option<u16>)> {
                 return Ok((sum_a, sum_b));
             }
             other => return Err(format!("unexpected exit: {other:?}")),
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err("the guest did not finish within 60 s".into());
         }
     }
 }

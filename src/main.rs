@@ -26,7 +26,10 @@ Commands:
   demo     Run a guest whose memory is a guest_memfd populated by
            a separate process, plus a region restored lazily by the
            userfaultfd fault server; print pages populated, faults served
-           and time per fault. Runs each part the host supports and names
+           and time per fault. Then the secret-free restore: a
+           NO_DIRECT_MAP|WRITE guest_memfd with KVM userfault, restored by
+           a handler process over Firecracker's secret-hiding protocol.
+           Runs each part the host supports and names
            each part skipped with the capability that is missing; fails
            only when a part the host supports fails
   help     Print this help
@@ -69,6 +72,8 @@ enum Command {
     Default,
     /// The demo's populator process (internal).
     DemoChild(String),
+    /// The demo's secret-free restore handler process (internal).
+    DemoHandler(String),
 }
 
 fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
@@ -93,6 +98,11 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
                 args.next();
                 let fd = args.next().ok_or("missing descriptor")?;
                 return Ok(Command::DemoChild(fd.to_string_lossy().into_owned()));
+            }
+            Some(demo::HANDLER_ARG) => {
+                args.next();
+                let fd = args.next().ok_or("missing descriptor")?;
+                return Ok(Command::DemoHandler(fd.to_string_lossy().into_owned()));
             }
             Some("help") => return Ok(Command::Help),
             Some(a) if a.starts_with('-') => {}
@@ -159,6 +169,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {
                 let _ = writeln!(std::io::stderr(), "gmem demo (populator): {msg}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(Command::DemoHandler(fd)) => match demo::handler(&fd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                let _ = writeln!(std::io::stderr(), "gmem demo (handler): {msg}");
                 ExitCode::FAILURE
             }
         },
