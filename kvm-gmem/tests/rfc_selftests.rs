@@ -29,12 +29,14 @@
 
 mod common;
 
-use common::{gmem_vm_or_skip, lock, page, shared, skip_capability};
+use common::{
+    errno, errno_name, expect_errno, gmem_vm_or_skip, lock, page, shared, skip_capability,
+};
 use kvm_gmem::populate::{Populate, Report, Source, Strategy};
 use kvm_gmem::sys_bindings::rfc::populate::{KVM_GUEST_MEMFD_POPULATE, kvm_guest_memfd_populate};
 use kvm_gmem::{
-    Capabilities, Errno, Error, GuestMemfd, GuestMemfdFlags, KvmDevice, Mapping, MemoryRegion2, Vm,
-    VmOps, VmType,
+    Capabilities, Error, GuestMemfd, GuestMemfdFlags, KvmDevice, Mapping, MemoryRegion2, Vm, VmOps,
+    VmType,
 };
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
@@ -46,14 +48,6 @@ const SLOT: u32 = 1;
 const GPA: u64 = 1 << 32;
 /// A guest physical address no memslot covers.
 const NO_SLOT_GPA: u64 = 8 << 30;
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-fn errno_name(e: i32) -> String {
-    Errno(e).to_string()
-}
 
 /// A byte per page, different for every page and every fill (`round`).
 fn byte(round: u8, page_index: u64) -> u8 {
@@ -98,23 +92,6 @@ fn expect_kernel<T: std::fmt::Debug>(r: kvm_gmem::Result<T>, want: i32, what: &s
         ),
         other => panic!(
             "{what}: expected Error::Kernel({}), got {other:?}",
-            errno_name(want)
-        ),
-    }
-}
-
-#[track_caller]
-fn expect_errno<T: std::fmt::Debug>(r: Result<T, i32>, want: i32, what: &str) {
-    match r {
-        Err(e) => assert_eq!(
-            e,
-            want,
-            "{what}: expected {}, got {}",
-            errno_name(want),
-            errno_name(e)
-        ),
-        Ok(v) => panic!(
-            "{what}: expected {}, but it succeeded ({v:?})",
             errno_name(want)
         ),
     }

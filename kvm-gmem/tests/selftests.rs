@@ -32,7 +32,9 @@
 
 mod common;
 
-use common::{assert_no_fd_leaks, has_guest_memfd, kvm_has_guest_memfd, page};
+use common::{
+    assert_no_fd_leaks, errno, errno_name, expect_errno, has_guest_memfd, kvm_has_guest_memfd, page,
+};
 use kvm_gmem::sys_bindings as sys;
 use kvm_gmem::{Capabilities, Error, GuestMemfd, GuestMemfdFlags, KvmDevice, Vm, VmOps, VmType};
 use std::io;
@@ -138,14 +140,6 @@ fn gmem(vm: &Vm, pages: u64, flags: GuestMemfdFlags) -> GuestMemfd {
     common::gmem(vm, pages * page(), flags)
 }
 
-fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-fn errno_name(e: i32) -> String {
-    kvm_gmem::Errno(e).to_string()
-}
-
 /// `KVM_CREATE_GUEST_MEMFD` issued directly, bypassing the builder's checks:
 /// the kernel's own answer.
 fn raw_create(vm: &Vm, size: u64, flags: u64) -> Result<OwnedFd, i32> {
@@ -216,23 +210,6 @@ fn expect_invalid<T: std::fmt::Debug>(r: kvm_gmem::Result<T>, what: &str) -> Str
             rule
         }
         other => panic!("{what}: expected Error::Invalid, got {other:?}"),
-    }
-}
-
-#[track_caller]
-fn expect_errno<T: std::fmt::Debug>(r: Result<T, i32>, want: i32, what: &str) {
-    match r {
-        Err(e) => assert_eq!(
-            e,
-            want,
-            "{what}: expected {}, got {}",
-            errno_name(want),
-            errno_name(e)
-        ),
-        Ok(v) => panic!(
-            "{what}: expected {}, but it succeeded ({v:?})",
-            errno_name(want)
-        ),
     }
 }
 

@@ -228,3 +228,31 @@ macro_rules! kvm_test {
         }
     };
 }
+
+/// The calling thread's `errno`, for the tests' raw system calls.
+pub fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// `EINVAL (22): Invalid argument`.
+pub fn errno_name(e: i32) -> String {
+    kvm_gmem::Errno(e).to_string()
+}
+
+/// Asserts that a raw call failed with `want`.
+#[track_caller]
+pub fn expect_errno<T: std::fmt::Debug>(r: Result<T, i32>, want: i32, what: &str) {
+    match r {
+        Err(e) => assert_eq!(
+            e,
+            want,
+            "{what}: expected {}, got {}",
+            errno_name(want),
+            errno_name(e)
+        ),
+        Ok(v) => panic!(
+            "{what}: expected {}, but it succeeded ({v:?})",
+            errno_name(want)
+        ),
+    }
+}
