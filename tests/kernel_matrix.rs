@@ -1155,7 +1155,9 @@ fn serve_guest_memfd(cx: &Ctx, vm: &kvm_gmem::Vm) -> String {
             .run(early.clone(), Source::bytes(src))
             .expect("Populate(Write) of page 5");
     } else {
-        alias.write_at(early.start, src).expect("page 5 through the second mapping");
+        alias
+            .write_at(early.start, src)
+            .expect("page 5 through the second mapping");
     }
     let region = Region::new(view.addr(), PAGES * PAGE);
     let (region, how) = if write {
