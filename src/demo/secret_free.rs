@@ -27,10 +27,9 @@
 //!   page cache, not yet in the VMM's page tables).
 //!
 //! The handler answers uffd faults itself rather than through
-//! `uffd_gmem::serve`: `Region::continue_via_pwrite` writes the page cache
-//! before every `UFFDIO_CONTINUE`, MINOR faults included, and reports the
-//! `EEXIST` of a page already written through the fault channel as a
-//! failed fill.
+//! `uffd_gmem::serve`: a page it writes on a uffd fault must also leave the
+//! KVM userfault bitmap, so that the vCPU does not trap a page that is
+//! there already, and `serve` knows nothing of that bitmap.
 
 use super::{
     CODE_GPA, DATA_LEN, DATA_SEED, LAZY_GPA, LAZY_LEN, RESULT_GPA, Res, Slot0, clear_cloexec,
