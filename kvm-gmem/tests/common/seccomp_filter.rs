@@ -19,6 +19,7 @@
 //! | `exit`, `exit_group` | `_exit` at the end of the child, thread exit | - |
 //! | `rt_sigreturn` | returning from a signal handler | - |
 //! | `futex` | std's locks (stderr, thread join) | - |
+//! | `sched_yield` | std's channels backing off under contention (on one CPU) | - |
 //! | `brk`, `mremap`, `munmap`, `mprotect` | the allocator (thread arenas grow with `mprotect`) | - |
 //! | `mmap` | the allocator | anonymous mappings (fd = -1) |
 //! | `madvise` | the allocator returning memory | `MADV_DONTNEED`, `MADV_FREE` |
@@ -82,6 +83,7 @@ impl Filter {
             libc::SYS_exit_group,
             libc::SYS_rt_sigreturn,
             libc::SYS_futex,
+            libc::SYS_sched_yield,
             libc::SYS_brk,
             libc::SYS_mremap,
             libc::SYS_munmap,
