@@ -128,7 +128,11 @@ echo "$deb ($(du -h "$deb" | cut -f1))" >&2
 say "3. unpack; apply ${#patches[@]} patch(es)"
 if [[ $mode == source ]]; then
     tree="$src_dir"
-    rm -rf "$tree"
+    # Never a directory with something in it: the caller's, not ours to clear.
+    if [[ -e "$tree" && -n "$(ls -A "$tree" 2>/dev/null)" ]]; then
+        echo "error: $tree exists and is not empty; give a new directory" >&2
+        exit 2
+    fi
 else
     rm -rf "$out"
     tree="$out/build/src"
