@@ -277,12 +277,7 @@ pub(crate) fn identify(fd: BorrowedFd<'_>) -> Result<std::result::Result<u64, St
             link.display().to_string()
         )));
     }
-    // SAFETY: an all-zero `stat` is a valid output buffer.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is open for the borrow; `st` is a writable `stat`.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-        return Err(Error::kernel("fstat(guest_memfd)", Errno::last()));
-    }
+    let st = crate::sys::fstat(fd).map_err(|e| Error::kernel("fstat(guest_memfd)", e))?;
     Ok(Ok(st.st_size as u64))
 }
 

@@ -541,36 +541,7 @@ impl UserfaultBitmap {
     pub fn memfd(pages: u64, all_set: bool) -> Result<UserfaultBitmap> {
         let op = "memfd_create(userfault bitmap)";
         let (len, bytes, map_len) = Self::geometry(op, pages)?;
-        // SAFETY: a NUL-terminated name and flags; memfd_create returns a
-        // new descriptor or -1.
-        let raw = unsafe {
-            libc::memfd_create(
-                c"kvm-userfault-bitmap".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        if raw < 0 {
-            return Err(Error::kernel(op, crate::error::Errno::last()));
-        }
-        // SAFETY: `raw` was just returned by memfd_create; nobody else owns it.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-        let size = libc::off_t::try_from(bytes)
-            .map_err(|_| Error::invalid(op, "the bitmap is larger than off_t"))?;
-        // SAFETY: ftruncate takes integers; `fd` is open.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } < 0 {
-            return Err(Error::kernel(
-                "ftruncate(userfault bitmap)",
-                crate::error::Errno::last(),
-            ));
-        }
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: F_ADD_SEALS takes an integer and changes only the file's seals.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-            return Err(Error::kernel(
-                "fcntl(F_ADD_SEALS, userfault bitmap)",
-                crate::error::Errno::last(),
-            ));
-        }
+        let fd = crate::sys::sealed_memfd(op, c"kvm-userfault-bitmap", bytes)?;
         let bitmap = Self::map(fd, len, map_len, pages)?;
         if all_set {
             for w in bitmap.words() {
@@ -619,15 +590,8 @@ impl UserfaultBitmap {
     pub fn from_fd(fd: std::os::fd::OwnedFd, pages: u64) -> Result<UserfaultBitmap> {
         let op = "UserfaultBitmap::from_fd";
         let (len, _, map_len) = Self::geometry(op, pages)?;
-        // SAFETY: `libc::stat` is plain data; all-zero is a valid value.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `st` is a writable stat buffer; `fd` is open.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-            return Err(Error::kernel(
-                "fstat(userfault bitmap)",
-                crate::error::Errno::last(),
-            ));
-        }
+        let st = crate::sys::fstat(std::os::fd::AsFd::as_fd(&fd))
+            .map_err(|e| Error::kernel("fstat(userfault bitmap)", e))?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(Error::invalid(
                 op,

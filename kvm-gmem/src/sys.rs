@@ -63,6 +63,51 @@ fn set_cloexec(op: &'static str, raw: i32) -> Result<()> {
 
 pub use kvm_gmem_sys::support::page_size;
 
+/// `fstat(fd)`.
+pub(crate) fn fstat(fd: BorrowedFd<'_>) -> Result<libc::stat, Errno> {
+    // SAFETY: an all-zero `stat` is a valid output buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the borrow; `st` is a writable `stat` the
+    // kernel fills.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(st)
+}
+
+/// A memfd named `name` of `size` bytes whose size is sealed (no shrink,
+/// no grow, no further seals), close-on-exec.
+pub(crate) fn sealed_memfd(op: &'static str, name: &std::ffi::CStr, size: u64) -> Result<OwnedFd> {
+    let Ok(len) = libc::off_t::try_from(size) else {
+        return Err(Error::invalid(
+            op,
+            format!("{size} bytes is larger than off_t"),
+        ));
+    };
+    // SAFETY: `name` is NUL-terminated; memfd_create returns a new
+    // descriptor or -1, and reads nothing else.
+    let raw =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if raw < 0 {
+        return Err(Error::kernel(op, Errno::last()));
+    }
+    let fd = own_new_fd(op, raw)?;
+    // SAFETY: `fd` is open; ftruncate takes integers.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } < 0 {
+        return Err(Error::kernel("ftruncate(sealed memfd)", Errno::last()));
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: `fd` is open; F_ADD_SEALS takes an integer and changes only
+    // the file's seals.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(Error::kernel(
+            "fcntl(F_ADD_SEALS, sealed memfd)",
+            Errno::last(),
+        ));
+    }
+    Ok(fd)
+}
+
 /// `open(path, flags | O_CLOEXEC)`.
 pub(crate) fn open_cloexec(path: &std::ffi::CStr, flags: i32) -> Result<OwnedFd, Errno> {
     // SAFETY: `path` is a valid NUL-terminated string for the call.
