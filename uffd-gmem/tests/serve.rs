@@ -846,6 +846,14 @@ fn continue_prefilled_missing_fault_is_reported() {
     assert!(hole.iter().all(|&b| b == 0), "a hole reads as zeroes");
     let data = read_within_deadline(&guest, 3 * page, page as usize);
     assert_eq!(data[..], pattern()[3 * page as usize..4 * page as usize]);
+    // The faulting page is served first and the reader resumes at once;
+    // the rest of its window follows. Shut down only once it is in (or
+    // the deadline passed), so the count below is the window's, not a
+    // race with the shutdown.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.stats().pages_continued < 16 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let s = server.shutdown().unwrap();
     eprintln!("[serve] {test}: {}", summary(&s));
     assert_eq!(s.pages_zeroed, 1, "{}", summary(&s));
