@@ -77,6 +77,7 @@ pub(crate) fn fstat(fd: BorrowedFd<'_>) -> Result<libc::stat, Errno> {
 
 /// A memfd named `name` of `size` bytes whose size is sealed (no shrink,
 /// no grow, no further seals), close-on-exec.
+#[cfg(feature = "rfc-kvm-userfault")]
 pub(crate) fn sealed_memfd(op: &'static str, name: &std::ffi::CStr, size: u64) -> Result<OwnedFd> {
     let Ok(len) = libc::off_t::try_from(size) else {
         return Err(Error::invalid(
